@@ -1,0 +1,189 @@
+"""Roofline-style plots drawn from CSV rows (torch-free, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: GPU boxes and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from perf import model  # noqa: E402
+from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
+from perf.summary import geomean, speedups  # noqa: E402
+
+COLORS = {"triton_instnorm": "tab:blue", "torch_eager": "tab:orange",
+          "torch_compile": "tab:green", "copy": "0.45"}
+DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
+PLOT_FILES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
+
+
+def _present(rows, column, order):
+    seen = {r[column] for r in rows}
+    return [v for v in order if v in seen] + sorted(seen - set(order))
+
+
+def _is_sweep(shape_class: str) -> bool:
+    known = SHAPE_CLASSES.get(shape_class)
+    return bool(known and known.is_sweep)
+
+
+def _plane(row) -> int:
+    return model.plane_elements(model.shape_from_str(row["shape"]))
+
+
+def _grid(nrows, ncols, width=5.0, height=3.8):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, axes
+
+
+def plot_bandwidth_vs_plane(rows, path, title):
+    """Achieved GB/s vs elements per plane; rows = dtypes, columns = directions.
+
+    plane_sweep classes (fixed total size) are drawn as curves, the other
+    shape classes as scattered points; the measured copy roof is the grey
+    curve/crosses plus a dashed line at the best copy bandwidth of the dtype.
+    """
+    dtypes = _present(rows, "dtype", model.DTYPES)
+    directions = _present(rows, "direction", model.DIRECTIONS)
+    providers = _present(rows, "provider", model.PROVIDERS)
+    fig, axes = _grid(len(dtypes), len(directions))
+    for i, dtype in enumerate(dtypes):
+        for j, direction in enumerate(directions):
+            ax = axes[i][j]
+            panel = [r for r in rows if r["dtype"] == dtype and r["direction"] == direction]
+            for provider in providers:
+                pts = [r for r in panel if r["provider"] == provider]
+                sweep = sorted((_plane(r), float(r["gbps"])) for r in pts if _is_sweep(r["shape_class"]))
+                other = [(_plane(r), float(r["gbps"])) for r in pts if not _is_sweep(r["shape_class"])]
+                is_roof = provider == model.ROOF_PROVIDER
+                label = "copy (roof)" if is_roof else provider
+                style = dict(color=COLORS.get(provider), label=label)
+                if sweep:
+                    ax.plot(*zip(*sweep), "--" if is_roof else "-", marker=None if is_roof else ".", **style)
+                    style.pop("label")
+                if other:
+                    ax.scatter(*zip(*other), marker="x" if is_roof else "o", s=22, alpha=0.8, **style)
+                if is_roof and pts:
+                    ax.axhline(max(float(r["gbps"]) for r in pts), color=COLORS["copy"], ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{direction}, {dtype}", fontsize=10)
+            ax.set_xlabel("elements per (n, c) plane")
+            ax.set_ylabel("achieved GB/s")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{title}: bandwidth vs plane size (dotted: best copy GB/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roofline(rows, path, title, peak_tflops):
+    """Classic roofline: FLOP/byte vs GFLOP/s, one panel per direction.
+
+    Memory roof: the best measured copy bandwidth in the CSV.  Compute roof:
+    ``peak_tflops`` (fp32, non-tensor-core) when known, otherwise omitted.
+    """
+    directions = _present(rows, "direction", model.DIRECTIONS)
+    norm = [p for p in _present(rows, "provider", model.PROVIDERS) if p != model.ROOF_PROVIDER]
+    copy_rates = [float(r["gbps"]) for r in rows if r["provider"] == model.ROOF_PROVIDER]
+    roof_gbps = max(copy_rates) if copy_rates else None
+    fig, axes = _grid(1, len(directions))
+    for j, direction in enumerate(directions):
+        ax = axes[0][j]
+        intensities = []
+        for provider in norm:
+            for dtype in _present(rows, "dtype", model.DTYPES):
+                pts = [r for r in rows if r["provider"] == provider and r["direction"] == direction
+                       and r["dtype"] == dtype]
+                if not pts:
+                    continue
+                xs, ys = [], []
+                for r in pts:
+                    shape = model.shape_from_str(r["shape"])
+                    ai = model.flops_for(shape, direction) / model.norm_bytes(shape, dtype, direction)
+                    xs.append(ai)
+                    ys.append(float(r["gbps"]) * ai)  # GB/s * FLOP/byte = GFLOP/s
+                intensities += xs
+                ax.scatter(xs, ys, color=COLORS.get(provider), marker=DTYPE_MARKERS.get(dtype, "o"),
+                           s=20, alpha=0.75, label=f"{provider} {dtype}")
+        lo = min(intensities, default=1.0) / 8
+        hi = max(intensities, default=1.0) * 8
+        if peak_tflops:
+            hi = max(hi, 4 * peak_tflops * 1e3 / roof_gbps) if roof_gbps else hi
+        if roof_gbps:
+            top = peak_tflops * 1e3 if peak_tflops else None
+            ridge = top / roof_gbps if top else hi
+            ax.plot([lo, ridge], [roof_gbps * lo, roof_gbps * ridge], color="k", lw=1.5,
+                    label=f"memory roof (copy) {roof_gbps:,.0f} GB/s")
+            if top:
+                ax.plot([ridge, hi], [top, top], color="firebrick", lw=1.5,
+                        label=f"fp32 compute roof {peak_tflops:g} TFLOP/s")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_title(direction, fontsize=10)
+        ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+        ax.set_ylabel("attained GFLOP/s")
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    suffix = "" if peak_tflops else " (no compute roof: unknown device, see --peak-tflops)"
+    fig.suptitle(f"{title}: roofline{suffix}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speedup(rows, path, title):
+    """triton_instnorm speedup over eager and torch.compile per shape class.
+
+    Bars are geometric means over the class's shapes and dtypes; one panel per
+    direction.  Panels say so when a baseline was not measured.
+    """
+    directions = _present(rows, "direction", model.DIRECTIONS)
+    classes = sorted({r["shape_class"] for r in rows}, key=class_order)
+    baselines = [b for b in ("torch_eager", "torch_compile") if any(r["provider"] == b for r in rows)]
+    fig, axes = _grid(1, len(directions), width=max(4.5, 0.55 * len(classes) + 1.5))
+    width = 0.8 / max(1, len(baselines))
+    for j, direction in enumerate(directions):
+        ax = axes[0][j]
+        for k, baseline in enumerate(baselines):
+            per_key = speedups(rows, baseline)
+            values = []
+            for cls in classes:
+                ratios = [v for (c, _dt, d), vals in per_key.items() if c == cls and d == direction
+                          for v in vals]
+                values.append(geomean(ratios))
+            xs = [i + (k - (len(baselines) - 1) / 2) * width for i in range(len(classes))]
+            bars = ax.bar(xs, [0 if v != v else v for v in values], width,
+                          color=COLORS[baseline], label=f"vs {baseline}")
+            for bar, v in zip(bars, values):
+                if v == v:
+                    ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xticks(range(len(classes)))
+        ax.set_xticklabels(classes, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("speedup (baseline ms / triton ms)")
+        ax.set_title(direction, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        if not baselines:
+            ax.text(0.5, 0.5, "no baseline measured", transform=ax.transAxes, ha="center")
+    if baselines:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title}: triton_instnorm speedup (geometric mean per class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_all(rows, plots_dir, title, prefix, peak_tflops=None) -> list[str]:
+    """Draw the three plots as ``<plots_dir>/<prefix>_<plot>.png`` (prefix: device slug)."""
+    os.makedirs(plots_dir, exist_ok=True)
+    paths = [os.path.join(plots_dir, f"{prefix}_{name}") for name in PLOT_FILES]
+    plot_bandwidth_vs_plane(rows, paths[0], title)
+    plot_roofline(rows, paths[1], title, peak_tflops)
+    plot_speedup(rows, paths[2], title)
+    return paths

@@ -1,0 +1,19 @@
+"""triton_instnorm: fused Instance Normalization for PyTorch, written in Triton.
+
+    import triton_instnorm as tin
+    y = tin.instance_norm(x, weight=w, bias=b)          # like torch.nn.functional.instance_norm
+    layer = tin.InstanceNorm2d(64, affine=True)         # like torch.nn.InstanceNorm2d
+"""
+
+from .functional import instance_norm, kernels_available
+from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "instance_norm",
+    "kernels_available",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+]

@@ -1,0 +1,109 @@
+"""The kernels as PyTorch operators (``torch.library``), with fake implementations and autograd.
+
+Registering them as custom ops is what lets ``torch.compile(model, fullgraph=True)`` trace
+through our layers without graph breaks, and declares the running-stat buffers as mutated so
+that functionalization keeps their update. In eager mode the ops are thin calls into
+``launch.py``; the backward below is the whole "autograd Function".
+
+    triton_instnorm::forward                 -> (y, stats)
+    triton_instnorm::update_running_stats    mutates running_mean, running_var
+    triton_instnorm::backward                -> (dx, dweight, dbias)
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import launch
+
+
+@torch.library.custom_op("triton_instnorm::forward", mutates_args=())
+def forward(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    use_input_stats: bool,
+    eps: float,
+    activation: int,
+    negative_slope: float,
+    store_stats: bool,
+) -> Tuple[Tensor, Tensor]:
+    return launch.forward(x, weight, bias, running_mean, running_var, use_input_stats, eps,
+                          activation, negative_slope, store_stats)
+
+
+@forward.register_fake
+def _(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
+      negative_slope, store_stats):
+    y = torch.empty_like(launch.kernel_layout(x))
+    rows = x.shape[0] * x.shape[1]
+    stats = x.new_empty((launch.NUM_STATS, rows) if store_stats else (0,),
+                        dtype=launch.acc_dtype(x.dtype))
+    return y, stats
+
+
+@torch.library.custom_op("triton_instnorm::update_running_stats",
+                         mutates_args=("running_mean", "running_var"))
+def update_running_stats(stats: Tensor, running_mean: Tensor, running_var: Tensor, n: int, c: int,
+                         hw: int, momentum: float) -> None:
+    launch.update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
+
+
+@update_running_stats.register_fake
+def _(stats, running_mean, running_var, n, c, hw, momentum):
+    return None
+
+
+@torch.library.custom_op("triton_instnorm::backward", mutates_args=())
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    stats: Tensor,
+    use_input_stats: bool,
+    activation: int,
+    negative_slope: float,
+    need_dw: bool,
+    need_db: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return launch.backward(dy, x, weight, bias, stats, use_input_stats, activation, negative_slope,
+                           need_dw, need_db)
+
+
+@backward.register_fake
+def _(dy, x, weight, bias, stats, use_input_stats, activation, negative_slope, need_dw, need_db):
+    dx = torch.empty_like(launch.kernel_layout(x))
+
+    def grad(p, needed):
+        if not needed or p is None:
+            return x.new_empty((0,), dtype=stats.dtype)
+        return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+    return dx, grad(weight, need_dw), grad(bias, need_db)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, use_input_stats, _, activation, negative_slope, _ = inputs
+    _, stats = output
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.use_input_stats = use_input_stats
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, dy, _dstats):
+    x, weight, bias, stats = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    need_db = ctx.needs_input_grad[2]
+    dx, dw, db = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.activation,
+                          ctx.negative_slope, need_dw, need_db)
+    return (dx if ctx.needs_input_grad[0] else None, dw if need_dw else None,
+            db if need_db else None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("triton_instnorm::forward", _backward, setup_context=_setup_context)
