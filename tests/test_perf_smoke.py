@@ -20,12 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from perf import model  # noqa: E402  (torch/triton-free)
+from perf.shapes import SHAPE_CLASSES  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 PLOT_NAMES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
-# One class per input rank: 2-d (4-d tensor), 3-d (5-d tensor), 1-d sweep (3-d tensor).
-CLASSES = ["style_transfer_2d", "nnunet_3d", "plane_sweep"]
-DTYPES = ["float32", "bfloat16"]
+# The default smoke run: every shape class and dtype; torch_compile is left
+# out there (CPU inductor compiles cost ~10 s per shape) and covered on one
+# tiny shape by test_smoke_torch_compile_one_shape.
+CLASSES = list(SHAPE_CLASSES)
+DTYPES = list(model.DTYPES)
 PROVIDERS = ["triton_instnorm", "torch_eager"]
 
 
@@ -84,9 +87,8 @@ def check_rows(rows, classes, dtypes, directions, providers):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("perf_smoke")
     before = repo_outputs()
-    proc = run_report("--smoke", "--out", str(out), "--plots", str(out / "plots"),
-                      "--classes", ",".join(CLASSES), "--dtypes", ",".join(DTYPES),
-                      "--providers", ",".join(PROVIDERS))
+    # No --classes/--dtypes/--providers: the smoke defaults must be exactly these.
+    proc = run_report("--smoke", "--out", str(out), "--plots", str(out / "plots"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert repo_outputs() == before, "the smoke run must not touch perf/results/ or plots/"
     return out, proc
@@ -148,14 +150,35 @@ def test_byte_model():
     assert model.known_peak_tflops("NVIDIA H100 PCIe") == pytest.approx(51.2)
 
 
-@pytest.mark.slow
-def test_smoke_with_torch_compile(tmp_path):
-    """torch.compile on CPU (inductor + gcc) takes ~15 s per shape and dtype."""
+def test_smoke_torch_compile_one_shape(tmp_path):
+    """torch.compile on CPU (inductor + gcc): one tiny shape keeps it to ~15 s cold."""
     proc = run_report("--smoke", "--out", str(tmp_path), "--classes", "tiny_planes",
-                      "--dtypes", "float32", "--providers", "triton_instnorm,torch_eager,torch_compile")
+                      "--dtypes", "float32", "--providers", "triton_instnorm,torch_compile")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     _, _, rows = read_rows(tmp_path)
-    check_rows(rows, ["tiny_planes"], ["float32"], model.DIRECTIONS,
-               ["triton_instnorm", "torch_eager", "torch_compile"])
+    check_rows(rows, ["tiny_planes"], ["float32"], model.DIRECTIONS, ["triton_instnorm", "torch_compile"])
     check_pngs(tmp_path / "plots")
     assert "speedup vs compile" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_smoke_module_path(tmp_path):
+    """--module times triton_instnorm through InstanceNorm1d (plane_sweep) and 3d (nnunet_3d)."""
+    proc = run_report("--smoke", "--module", "--out", str(tmp_path), "--classes", "nnunet_3d,plane_sweep",
+                      "--dtypes", "float32", "--directions", "forward,backward",
+                      "--providers", "triton_instnorm")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _, _, rows = read_rows(tmp_path)
+    check_rows(rows, ["nnunet_3d", "plane_sweep"], ["float32"], ["forward", "backward"], ["triton_instnorm"])
+    assert "InstanceNorm modules (--module)" in next(tmp_path.glob("*.md")).read_text()
+
+
+@pytest.mark.slow
+def test_smoke_torch_compile_all_classes(tmp_path):
+    """Every smoke shape through torch.compile too: ~10 s of CPU compiling per shape and dtype."""
+    proc = run_report("--smoke", "--out", str(tmp_path), "--dtypes", "float32,bfloat16",
+                      "--providers", "triton_instnorm,torch_eager,torch_compile", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _, _, rows = read_rows(tmp_path)
+    check_rows(rows, CLASSES, ["float32", "bfloat16"], model.DIRECTIONS,
+               ["triton_instnorm", "torch_eager", "torch_compile"])
+    check_pngs(tmp_path / "plots")

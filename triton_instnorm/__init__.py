@@ -5,6 +5,7 @@
     layer = tin.InstanceNorm2d(64, affine=True)         # like torch.nn.InstanceNorm2d
 """
 
+from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm, instance_stats
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -12,6 +13,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "instance_norm",
+    "adaptive_instance_norm",
+    "adain",
+    "instance_stats",
+    "AdaptiveInstanceNorm2d",
+    "AdaIN",
     "kernels_available",
     "InstanceNorm1d",
     "InstanceNorm2d",

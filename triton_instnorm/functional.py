@@ -23,7 +23,8 @@ ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 _C10_NAMES = {
     torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
     torch.int64: "Long", torch.bool: "Bool", torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf",
+    torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,16 +107,21 @@ def check_args(input, running_mean, running_var, weight, bias, use_input_stats, 
                 f"{input.device} and {t.device}!")
 
 
-def check_param_dtypes(input, *params):
-    """CPU batch_norm's rule: parameters in the input's dtype, or float32 for half/bfloat16 input."""
-    for t in params:
-        if t is None or t.dtype == input.dtype:
-            continue
-        if input.dtype in (torch.float16, torch.bfloat16):
-            if t.dtype != torch.float32:
-                raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-        else:
-            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+def check_param_dtypes(input, weight, bias):
+    """CPU batch_norm's dtype rule for weight and bias (running stats may have any dtype):
+    parameters in the input's dtype, or all float32 for half / bfloat16 input."""
+    params = [t.dtype for t in (weight, bias) if t is not None]
+    if not params or all(d == input.dtype for d in params):
+        return
+    if input.dtype in (torch.float16, torch.bfloat16) and params[0] == torch.float32:
+        if all(d == torch.float32 for d in params):
+            return  # mixed precision: half / bfloat16 input, float32 parameters
+    elif weight is not None and weight.dtype == input.dtype:
+        raise RuntimeError(f"expected scalar type {_C10_NAMES[input.dtype]} but found "
+                           f"{_C10_NAMES[bias.dtype]}")
+    elif all(d == torch.float32 for d in params):
+        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+    raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
 
 
 def instance_norm(

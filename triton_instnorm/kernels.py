@@ -115,6 +115,7 @@ def _fwd(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    WRITE_Y: tl.constexpr,  # False: statistics only (AdaIN's style statistics)
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
@@ -185,7 +186,9 @@ def _fwd(
     else:
         b = tl.zeros([BLOCK_R], dtype=ACC)
 
-    if SINGLE_TILE and USE_INPUT_STATS:
+    if not WRITE_Y:
+        pass
+    elif SINGLE_TILE and USE_INPUT_STATS:
         x_hat = _div(d0 * inv_s[:, None] - mean_a[:, None], std_a[:, None])
         y = _activate(x_hat * w[:, None] + b[:, None], slope, ACTIVATION)
         tl.store(y_row[:, None] + cols[None, :] * y_ss, y.to(Y.dtype.element_ty), mask=m0)

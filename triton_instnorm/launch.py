@@ -129,15 +129,17 @@ class _NullGuard:
 
 
 def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool):
-    """y and the (NUM_STATS, N * C) statistics (an empty tensor unless ``store_stats``)."""
+            activation: int, negative_slope: float, store_stats: bool, write_y: bool = True):
+    """y and the (NUM_STATS, N * C) statistics (an empty tensor unless ``store_stats``).
+    ``write_y=False`` computes the statistics only (y is then an empty placeholder)."""
     x = kernel_layout(x)
-    y = new_output(x)
+    y = new_output(x) if write_y else x.new_empty((0,))
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     stats = new_buffer(x, (NUM_STATS, n * c) if store_stats else (0,), acc)
-    fold = can_fold(x) and can_fold(y)
-    px, py = planes(x, fold), planes(y, fold)
+    fold = can_fold(x) and (not write_y or can_fold(y))
+    px = planes(x, fold)
+    py = planes(y, fold) if write_y else px
     cfg, blocks, grid = _config_and_grid(px)
     w_sn, w_sc = param_strides(weight, n)
     b_sn, b_sc = param_strides(bias, n)
@@ -155,6 +157,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
             HAS_W=weight is not None,
             HAS_B=bias is not None,
             STORE_STATS=store_stats,
+            WRITE_Y=write_y,
             ACTIVATION=activation,
             BLOCK_R=cfg.BLOCK_R,
             BLOCK_HW=cfg.BLOCK_HW,

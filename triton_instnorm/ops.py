@@ -107,3 +107,39 @@ def _backward(ctx, dy, _dstats):
 
 
 torch.library.register_autograd("triton_instnorm::forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("triton_instnorm::plane_stats", mutates_args=())
+def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of _fwd."""
+    n, c = x.shape[0], x.shape[1]
+    _, stats = launch.forward(x, None, None, None, None, True, eps, 0, 0.0, True, write_y=False)
+    pivot, inv_s, mean_a, std_a, _ = stats.view(launch.NUM_STATS, n, c).unbind(0)
+    return pivot + mean_a / inv_s, std_a / inv_s
+
+
+@plane_stats.register_fake
+def _(x, eps):
+    shape = (x.shape[0], x.shape[1])
+    acc = launch.acc_dtype(x.dtype)
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, _ = inputs
+    mean, std = output
+    ctx.save_for_backward(x, mean, std)
+
+
+def _stats_backward(ctx, dmean, dstd):
+    # d mean / dx = 1 / HW;  d std / dx = (x - mean) / (HW * std)
+    x, mean, std = ctx.saved_tensors
+    hw = x[0, 0].numel()
+    shape = mean.shape + (1,) * (x.dim() - 2)
+    dx = (dmean.view(shape) + dstd.view(shape) * (x.to(mean.dtype) - mean.view(shape))
+          / std.view(shape)) / hw
+    return dx.to(x.dtype), None
+
+
+torch.library.register_autograd("triton_instnorm::plane_stats", _stats_backward,
+                                setup_context=_stats_setup_context)

@@ -1,0 +1,123 @@
+"""Bad input raises what PyTorch raises: same exception type, same message."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+
+import triton_instnorm as tin
+
+
+def _t(*shape, dtype=torch.float32, **kw):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE, **kw) if dtype.is_floating_point else \
+        torch.randint(0, 3, shape, device=DEVICE).to(dtype)
+
+
+X = (2, 3, 4, 5)
+BAD_CALLS = {
+    "1d input": lambda f: f(_t(5)),
+    "2d input train": lambda f: f(_t(2, 5)),
+    "one spatial element": lambda f: f(_t(2, 3, 1, 1)),
+    "0d input": lambda f: f(torch.tensor(1.0, device=DEVICE)),
+    "1d input eval": lambda f: f(_t(3), _t(3), _t(3).abs(), use_input_stats=False),
+    "eval without stats": lambda f: f(_t(*X), use_input_stats=False),
+    "running_mean only": lambda f: f(_t(*X), _t(3), None),
+    "running_var only": lambda f: f(_t(*X), None, _t(3)),
+    "int input": lambda f: f(_t(2, 3, 4, dtype=torch.int64)),
+    "bool input": lambda f: f(_t(2, 3, 4, dtype=torch.bool)),
+    "uint8 input": lambda f: f(_t(2, 3, 4, dtype=torch.uint8)),
+    "weight wrong size": lambda f: f(_t(*X), weight=_t(4)),
+    "bias wrong size": lambda f: f(_t(*X), bias=_t(4)),
+    "weight 2d": lambda f: f(_t(*X), weight=_t(3, 1)),
+    "running_mean wrong size": lambda f: f(_t(*X), _t(4), _t(4).abs()),
+    "running_mean 2d": lambda f: f(_t(*X), _t(1, 3), _t(1, 3)),
+    "momentum None": lambda f: f(_t(*X), _t(3), _t(3).abs(), momentum=None),
+    "running_mean requires grad": lambda f: f(_t(*X), _t(3, requires_grad=True), _t(3).abs()),
+    "float input half weight": lambda f: f(_t(*X), weight=_t(3, dtype=torch.float16)),
+    "double input float weight": lambda f: f(_t(*X, dtype=torch.float64), weight=_t(3)),
+    "half input bf16 weight": lambda f: f(_t(*X, dtype=torch.float16), weight=_t(3, dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_same_error_as_torch(name):
+    call = BAD_CALLS[name]
+    with pytest.raises(Exception) as want:
+        call(F.instance_norm)
+    with pytest.raises(want.type) as got:
+        call(tin.instance_norm)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("bad", ["tanh", "ReLU", 1])
+def test_unknown_activation(bad):
+    with pytest.raises(ValueError, match="relu"):
+        tin.instance_norm(_t(*X), activation=bad)
+    with pytest.raises(ValueError, match="leaky_relu"):
+        tin.InstanceNorm2d(3, activation=bad)
+
+
+@pytest.mark.parametrize("cls", ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"])
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4, 5, 6])
+def test_module_dim_errors(cls, ndim):
+    ours, ref = getattr(tin, cls)(3), getattr(torch.nn, cls)(3)
+    x = _t(*([2, 3, 4, 5, 6, 7][:ndim]))
+    try:
+        want = ref(x)
+    except Exception as e:
+        with pytest.raises(type(e)) as got:
+            ours(x)
+        assert str(got.value) == str(e)
+    else:
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_channel_mismatch_error_when_affine():
+    with pytest.raises(ValueError) as want:
+        torch.nn.InstanceNorm2d(3, affine=True).to(DEVICE)(_t(2, 4, 5, 5))
+    with pytest.raises(ValueError) as got:
+        tin.InstanceNorm2d(3, affine=True).to(DEVICE)(_t(2, 4, 5, 5))
+    assert str(got.value) == str(want.value)
+
+
+def test_channel_mismatch_warns_without_affine():
+    x = _t(2, 4, 5, 5)
+    with warnings.catch_warnings(record=True) as want:
+        warnings.simplefilter("always")
+        y_ref = torch.nn.InstanceNorm2d(3)(x)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        y = tin.InstanceNorm2d(3)(x)
+    assert [str(w.message) for w in got] == [str(w.message) for w in want]
+    assert [w.category for w in got] == [w.category for w in want] and len(got) == 1
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_crash_on_nan_eps():
+    x = _t(2, 3, 6)
+    y = tin.instance_norm(x, eps=float("nan"))
+    assert y.shape == x.shape and torch.isnan(y).all()
+
+
+_DT = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("xd", _DT)
+def test_parameter_dtype_rules_match_torch(xd):
+    """Every (weight, bias) dtype combination: accepted or refused exactly as PyTorch does."""
+    x = _t(2, 3, 4, dtype=xd)
+    for wd in _DT + [None]:
+        for bd in _DT + [None]:
+            w = None if wd is None else torch.ones(3, dtype=wd, device=DEVICE)
+            b = None if bd is None else torch.zeros(3, dtype=bd, device=DEVICE)
+            try:
+                want = F.instance_norm(x, weight=w, bias=b)
+            except RuntimeError as e:
+                with pytest.raises(RuntimeError) as got:
+                    tin.instance_norm(x, weight=w, bias=b)
+                assert str(got.value) == str(e), (xd, wd, bd)
+            else:
+                got = tin.instance_norm(x, weight=w, bias=b)
+                assert got.dtype == want.dtype, (xd, wd, bd)

@@ -1,0 +1,128 @@
+"""Numerically hard inputs: large means, tiny spreads, NaN/Inf isolation, constants, extremes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from _reference import reference
+
+import triton_instnorm as tin
+from triton_instnorm import heuristics
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-2])
+@pytest.mark.parametrize("tile", [None, 16])
+def test_large_mean_small_spread_float32(spread, tile):
+    """1e4 + spread * randn in float32 matches float64 to 1e-3 relative, single tile and loop."""
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + spread * torch.randn(2, 3, 50, 7, generator=g)).to(DEVICE)
+    ref = reference(x)
+    if tile is None:
+        y = tin.instance_norm(x)
+    else:
+        with heuristics.tile_limit(tile):
+            y = tin.instance_norm(x)
+    assert _rel_err(y, ref) < 1e-3
+    if spread == 1e-2:
+        # Eager PyTorch misses this one (~2.6e-2 on CPU): proof the kernels, not torch, ran.
+        assert _rel_err(F.instance_norm(x), ref) > 1e-3
+
+
+def test_large_mean_small_spread_gradients():
+    g = torch.Generator().manual_seed(1)
+    x = (1e4 + 1e-2 * torch.randn(2, 3, 40, generator=g)).to(DEVICE)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
+    xa = x.clone().requires_grad_()
+    tin.instance_norm(xa).backward(dy)
+    x64 = x.double().requires_grad_()
+    reference(x64).backward(dy.double())
+    assert _rel_err(xa.grad, x64.grad) < 1e-3
+
+
+def test_nan_and_inf_stay_in_their_plane():
+    x = torch.randn(3, 4, 10, dtype=torch.float64, device=DEVICE)
+    x[1, 2, 3] = float("nan")
+    x[2, 0, 0] = float("inf")  # the pivot itself
+    w = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = tin.instance_norm(x, weight=w, bias=b)
+    bad = torch.zeros(3, 4, dtype=torch.bool, device=DEVICE)
+    bad[1, 2] = bad[2, 0] = True
+    assert torch.isnan(y[bad]).all()
+    torch.testing.assert_close(y[~bad], reference(x, w, b)[~bad])
+    y.backward(torch.randn_like(y))
+    assert torch.isnan(w.grad[[0, 2]]).all() and torch.isfinite(w.grad[[1, 3]]).all()
+    assert torch.isfinite(b.grad[[1, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_constant_planes(dtype):
+    x = torch.full((2, 3, 4, 5), 7.25, dtype=dtype, device=DEVICE).requires_grad_()
+    w = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = tin.instance_norm(x, weight=w, bias=b)
+    assert torch.equal(y, b.detach().view(1, 3, 1, 1).expand_as(y))
+    # A uniform upstream gradient (y.sum()) gives exactly zero dx, and finite dweight / dbias.
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.isfinite(b.grad).all()
+    # Any other dy: dx = rstd * w * (dy - mean(dy)), as in PyTorch (the map is not flat at var=0).
+    x.grad = None
+    dy = torch.randn_like(y)
+    tin.instance_norm(x, weight=w, bias=b).backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    reference(x64, w.detach(), b.detach()).backward(dy.double())
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-2 * x64.grad.abs().max().item(),
+                               rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_two_element_planes_eps0_are_exactly_pm1(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 3, 2, generator=g).to(dtype).to(DEVICE)
+    x = x[(x[..., 0] != x[..., 1]).all(1)]
+    y = tin.instance_norm(x, eps=0.0)
+    assert torch.equal(y.abs(), torch.ones_like(y))
+    assert torch.equal(torch.sign(y), torch.sign(x - x.flip(-1)))
+
+
+def test_values_near_1e20_stay_finite():
+    g = torch.Generator().manual_seed(3)
+    x = (1e20 + 1e14 * torch.randn(2, 3, 30, generator=g)).to(DEVICE)  # float32: ~1e20
+    y = tin.instance_norm(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), reference(x), atol=1e-4, rtol=1e-4)
+    # Spreads of 1e20 too: the squares would overflow float32 without the scaling.
+    for tile in (None, 8):
+        x2 = (1e20 * torch.randn(2, 3, 30, generator=g)).to(DEVICE)
+        with heuristics.tile_limit(tile or heuristics.MAX_SINGLE_TILE):
+            y2 = tin.instance_norm(x2)
+        assert torch.isfinite(y2).all()
+        torch.testing.assert_close(y2.double(), reference(x2), atol=1e-4, rtol=1e-4)
+
+
+def test_float16_volume_pm512_no_overflow():
+    """x^2 of 512 is 262144 > float16 max: statistics must not be kept in half."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randint(0, 2, (2, 2, 6, 6, 6), generator=g) * 1024 - 512).to(torch.float16).to(DEVICE)
+    x = x + torch.randn(x.shape, generator=g).to(torch.float16).to(DEVICE)
+    xg = x.clone().requires_grad_()
+    y = tin.instance_norm(xg)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), reference(x), atol=4e-3, rtol=4e-3)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_padded_lanes_never_leak():
+    """Plane sizes around powers of two: masked lanes must not enter mean or variance."""
+    for hw in (3, 5, 63, 65, 127, 129):
+        x = (torch.randn(2, 2, hw, dtype=torch.float64) * 3 + 5).to(DEVICE)
+        torch.testing.assert_close(tin.instance_norm(x), reference(x))
+        with heuristics.tile_limit(32):
+            torch.testing.assert_close(tin.instance_norm(x), reference(x))

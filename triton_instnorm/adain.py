@@ -1,0 +1,122 @@
+"""Adaptive instance normalization: per-sample affine, and Huang & Belongie's AdaIN.
+
+``adaptive_instance_norm(x, scale, shift)`` is instance norm whose affine parameters are given
+per sample, shape (N, C) (or (1, C), broadcast over the batch): StyleGAN / StarGAN v2 style
+conditioning. It is the same single forward launch as ``instance_norm``: the kernel indexes its
+scale and shift by (n, c) with a zero batch stride for per-channel parameters.
+
+``adain(content, style)`` normalizes the content per (n, c) and re-scales it with the style's
+per-(n, c) mean and standard deviation (Huang & Belongie 2017, eq. 8):
+
+    AdaIN(x, s) = sigma(s) * (x - mu(x)) / sigma(x) + mu(s)
+
+Both sigmas are ``sqrt(biased variance + eps)``, the same estimator instance norm uses: then
+``adain(x, x) == x`` (up to rounding) and the style statistics match what ``InstanceNorm`` would
+remove from the style image. (The authors' reference code uses the unbiased variance for both,
+which differs by a factor sqrt(HW / (HW - 1)): noticeable only on tiny feature maps.)
+"""
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .functional import activation_code, check_args, kernels_available, apply_activation
+
+
+def _check_per_sample(name, t, n, c):
+    if t.dim() == 1 and t.shape[0] == c:
+        return
+    if t.dim() != 2 or t.shape[1] != c or t.shape[0] not in (1, n):
+        raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}), (1, {c}) or ({c},); "
+                         f"got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+
+
+def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5,
+                           activation: str | None = None, negative_slope: float = 0.01) -> Tensor:
+    """``instance_norm(input) * scale[n, c] + shift[n, c]``, then the optional activation.
+
+    Differentiable with respect to input, scale and shift; one forward launch.
+    """
+    act = activation_code(activation)
+    check_args(input, None, None, None, None, True, 0.1)
+    n, c = input.shape[0], input.shape[1]
+    _check_per_sample("scale", scale, n, c)
+    _check_per_sample("shift", shift, n, c)
+    if not kernels_available(input):
+        shape = (-1, c) + (1,) * (input.dim() - 2)
+        y = torch.nn.functional.instance_norm(input, eps=eps)
+        y = y * scale.reshape(shape).to(y.dtype) + shift.reshape(shape).to(y.dtype)
+        return apply_activation(y, activation, negative_slope)
+    if input.numel() == 0:
+        return input.clone()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, scale, shift))
+    y, _ = ops.forward(input, scale, shift, None, None, True, float(eps), act,
+                       float(negative_slope), grad)
+    return y
+
+
+def instance_stats(input: Tensor, eps: float = 1e-5):
+    """(mean, std) per (n, c), shape (N, C), std = sqrt(biased var + eps); differentiable."""
+    check_args(input, None, None, None, None, True, 0.1)
+    if not kernels_available(input):
+        dims = tuple(range(2, input.dim()))
+        var, mean = torch.var_mean(input.float() if input.dtype != torch.float64 else input, dims,
+                                   correction=0)
+        return mean, torch.sqrt(var + eps)
+    return ops.plane_stats(input, float(eps))
+
+
+def adain(content: Tensor, style: Tensor, eps: float = 1e-5) -> Tensor:
+    """AdaIN(content, style): differentiable with respect to both (see the module docstring)."""
+    if content.dim() < 3 or style.dim() != content.dim() or style.shape[:2] != content.shape[:2]:
+        raise ValueError(f"content and style must be (N, C, *spatial) with the same N, C and number "
+                         f"of dims; got {tuple(content.shape)} and {tuple(style.shape)}")
+    mean, std = instance_stats(style, eps)
+    return adaptive_instance_norm(content, std, mean, eps)
+
+
+class AdaptiveInstanceNorm2d(torch.nn.Module):
+    """Instance norm with per-sample affine given at call time: ``forward(x, scale, shift)``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, activation: str | None = None,
+                 negative_slope: float = 0.01) -> None:
+        super().__init__()
+        activation_code(activation)
+        self.num_features = num_features
+        self.eps = eps
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        if input.dim() not in (3, 4):
+            raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
+        if input.dim() == 3:
+            return self.forward(input.unsqueeze(0), scale.reshape(1, -1),
+                                shift.reshape(1, -1)).squeeze(0)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected input's size at dim=1 to match num_features "
+                             f"({self.num_features}), but got: {input.shape[1]}.")
+        return adaptive_instance_norm(input, scale, shift, self.eps, self.activation,
+                                      self.negative_slope)
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, eps={self.eps}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+        return s
+
+
+class AdaIN(torch.nn.Module):
+    """``forward(content, style)``: Huang & Belongie's adaptive instance normalization."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, content: Tensor, style: Tensor) -> Tensor:
+        return adain(content, style, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
