@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: GPU boxes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from perf import model  # noqa: E402
 from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
@@ -123,6 +124,8 @@ def plot_roofline(rows, path, title, peak_tflops):
                         label=f"fp32 compute roof {peak_tflops:g} TFLOP/s")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Minor-tick labels on a narrow log axis overlap into an unreadable row.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlim(lo, hi)
         ax.set_title(direction, fontsize=10)
         ax.set_xlabel("arithmetic intensity (FLOP/byte)")

@@ -90,6 +90,22 @@ register_shape_class(ShapeClass(
     smoke_shapes=((1, 1, 64, 64),),
     description="few very large planes: little parallelism across planes",
 ))
+# Native channels_last (issue 5): same workloads in NHWC / NDHWC, to compare with the
+# contiguous classes above (the target is within 10% of their bandwidth).
+register_shape_class(ShapeClass(
+    "style_transfer_2d_channels_last",
+    shapes=((4, 32, 256, 256), (4, 64, 128, 128), (4, 128, 64, 64)),
+    smoke_shapes=((2, 4, 16, 16),),
+    description="style_transfer_2d in channels_last",
+    memory_format="channels_last",
+))
+register_shape_class(ShapeClass(
+    "nnunet_3d_channels_last",
+    shapes=((2, 32, 128, 128, 128), (2, 320, 8, 8, 8), (2, 64, 64, 64, 64)),
+    smoke_shapes=((1, 3, 8, 8, 8),),
+    description="nnunet_3d in channels_last_3d",
+    memory_format="channels_last_3d",
+))
 register_shape_class(ShapeClass(
     "plane_sweep",
     shapes=plane_sweep_shapes(total_log2=24, plane_log2_lo=6, plane_log2_hi=22),

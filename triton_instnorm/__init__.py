@@ -6,6 +6,7 @@
 """
 
 from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm, instance_stats
+from .convert import convert_instance_norm, revert_instance_norm
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -19,6 +20,8 @@ __all__ = [
     "AdaptiveInstanceNorm2d",
     "AdaIN",
     "kernels_available",
+    "convert_instance_norm",
+    "revert_instance_norm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
