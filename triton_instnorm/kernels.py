@@ -14,8 +14,16 @@ keeps ~1e-7 relative error, where plain sum / sum-of-squares loses everything). 
 one tile are reduced exactly in registers (two passes over registers, one read of DRAM); larger
 planes accumulate per-lane shifted sums ``S1 = sum(d)``, ``S2 = sum(d^2)`` over tiles and use
 ``var = S2/n - (S1/n)^2``, which is accurate because ``K`` lies inside the plane's range.
-When the first tile's ``|d|`` exceeds 2^40 the deltas are also scaled by ``1/max|d|`` so that
-``d^2`` cannot overflow float32 (spreads up to ~1e38 stay finite).
+When the first tile's ``|d|`` exceeds 2^40 the deltas are also scaled, ``a = d * inv_s`` with
+``inv_s = 1/max|d|``, so that ``a^2`` cannot overflow float32 (spreads up to ~1e38 stay finite);
+otherwise ``inv_s = 1`` and ``a = d``. Per plane the forward keeps, in a (5, N*C) ``Stats`` buffer:
+
+    pivot K, inv_s, mean_a = E[a], std_a = sqrt(Var[a] + eps * inv_s^2), var_a = Var[a]
+    x_hat = ((x - K) * inv_s - mean_a) / std_a      (true mean = K + mean_a / inv_s,
+                                                      true rstd = inv_s / std_a)
+
+The normalization divides (correctly rounded) instead of multiplying by a reciprocal: that is
+what keeps 2-element planes with ``eps=0`` at exactly +-1 (``x * (1/x)`` is not always 1).
 
 Backward, with ``dz = dy * act'(z)`` recomputed from x (the pre-activation is never stored):
 
@@ -33,7 +41,7 @@ launch them live in ``launch.py``; launch configurations in ``heuristics.py``.
 import triton
 import triton.language as tl
 
-# Activation codes shared with the host (see ``activations.py``).
+# Activation codes shared with the host (``functional.ACTIVATIONS``).
 ACT_NONE: tl.constexpr = 0
 ACT_RELU: tl.constexpr = 1
 ACT_LEAKY_RELU: tl.constexpr = 2
@@ -99,7 +107,7 @@ def _fwd(
     B,  # shift, indexed like W
     RunMean,  # running mean per channel (read when not USE_INPUT_STATS)
     RunVar,  # running var per channel (read when not USE_INPUT_STATS)
-    Stats,  # (5, rows) in ACC, its dtype: pivot, inv_scale, mean_a, std_a, var_a (see _plane_stats)
+    Stats,  # (5, rows) in ACC, its dtype: pivot, inv_s, mean_a, std_a, var_a (module docstring)
     rows,  # N * C planes; also the stride between Stats rows
     C,  # channels: plane (n, c) has flat index n * C + c
     rows_per_group,  # planes per group (C; or N * C when the batch dim folds into the channels)

@@ -1,0 +1,470 @@
+"""Ahead-of-time compilation of the kernels for a CUDA sm_90 target, on a machine without a GPU.
+
+The test suite runs the kernels through Triton's interpreter, which never invokes the real
+compiler (frontend type checks, constexpr folding, TTGIR passes, LLVM, ptxas). This module
+compiles them for real with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``.
+
+How a variant is built: the real host code in ``launch.py`` is called with CPU tensors of the
+shapes, dtypes and layouts of the variant, with the kernels swapped for recorders. The recorded
+arguments are then specialized exactly as ``JITFunction.run`` does on a GPU (Triton's own
+``create_function_from_signature`` binder and ``_pack_args``): ints equal to 1 and None pointers
+become constexprs, ints / pointers divisible by 16 get ``tt.divisibility``, floats are fp32. When
+those private helpers are missing, ``explicit_specialization`` builds the same thing by hand.
+
+This must run with TRITON_INTERPRET unset: under the interpreter ``@triton.jit`` returns
+``InterpretedFunction`` objects (the kernels *and* the helpers they call), which the compiler
+cannot use. The tests therefore run ``python tests/_aot.py SPEC.json RESULT.json`` in a
+subprocess (``run_worker``); nothing in this module imports triton at import time.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Kernel arguments / options that the JIT does not treat as kernel parameters.
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+# ---------------------------------------------------------------------------------------------
+# Variant descriptions (plain dicts, JSON-serializable). Each names one host-side call.
+# ---------------------------------------------------------------------------------------------
+
+def fwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", running=None, use_input_stats=True,
+        activation=0, store_stats=True, write_y=True, layout="contiguous", per_sample=False,
+        tile_limit=None):
+    """``launch.forward``. w / b: "same" (input dtype), a dtype name, or None."""
+    return dict(op="forward", dtype=dtype, shape=list(shape), w=w, b=b, running=running,
+                use_input_stats=use_input_stats, activation=activation, store_stats=store_stats,
+                write_y=write_y, layout=layout, per_sample=per_sample, tile_limit=tile_limit)
+
+
+def bwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", use_input_stats=True, activation=0,
+        need_dw=True, need_db=True, layout="contiguous", tile_limit=None):
+    """``launch.backward``: the ``_bwd`` launch and, when dweight / dbias are needed,
+    ``_sum_partials_over_n``."""
+    return dict(op="backward", dtype=dtype, shape=list(shape), w=w, b=b,
+                use_input_stats=use_input_stats, activation=activation, need_dw=need_dw,
+                need_db=need_db, layout=layout, tile_limit=tile_limit)
+
+
+def update(dtype, running="fp32", n=2, c=8, hw=1024):
+    """``launch.update_running_stats`` (stats buffer in the accumulation dtype of ``dtype``)."""
+    return dict(op="update", dtype=dtype, running=running, n=n, c=c, hw=hw)
+
+
+def spec_name(spec) -> str:
+    skip = {"op", "dtype", "shape"}
+    parts = [spec["op"], spec["dtype"]]
+    if "shape" in spec:
+        parts.append("x".join(map(str, spec["shape"])))
+    for k, v in spec.items():
+        if k not in skip and v is not None and v is not False and not (k == "layout" and v == "contiguous"):
+            parts.append(k if v is True else f"{k}={v}")
+    return "-".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pytest side: run the worker in a subprocess with TRITON_INTERPRET unset.
+# ---------------------------------------------------------------------------------------------
+
+def worker_env(cache_dir):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # register / spill counts, parsed from ptxas -v
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
+    """Compiles ``specs`` in ``jobs`` worker subprocesses (TRITON_INTERPRET unset, a fresh
+    TRITON_CACHE_DIR under ``workdir`` so that every kernel really is compiled).
+
+    Returns {"triton": version, "skip": None or why AOT compilation is impossible here,
+    "results": one report per kernel launch (a spec may launch several kernels), "logs": ...}.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    chunks = [specs[i::jobs] for i in range(jobs) if specs[i::jobs]]
+    procs = []
+    for i, chunk in enumerate(chunks):
+        spec_path, out_path = workdir / f"spec{i}.json", workdir / f"result{i}.json"
+        spec_path.write_text(json.dumps({"specs": chunk, "cubin": cubin}))
+        cmd = [sys.executable, str(Path(__file__).resolve()), str(spec_path), str(out_path)]
+        procs.append((subprocess.Popen(cmd, env=worker_env(workdir / f"cache{i}"), cwd=str(ROOT),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                      out_path))
+    merged = {"triton": None, "skip": None, "cubin": None, "results": [], "logs": []}
+    for proc, out_path in procs:
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            log, _ = proc.communicate()
+            log += "\n[worker timed out]"
+        merged["logs"].append(log)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"AOT worker failed (rc={proc.returncode}):\n{log[-6000:]}")
+        out = json.loads(out_path.read_text())
+        merged["triton"] = out["triton"]
+        merged["cubin"] = out.get("cubin")
+        merged["skip"] = merged["skip"] or out["skip"]
+        merged["results"].extend(out["results"])
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (TRITON_INTERPRET unset): capture the launches, specialize, compile.
+# ---------------------------------------------------------------------------------------------
+
+def _torch_dtype(name):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "fp64": torch.float64}[name]
+
+
+def _make_input(spec):
+    import torch
+    dtype = _torch_dtype(spec["dtype"])
+    shape = spec["shape"]
+    if spec.get("layout") == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=dtype).to(memory_format=fmt)
+    if spec.get("layout") == "strided":  # every other spatial element: spatial stride 2
+        return torch.empty(shape[:-1] + [2 * shape[-1]], dtype=dtype)[..., ::2]
+    return torch.empty(shape, dtype=dtype)
+
+
+def _param(spec, key, n, c):
+    import torch
+    which = spec[key]
+    if which is None:
+        return None
+    dtype = _torch_dtype(spec["dtype"] if which == "same" else which)
+    return torch.empty((n, c) if spec.get("per_sample") else (c,), dtype=dtype)
+
+
+class _Recorder:
+    """Stands in for a JITFunction in ``launch``: ``kernel[grid](*args, **kwargs)`` is recorded."""
+
+    def __init__(self, name, kernel, sink):
+        self.name, self.kernel, self.sink = name, kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(dict(name=self.name, kernel=self.kernel, grid=tuple(grid),
+                                  args=args, kwargs=kwargs))
+        return launch
+
+
+def capture(spec):
+    """Calls the real host code for ``spec`` and returns the kernel launches it makes."""
+    import contextlib as _cl
+
+    import torch
+
+    from triton_instnorm import heuristics, kernels, launch
+
+    sink = []
+    originals = {name: getattr(launch, name)
+                 for name in ("_fwd", "_bwd", "_update_running_stats", "_sum_partials_over_n")}
+    for name, kern in originals.items():
+        setattr(launch, name, _Recorder(name, kern, sink))
+    limit = (heuristics.tile_limit(spec["tile_limit"]) if spec.get("tile_limit")
+             else _cl.nullcontext())
+    try:
+        with limit:
+            op = spec["op"]
+            if op == "update":
+                acc = torch.float64 if spec["dtype"] == "fp64" else torch.float32
+                n, c = spec["n"], spec["c"]
+                stats = torch.empty((launch.NUM_STATS, n * c), dtype=acc)
+                rm = torch.empty(c, dtype=_torch_dtype(spec["running"]))
+                rv = torch.empty(c, dtype=_torch_dtype(spec["running"]))
+                launch.update_running_stats(stats, rm, rv, n, c, spec["hw"], 0.1)
+            else:
+                x = _make_input(spec)
+                n, c = x.shape[0], x.shape[1]
+                w, b = _param(spec, "w", n, c), _param(spec, "b", n, c)
+                act = spec["activation"]
+                if op == "forward":
+                    rm = rv = None
+                    if spec["running"]:
+                        rm = torch.empty(c, dtype=_torch_dtype(spec["running"]))
+                        rv = torch.empty(c, dtype=_torch_dtype(spec["running"]))
+                    launch.forward(x, w, b, rm, rv, spec["use_input_stats"], 1e-5, act, 0.01,
+                                   spec["store_stats"], write_y=spec["write_y"])
+                elif op == "backward":
+                    dy = torch.empty_like(x)
+                    stats = torch.empty((launch.NUM_STATS, n * c), dtype=launch.acc_dtype(x.dtype))
+                    launch.backward(dy, x, w, b, stats, spec["use_input_stats"], act, 0.01,
+                                    spec["need_dw"], spec["need_db"])
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+    finally:
+        for name, kern in originals.items():
+            setattr(launch, name, kern)
+    assert all(rec["kernel"] is getattr(kernels, rec["name"]) for rec in sink)
+    return sink
+
+
+def _split_launch(kernel, args, kwargs):
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+    return args, kwargs, options
+
+
+def jit_specialization(kernel, backend, args, kwargs):
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` computes them.
+    Uses Triton's private binder; raises AttributeError / TypeError when the API differs."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args, kwargs, options = _split_launch(kernel, args, kwargs)
+    bound_args, specialization, opts = binder(*args, **kwargs, **options)
+    options_obj, signature, constexprs, attrs = kernel._pack_args(backend, options, bound_args,
+                                                                  specialization, opts)
+    return signature, constexprs, attrs, options_obj.__dict__
+
+
+def _type_name(v):
+    import torch
+    if isinstance(v, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
+                      torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}[v.dtype]
+    raise TypeError(type(v))
+
+
+def explicit_specialization(kernel, args, kwargs):
+    """The same specialization built by hand (the documented ASTSource format): signature
+    {name: "*bf16" | "i32" | "i64" | "fp32" | "u1" | "constexpr"}, constexprs {(index,): value},
+    attrs {(index,): [["tt.divisibility", 16]]}. Assumes 16-byte aligned tensors (CUDA's
+    allocator aligns to 512 bytes)."""
+    import torch
+    args, kwargs, options = _split_launch(kernel, args, kwargs)
+    bound = kernel.signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (param, (name, value)) in enumerate(zip(kernel.params, bound.arguments.items())):
+        if param.is_constexpr or value is None or (type(value) is int and value == 1):
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, bool):
+            signature[name] = "u1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, torch.Tensor):
+            signature[name] = _type_name(value)
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: {type(value)}")
+    return signature, constexprs, attrs, options
+
+
+_PTXAS_RE = re.compile(r"Used (\d+) registers")
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptx_summary(ptx):
+    """Counts of the PTX instructions the tests and the report look at."""
+    def count(pattern):
+        return len(re.findall(pattern, ptx))
+    return {
+        "ld_global_v4": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.v4\."),
+        "ld_global_v2": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.v2\."),
+        "ld_global_scalar": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.(?:b|u|f|s)(?:16|32|64)\s"),
+        "st_global_v4": count(r"st\.global(?:\.[a-z0-9_:]+)*\.v4\."),
+        "st_global_v2": count(r"st\.global(?:\.[a-z0-9_:]+)*\.v2\."),
+        "st_global_scalar": count(r"st\.global(?:\.[a-z0-9_:]+)*\.(?:b|u|f|s)(?:16|32|64)\s"),
+        "div_rn_f32": count(r"div\.rn\.f32"),
+        "div_full_f32": count(r"div\.full\.f32"),
+        "div_approx_f32": count(r"div\.approx(?:\.ftz)?\.f32"),
+        "div_rn_f64": count(r"div\.rn\.f64"),
+        "rcp_rn_f64": count(r"rcp\.rn\.f64"),
+        "sqrt_rn_f32": count(r"sqrt\.rn\.f32"),
+        "sqrt_approx_f32": count(r"sqrt\.approx(?:\.ftz)?\.f32"),
+        "sqrt_rn_f64": count(r"sqrt\.rn\.f64"),
+        "f64_ops": count(r"\.f64\b"),
+        "cvt_bf16": count(r"cvt\.rn\.bf16"),
+        "calls": count(r"\bcall(?:\.uni)?\b"),
+        "lines": ptx.count("\n"),
+    }
+
+
+def compile_launch(rec, want_cubin=True):
+    """Compiles one recorded launch for sm_90 and returns a JSON-able report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kernel = rec["kernel"]
+    try:
+        signature, constexprs, attrs, options = jit_specialization(kernel, backend, rec["args"],
+                                                                   rec["kwargs"])
+        how = "jit-binder"
+    except (ImportError, AttributeError, TypeError):
+        signature, constexprs, attrs, options = explicit_specialization(kernel, rec["args"],
+                                                                        rec["kwargs"])
+        how = "explicit"
+    names = list(signature)
+    report = {
+        "kernel": rec["name"],
+        "grid": list(rec["grid"]),
+        "how": how,
+        "signature": signature,
+        "constexprs": {names[k[0]]: repr(v) for k, v in constexprs.items()},
+        "divisible16": sorted(names[k[0]] for k, v in attrs.items() if v),
+        "num_warps": options.get("num_warps"),
+        "explicit_matches_jit": None,
+    }
+    if how == "jit-binder":
+        e_sig, e_const, e_attrs, _ = explicit_specialization(kernel, rec["args"], rec["kwargs"])
+        report["explicit_matches_jit"] = (
+            e_sig == signature and e_const == dict(constexprs)
+            and {k: v for k, v in e_attrs.items() if v} == {k: v for k, v in attrs.items() if v})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    if not want_cubin:
+        options = dict(options)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            if want_cubin:
+                compiled = triton.compile(src, target=target, options=options)
+            else:
+                compiled = _compile_to_ptx(src, target, backend, options)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        report.update(ok=False, seconds=round(time.perf_counter() - t0, 2),
+                      error=_format_error(exc), log=log.getvalue()[-2000:])
+        return report
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    asm = compiled.asm if hasattr(compiled, "asm") else compiled
+    ptx = asm.get("ptx", "")
+    cubin = asm.get("cubin", b"")
+    ptxas_log = log.getvalue()
+    regs = [int(m) for m in _PTXAS_RE.findall(ptxas_log)]
+    spills = [tuple(map(int, m)) for m in _SPILL_RE.findall(ptxas_log)]
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    report.update(ok=True, stages=sorted(asm), ptx_chars=len(ptx), cubin_bytes=len(cubin or b""),
+                  ptx_target=(re.findall(r"\.target (\S+)", ptx) or [None])[0],
+                  registers=max(regs) if regs else None,
+                  spill_stores=max((s[0] for s in spills), default=None),
+                  spill_loads=max((s[1] for s in spills), default=None),
+                  shared=shared, ptx_summary=ptx_summary(ptx))
+    if os.environ.get("AOT_KEEP_PTX"):
+        Path(os.environ["AOT_KEEP_PTX"]).mkdir(parents=True, exist_ok=True)
+        tag = f"{rec['name']}-{abs(hash(json.dumps(report['signature']) + json.dumps(report['constexprs'])))}"
+        (Path(os.environ["AOT_KEEP_PTX"]) / f"{tag}.ptx").write_text(ptx)
+        report["ptx_file"] = tag + ".ptx"
+    return report
+
+
+def _format_error(exc):
+    """The exception and its causes (Triton reports an error inside a called @jit helper as a
+    CompilationError at the call site whose __cause__ holds the real message)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}"[-3000:])
+        exc = exc.__cause__ or exc.__context__
+    return "\n--- caused by ---\n".join(parts)
+
+
+def _compile_to_ptx(src, target, backend, options):
+    """Runs the pipeline up to the "ptx" stage only (no ptxas), for Tritons whose ptxas is missing."""
+    from triton._C.libtriton import ir
+    opts = backend.parse_options(options)
+    stages = {}
+    backend.add_stages(stages, opts, src.language) if _takes_language(backend) \
+        else backend.add_stages(stages, opts)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    codegen_fns = backend.get_codegen_implementation(opts)
+    module_map = backend.get_module_map()
+    module = src.make_ir(target, opts, codegen_fns, module_map, context)
+    metadata = {}
+    asm = {}
+    for ext, stage in stages.items():
+        if ext == "cubin":
+            break
+        module = stage(module, metadata)
+        asm[ext] = module if isinstance(module, (str, bytes)) else str(module)
+    return asm
+
+
+def _takes_language(backend):
+    import inspect
+    return "language" in inspect.signature(backend.add_stages).parameters
+
+
+def nvidia_backend_available():
+    """None if ``triton.compile`` for a CUDA sm_90 target can work here, else the reason."""
+    import inspect
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as exc:  # noqa: BLE001
+        return f"no NVIDIA backend / AOT API in this Triton: {type(exc).__name__}: {exc}"
+    params = inspect.signature(ASTSource.__init__).parameters
+    if not {"signature", "constexprs", "attrs"} <= set(params):
+        return (f"Triton {triton.__version__}: ASTSource({', '.join(params)}) lacks the "
+                "signature/constexprs/attrs API these tests build on")
+    return None
+
+
+def ptxas_available():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return bool(get_ptxas(90).path)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def main(argv):
+    spec_path, out_path = argv[1], argv[2]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("TRITON_INTERPRET must be unset for AOT compilation")
+    job = json.loads(Path(spec_path).read_text())
+    reason = nvidia_backend_available()
+    out = {"triton": None, "skip": reason, "results": []}
+    if reason is None:
+        import triton
+        out["triton"] = triton.__version__
+        want_cubin = job.get("cubin", True) and ptxas_available()
+        out["cubin"] = want_cubin
+        seen = {}
+        for spec in job["specs"]:
+            for rec in capture(spec):
+                report = compile_launch(rec, want_cubin)
+                key = (report["kernel"], json.dumps(report["signature"], sort_keys=True),
+                       json.dumps(report["constexprs"], sort_keys=True),
+                       json.dumps(report["divisible16"]), report["num_warps"])
+                report["spec"] = spec_name(spec)
+                report["duplicate_of"] = seen.get(key)
+                seen.setdefault(key, report["spec"])
+                out["results"].append(report)
+                print(f"{report['spec']}: {report['kernel']} ok={report['ok']} "
+                      f"{report['seconds']}s", flush=True)
+    Path(out_path).write_text(json.dumps(out, indent=1, default=repr))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main(sys.argv)
