@@ -101,7 +101,8 @@ def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
         procs.append((subprocess.Popen(cmd, env=worker_env(workdir / f"cache{i}"), cwd=str(ROOT),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                       out_path))
-    merged = {"triton": None, "skip": None, "cubin": None, "results": [], "logs": []}
+    merged = {"triton": None, "skip": None, "cubin": None, "kernels": None, "results": [],
+              "logs": []}
     for proc, out_path in procs:
         try:
             log, _ = proc.communicate(timeout=timeout)
@@ -115,6 +116,7 @@ def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
         out = json.loads(out_path.read_text())
         merged["triton"] = out["triton"]
         merged["cubin"] = out.get("cubin")
+        merged["kernels"] = out.get("kernels")
         merged["skip"] = merged["skip"] or out["skip"]
         merged["results"].extend(out["results"])
     return merged
@@ -164,21 +166,26 @@ class _Recorder:
         return launch
 
 
+def launched_kernels():
+    """{name: JITFunction} for every kernel ``launch.py`` can launch (worker side only)."""
+    from triton.runtime.jit import JITFunction
+
+    from triton_instnorm import launch
+    return {name: obj for name, obj in vars(launch).items() if isinstance(obj, JITFunction)}
+
+
 def capture(spec):
     """Calls the real host code for ``spec`` and returns the kernel launches it makes."""
-    import contextlib as _cl
-
     import torch
 
-    from triton_instnorm import heuristics, kernels, launch
+    from triton_instnorm import heuristics, launch
 
     sink = []
-    originals = {name: getattr(launch, name)
-                 for name in ("_fwd", "_bwd", "_update_running_stats", "_sum_partials_over_n")}
+    originals = launched_kernels()
     for name, kern in originals.items():
         setattr(launch, name, _Recorder(name, kern, sink))
     limit = (heuristics.tile_limit(spec["tile_limit"]) if spec.get("tile_limit")
-             else _cl.nullcontext())
+             else contextlib.nullcontext())
     try:
         with limit:
             op = spec["op"]
@@ -211,7 +218,6 @@ def capture(spec):
     finally:
         for name, kern in originals.items():
             setattr(launch, name, kern)
-    assert all(rec["kernel"] is getattr(kernels, rec["name"]) for rec in sink)
     return sink
 
 
@@ -282,12 +288,12 @@ def ptx_summary(ptx):
     def count(pattern):
         return len(re.findall(pattern, ptx))
     return {
-        "ld_global_v4": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.v4\."),
-        "ld_global_v2": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.v2\."),
-        "ld_global_scalar": count(r"ld\.global(?:\.[a-z0-9_:]+)*\.(?:b|u|f|s)(?:16|32|64)\s"),
-        "st_global_v4": count(r"st\.global(?:\.[a-z0-9_:]+)*\.v4\."),
-        "st_global_v2": count(r"st\.global(?:\.[a-z0-9_:]+)*\.v2\."),
-        "st_global_scalar": count(r"st\.global(?:\.[a-z0-9_:]+)*\.(?:b|u|f|s)(?:16|32|64)\s"),
+        "ld_global_v4": count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v4\."),
+        "ld_global_v2": count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v2\."),
+        "ld_global_scalar": count(r"ld\.global(?:\.(?!v[248]\.)[A-Za-z0-9_:]+)*\.(?:b|u|f|s)(?:8|16|32|64)\b"),
+        "st_global_v4": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v4\."),
+        "st_global_v2": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v2\."),
+        "st_global_scalar": count(r"st\.global(?:\.(?!v[248]\.)[A-Za-z0-9_:]+)*\.(?:b|u|f|s)(?:8|16|32|64)\b"),
         "div_rn_f32": count(r"div\.rn\.f32"),
         "div_full_f32": count(r"div\.full\.f32"),
         "div_approx_f32": count(r"div\.approx(?:\.ftz)?\.f32"),
@@ -317,8 +323,12 @@ def compile_launch(rec, want_cubin=True):
                                                                    rec["kwargs"])
         how = "jit-binder"
     except (ImportError, AttributeError, TypeError):
-        signature, constexprs, attrs, options = explicit_specialization(kernel, rec["args"],
-                                                                        rec["kwargs"])
+        try:
+            signature, constexprs, attrs, options = explicit_specialization(kernel, rec["args"],
+                                                                            rec["kwargs"])
+        except TypeError as exc:  # the launch's arguments do not bind to the kernel's parameters
+            return {"kernel": rec["name"], "ok": False, "seconds": 0.0, "num_warps": None,
+                    "explicit_matches_jit": None, "error": _format_error(exc)}
         how = "explicit"
     names = list(signature)
     report = {
@@ -337,8 +347,6 @@ def compile_launch(rec, want_cubin=True):
             e_sig == signature and e_const == dict(constexprs)
             and {k: v for k, v in e_attrs.items() if v} == {k: v for k, v in attrs.items() if v})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    if not want_cubin:
-        options = dict(options)
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
@@ -449,13 +457,14 @@ def main(argv):
         out["triton"] = triton.__version__
         want_cubin = job.get("cubin", True) and ptxas_available()
         out["cubin"] = want_cubin
+        out["kernels"] = sorted(launched_kernels())
         seen = {}
         for spec in job["specs"]:
             for rec in capture(spec):
                 report = compile_launch(rec, want_cubin)
-                key = (report["kernel"], json.dumps(report["signature"], sort_keys=True),
-                       json.dumps(report["constexprs"], sort_keys=True),
-                       json.dumps(report["divisible16"]), report["num_warps"])
+                key = (report["kernel"], json.dumps(report.get("signature"), sort_keys=True),
+                       json.dumps(report.get("constexprs"), sort_keys=True),
+                       json.dumps(report.get("divisible16")), report["num_warps"])
                 report["spec"] = spec_name(spec)
                 report["duplicate_of"] = seen.get(key)
                 seen.setdefault(key, report["spec"])

@@ -13,6 +13,11 @@ The thresholds below are first estimates from the register budget, not yet GPU m
   flight per SM to saturate HBM with ~2 resident programs per SM.
 - ``SMALL_PLANE_TILE = 4096`` elements per program when several small planes share a program,
   so that a program still moves >= 8 KiB of bf16 (tiny planes are otherwise launch-bound).
+- Split planes (``split_chunks``): a plane that needs the streaming loop is split across
+  programs only when there are too few programs to fill the GPU (fewer than
+  ``PROGRAMS_PER_SM`` x SMs). Splitting costs a second launch and turns the L2-friendly second
+  sweep of the loop into a second DRAM read, so it only pays when SMs would otherwise idle.
+  ``MIN_CHUNK = 16384`` elements keeps >= 32 KiB (bf16) streamed per program per pass.
 """
 
 import contextlib
@@ -27,7 +32,13 @@ SMALL_PLANE_TILE = 4096
 # elements make one 64-byte segment per spatial position.
 CHANNELS_LAST_ROWS = 32
 
+PROGRAMS_PER_SM = 2
+MIN_CHUNK = 16384
+MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
+ASSUMED_SMS = 132  # without a CUDA device (the interpreter): model an H100
+
 _tile_limit = None  # test hook: cap on elements per tile, to force the looped paths
+_chunk_override = None  # test hook: force a split with this many elements per chunk
 
 
 @contextlib.contextmanager
@@ -39,6 +50,17 @@ def tile_limit(elements: int):
         yield
     finally:
         _tile_limit = old
+
+
+@contextlib.contextmanager
+def split_planes(chunk_elements: int):
+    """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
+    global _chunk_override
+    old, _chunk_override = _chunk_override, chunk_elements
+    try:
+        yield
+    finally:
+        _chunk_override = old
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,24 @@ def plane_config(hw: int, rows_per_group: int, rows_contiguous: bool) -> Config:
         block_r = max(1, min(small_cap // hw_p2, rows_p2))
         return Config(block_r, hw_p2, True, _warps(block_r * hw_p2))
     return Config(1, loop_cap, False, _warps(loop_cap))
+
+
+def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> tuple[int, int]:
+    """(number of chunks, elements per chunk) for planes of ``hw`` elements; (1, hw): no split."""
+    if cfg.SINGLE_TILE:
+        return 1, hw  # the plane is read once from registers: splitting would add a read
+    if _chunk_override is not None:
+        chunk = max(cfg.BLOCK_HW, _chunk_override // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    else:
+        target = PROGRAMS_PER_SM * sm_count
+        if row_programs >= target:
+            return 1, hw
+        want = triton.cdiv(target, row_programs)
+        chunk = max(MIN_CHUNK, triton.cdiv(hw, want))
+        chunk = triton.cdiv(chunk, cfg.BLOCK_HW) * cfg.BLOCK_HW
+    chunk = max(chunk, triton.cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
+    chunks = triton.cdiv(hw, chunk)
+    return (chunks, chunk) if chunks > 1 else (1, hw)
 
 
 def reduce_block(c: int) -> int:

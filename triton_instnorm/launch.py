@@ -13,7 +13,10 @@ import torch
 import triton
 
 from . import heuristics
-from .kernels import _bwd, _fwd, _sum_partials_over_n, _update_running_stats
+from .kernels import (
+    _bwd, _bwd_split_dx, _bwd_split_sums, _fwd, _fwd_split_normalize, _fwd_split_stats,
+    _sum_partials_over_n, _update_running_stats,
+)
 
 LAUNCHES = collections.Counter()
 
@@ -116,6 +119,19 @@ def _config_and_grid(pl: Planes):
     return cfg, blocks, (pl.groups * blocks,)
 
 
+_SM_COUNTS = {}
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of t's GPU (cached); an H100's 132 for the interpreter."""
+    if not t.is_cuda:
+        return heuristics.ASSUMED_SMS
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device_of(t) if t.is_cuda else _NullGuard()
 
@@ -146,25 +162,41 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     rv_stride = running_mean.stride(0) if running_mean is not None else 0
     eps_hi, eps_lo = split_float(eps)
     slope_hi, slope_lo = split_float(negative_slope)
+    chunks, chunk = heuristics.split_chunks(px.hw, grid[0], cfg, sm_count(x))
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
+                 WRITE_Y=write_y, ACTIVATION=activation, BLOCK_R=cfg.BLOCK_R,
+                 BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
     with _device_guard(x):
-        _fwd[grid](
-            x, y, weight, bias, running_mean, running_var, stats,
-            n * c, c, px.rows_per_group, blocks, px.hw,
+        if chunks == 1:
+            _fwd[grid](
+                x, y, weight, bias, running_mean, running_var, stats,
+                n * c, c, px.rows_per_group, blocks, px.hw,
+                px.sg, px.sr, px.ss, py.sg, py.sr, py.ss,
+                w_sn, w_sc, b_sn, b_sc, rv_stride,
+                eps_hi, eps_lo, slope_hi, slope_lo,
+                USE_INPUT_STATS=use_input_stats, SINGLE_TILE=cfg.SINGLE_TILE, **flags,
+            )
+            LAUNCHES["_fwd"] += 1
+            return y, stats
+        split_grid = (grid[0], chunks)
+        partials = stats
+        if use_input_stats:
+            partials = new_buffer(x, (3, n * c, chunks), acc)
+            _fwd_split_stats[split_grid](
+                x, partials, n * c, c, px.rows_per_group, blocks, px.hw, chunk,
+                px.sg, px.sr, px.ss,
+                BLOCK_R=cfg.BLOCK_R, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps,
+            )
+            LAUNCHES["_fwd_split_stats"] += 1
+        _fwd_split_normalize[split_grid](
+            x, y, weight, bias, running_mean, running_var, stats, partials,
+            n * c, c, px.rows_per_group, blocks, px.hw, chunk,
             px.sg, px.sr, px.ss, py.sg, py.sr, py.ss,
             w_sn, w_sc, b_sn, b_sc, rv_stride,
             eps_hi, eps_lo, slope_hi, slope_lo,
-            USE_INPUT_STATS=use_input_stats,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            STORE_STATS=store_stats,
-            WRITE_Y=write_y,
-            ACTIVATION=activation,
-            BLOCK_R=cfg.BLOCK_R,
-            BLOCK_HW=cfg.BLOCK_HW,
-            SINGLE_TILE=cfg.SINGLE_TILE,
-            num_warps=cfg.num_warps,
+            USE_INPUT_STATS=use_input_stats, BLOCK_CHUNKS=triton.next_power_of_2(chunks), **flags,
         )
-    LAUNCHES["_fwd"] += 1
+    LAUNCHES["_fwd_split_normalize"] += 1
     return y, stats
 
 
@@ -195,22 +227,38 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, activation: int,
     w_sn, w_sc = param_strides(weight, n)
     b_sn, b_sc = param_strides(bias, n)
     slope_hi, slope_lo = split_float(negative_slope)
+    chunks, chunk = heuristics.split_chunks(px.hw, grid[0], cfg, sm_count(x))
+    strides = (px.sg, px.sr, px.ss, pdy.sg, pdy.sr, pdy.ss)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACTIVATION=activation,
+                 BLOCK_R=cfg.BLOCK_R, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
     with _device_guard(x):
-        _bwd[grid](
-            x, dy, dx, weight, bias, stats, dw_partial, db_partial,
-            n * c, c, px.rows_per_group, blocks, px.hw,
-            px.sg, px.sr, px.ss, pdy.sg, pdy.sr, pdy.ss, pdx.sg, pdx.sr, pdx.ss,
-            w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo,
-            USE_INPUT_STATS=use_input_stats,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            ACTIVATION=activation,
-            BLOCK_R=cfg.BLOCK_R,
-            BLOCK_HW=cfg.BLOCK_HW,
-            SINGLE_TILE=cfg.SINGLE_TILE,
-            num_warps=cfg.num_warps,
-        )
-    LAUNCHES["_bwd"] += 1
+        if chunks == 1:
+            _bwd[grid](
+                x, dy, dx, weight, bias, stats, dw_partial, db_partial,
+                n * c, c, px.rows_per_group, blocks, px.hw,
+                *strides, pdx.sg, pdx.sr, pdx.ss,
+                w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo,
+                USE_INPUT_STATS=use_input_stats, SINGLE_TILE=cfg.SINGLE_TILE, **flags,
+            )
+            LAUNCHES["_bwd"] += 1
+        else:
+            split_grid = (grid[0], chunks)
+            partials = new_buffer(x, (2, n * c, chunks), acc)
+            _bwd_split_sums[split_grid](
+                x, dy, weight, bias, stats, partials,
+                n * c, c, px.rows_per_group, blocks, px.hw, chunk,
+                *strides, w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo, **flags,
+            )
+            _bwd_split_dx[split_grid](
+                x, dy, dx, weight, bias, stats, partials, dw_partial, db_partial,
+                n * c, c, px.rows_per_group, blocks, px.hw, chunk,
+                *strides, pdx.sg, pdx.sr, pdx.ss,
+                w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo,
+                USE_INPUT_STATS=use_input_stats, BLOCK_CHUNKS=triton.next_power_of_2(chunks),
+                **flags,
+            )
+            LAUNCHES["_bwd_split_sums"] += 1
+            LAUNCHES["_bwd_split_dx"] += 1
     dw = _param_grad(dw_partial, weight, need_dw, n)
     db = _param_grad(db_partial, bias, need_db, n)
     _reduce_partials(dw_partial, db_partial, dw, db, weight, bias, need_dw, need_db, n, c)
