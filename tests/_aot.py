@@ -66,8 +66,9 @@ def spec_name(spec) -> str:
     if "shape" in spec:
         parts.append("x".join(map(str, spec["shape"])))
     for k, v in spec.items():
-        if k not in skip and v is not None and v is not False and not (k == "layout" and v == "contiguous"):
-            parts.append(k if v is True else f"{k}={v}")
+        if k in skip or v is None or v is False or (k == "layout" and v == "contiguous"):
+            continue
+        parts.append(k if v is True else f"{k}={v}")
     return "-".join(parts)
 
 
@@ -287,13 +288,14 @@ def ptx_summary(ptx):
     """Counts of the PTX instructions the tests and the report look at."""
     def count(pattern):
         return len(re.findall(pattern, ptx))
+    scalar = r"(?:\.(?!v[248]\.)[A-Za-z0-9_:]+)*\.(?:b|u|f|s)(?:8|16|32|64)\b"  # not .v2/.v4
     return {
         "ld_global_v4": count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v4\."),
         "ld_global_v2": count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v2\."),
-        "ld_global_scalar": count(r"ld\.global(?:\.(?!v[248]\.)[A-Za-z0-9_:]+)*\.(?:b|u|f|s)(?:8|16|32|64)\b"),
+        "ld_global_scalar": count(r"ld\.global" + scalar),
         "st_global_v4": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v4\."),
         "st_global_v2": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v2\."),
-        "st_global_scalar": count(r"st\.global(?:\.(?!v[248]\.)[A-Za-z0-9_:]+)*\.(?:b|u|f|s)(?:8|16|32|64)\b"),
+        "st_global_scalar": count(r"st\.global" + scalar),
         "div_rn_f32": count(r"div\.rn\.f32"),
         "div_full_f32": count(r"div\.full\.f32"),
         "div_approx_f32": count(r"div\.approx(?:\.ftz)?\.f32"),
@@ -375,7 +377,8 @@ def compile_launch(rec, want_cubin=True):
                   shared=shared, ptx_summary=ptx_summary(ptx))
     if os.environ.get("AOT_KEEP_PTX"):
         Path(os.environ["AOT_KEEP_PTX"]).mkdir(parents=True, exist_ok=True)
-        tag = f"{rec['name']}-{abs(hash(json.dumps(report['signature']) + json.dumps(report['constexprs'])))}"
+        key = json.dumps(report["signature"]) + json.dumps(report["constexprs"])
+        tag = f"{rec['name']}-{abs(hash(key))}"
         (Path(os.environ["AOT_KEEP_PTX"]) / f"{tag}.ptx").write_text(ptx)
         report["ptx_file"] = tag + ".ptx"
     return report
@@ -393,8 +396,11 @@ def _format_error(exc):
 
 
 def _compile_to_ptx(src, target, backend, options):
-    """Runs the pipeline up to the "ptx" stage only (no ptxas), for Tritons whose ptxas is missing."""
+    """Runs the pipeline up to the "ptx" stage only, for a Triton without its ptxas."""
     from triton._C.libtriton import ir
+    options = dict(options)
+    if options.get("ptx_version") is None:
+        options["ptx_version"] = 84  # else Triton asks ptxas --version; PTX ISA 8.4 covers sm_90a
     opts = backend.parse_options(options)
     stages = {}
     backend.add_stages(stages, opts, src.language) if _takes_language(backend) \
