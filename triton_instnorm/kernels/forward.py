@@ -65,14 +65,16 @@ def _fwd(
             # Scale only when d^2 could overflow; otherwise inv_s == 1 and the math is unscaled.
             inv_s = tl.where(amax > BIG_DELTA, 1.0 / tl.maximum(amax, BIG_DELTA), 1.0).to(ACC)
             a0 = d0 * inv_s[:, None]
-            mean_a = tl.sum(a0, axis=1) / HW
+            hw = tl.full([BLOCK_R], HW, ACC)
+            mean_a = _div(tl.sum(a0, axis=1), hw)  # correctly rounded: 2-element planes stay exact
             ac = tl.where(m0, a0 - mean_a[:, None], 0.0)
-            var_a = tl.sum(ac * ac, axis=1) / HW  # exact two-pass, in registers
+            var_a = _div(tl.sum(ac * ac, axis=1), hw)  # exact two-pass, in registers
         else:
             s1, s2, inv_s = _safe_shifted_sums(x_row, r_mask, 0, HW, x_ss, pivot, ACC, BLOCK_R,
                                                BLOCK_HW)
-            mean_a = s1 / HW
-            var_a = tl.maximum(s2 / HW - mean_a * mean_a, 0.0)
+            hw = tl.full([BLOCK_R], HW, ACC)
+            mean_a = _div(s1, hw)
+            var_a = tl.maximum(_div(s2, hw) - mean_a * mean_a, 0.0)
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
     else:
         pivot = tl.load(RunMean + c * rv_stride, mask=r_mask, other=0.0).to(ACC)
@@ -171,8 +173,9 @@ def _fwd_split_normalize(
         # Bring every chunk to the largest chunk scale s: a = d / s for all of them.
         scale = tl.where(r_mask, tl.max(scale_c, axis=1), 1.0)
         ratio = scale_c / scale[:, None]
-        mean_a = tl.sum(s1c * ratio, axis=1) / HW
-        var_a = tl.maximum(tl.sum(s2c * ratio * ratio, axis=1) / HW - mean_a * mean_a, 0.0)
+        hw = tl.full([BLOCK_R], HW, ACC)
+        mean_a = _div(tl.sum(s1c * ratio, axis=1), hw)
+        var_a = tl.maximum(_div(tl.sum(s2c * ratio * ratio, axis=1), hw) - mean_a * mean_a, 0.0)
         inv_s = 1.0 / scale
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
         pivot = tl.load(x_row, mask=r_mask, other=0.0).to(ACC)
