@@ -1,5 +1,7 @@
 """Planes split across programs (few huge planes): values, gradients, statistics, determinism."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,18 +12,11 @@ import triton_instnorm as tin
 from triton_instnorm import heuristics
 
 
+@contextlib.contextmanager
 def _split(tile=16, chunk=48):
     """Tiles of 16 elements, chunks of 48: a 100-element plane becomes 3 chunks."""
-    class _Both:
-        def __enter__(self):
-            self.a, self.b = heuristics.tile_limit(tile), heuristics.split_planes(chunk)
-            self.a.__enter__()
-            self.b.__enter__()
-
-        def __exit__(self, *exc):
-            self.b.__exit__(*exc)
-            self.a.__exit__(*exc)
-    return _Both()
+    with heuristics.tile_limit(tile), heuristics.split_planes(chunk):
+        yield
 
 
 def _data(shape, dtype=torch.float64, seed=0):

@@ -42,25 +42,23 @@ _chunk_override = None  # test hook: force a split with this many elements per c
 
 
 @contextlib.contextmanager
+def _override(name: str, value):
+    old = globals()[name]
+    globals()[name] = value
+    try:
+        yield
+    finally:
+        globals()[name] = old
+
+
 def tile_limit(elements: int):
     """Caps the tile size (for tests: makes small planes take the multi-tile loops)."""
-    global _tile_limit
-    old, _tile_limit = _tile_limit, elements
-    try:
-        yield
-    finally:
-        _tile_limit = old
+    return _override("_tile_limit", elements)
 
 
-@contextlib.contextmanager
 def split_planes(chunk_elements: int):
     """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
-    global _chunk_override
-    old, _chunk_override = _chunk_override, chunk_elements
-    try:
-        yield
-    finally:
-        _chunk_override = old
+    return _override("_chunk_override", chunk_elements)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,26 @@ def _load_affine(W, B, n, c, w_sn, w_sc, b_sn, b_sc, r_mask, HAS_W: tl.constexpr
 
 
 @triton.jit
+def _given_stats(RunMean, RunVar, c, rv_stride, r_mask, eps, ACC: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """Eval with running statistics, in the forward's terms: (pivot, inv_s, mean_a, std_a, var_a)."""
+    pivot = tl.load(RunMean + c * rv_stride, mask=r_mask, other=0.0).to(ACC)
+    var_a = tl.load(RunVar + c * rv_stride, mask=r_mask, other=1.0).to(ACC)
+    return (pivot, tl.full([BLOCK_R], 1.0, ACC), tl.zeros([BLOCK_R], dtype=ACC),
+            _sqrt(var_a + eps), var_a)
+
+
+@triton.jit
+def _store_stats(Stats, rows, row, mask, pivot, inv_s, mean_a, std_a, var_a):
+    """The five per-plane statistics rows the backward and the running-stat update read."""
+    tl.store(Stats + row, pivot, mask=mask)
+    tl.store(Stats + rows + row, inv_s, mask=mask)
+    tl.store(Stats + 2 * rows + row, mean_a, mask=mask)
+    tl.store(Stats + 3 * rows + row, std_a, mask=mask)
+    tl.store(Stats + 4 * rows + row, var_a, mask=mask)
+
+
+@triton.jit
 def _shifted_sums(x_row, r_mask, start, end, x_ss, pivot, inv_s, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Over [start, end) of each plane: sum(a), sum(a^2) with a = (x - pivot) * inv_s, and

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BIG_DELTA, _activate, _div, _load_affine, _normalize_range, _plane_rows, _safe_shifted_sums,
-    _sqrt,
+    BIG_DELTA, _activate, _div, _given_stats, _load_affine, _normalize_range, _plane_rows,
+    _safe_shifted_sums, _sqrt, _store_stats,
 )
 
 
@@ -77,18 +77,10 @@ def _fwd(
             var_a = tl.maximum(_div(s2, hw) - mean_a * mean_a, 0.0)
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
     else:
-        pivot = tl.load(RunMean + c * rv_stride, mask=r_mask, other=0.0).to(ACC)
-        var_a = tl.load(RunVar + c * rv_stride, mask=r_mask, other=1.0).to(ACC)
-        inv_s = tl.full([BLOCK_R], 1.0, ACC)
-        mean_a = tl.zeros([BLOCK_R], dtype=ACC)
-        std_a = _sqrt(var_a + eps)
-
+        pivot, inv_s, mean_a, std_a, var_a = _given_stats(RunMean, RunVar, c, rv_stride, r_mask,
+                                                          eps, ACC, BLOCK_R)
     if STORE_STATS:
-        tl.store(Stats + row, pivot, mask=r_mask)
-        tl.store(Stats + rows + row, inv_s, mask=r_mask)
-        tl.store(Stats + 2 * rows + row, mean_a, mask=r_mask)
-        tl.store(Stats + 3 * rows + row, std_a, mask=r_mask)
-        tl.store(Stats + 4 * rows + row, var_a, mask=r_mask)
+        _store_stats(Stats, rows, row, r_mask, pivot, inv_s, mean_a, std_a, var_a)
 
     # ---- normalize, affine, activation ------------------------------------------------------
     if WRITE_Y:
@@ -180,18 +172,11 @@ def _fwd_split_normalize(
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
         pivot = tl.load(x_row, mask=r_mask, other=0.0).to(ACC)
     else:
-        pivot = tl.load(RunMean + c * rv_stride, mask=r_mask, other=0.0).to(ACC)
-        var_a = tl.load(RunVar + c * rv_stride, mask=r_mask, other=1.0).to(ACC)
-        inv_s = tl.full([BLOCK_R], 1.0, ACC)
-        mean_a = tl.zeros([BLOCK_R], dtype=ACC)
-        std_a = _sqrt(var_a + eps)
+        pivot, inv_s, mean_a, std_a, var_a = _given_stats(RunMean, RunVar, c, rv_stride, r_mask,
+                                                          eps, ACC, BLOCK_R)
     if STORE_STATS:
         first = r_mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)  # chunk 0 writes
-        tl.store(Stats + row, pivot, mask=first)
-        tl.store(Stats + rows + row, inv_s, mask=first)
-        tl.store(Stats + 2 * rows + row, mean_a, mask=first)
-        tl.store(Stats + 3 * rows + row, std_a, mask=first)
-        tl.store(Stats + 4 * rows + row, var_a, mask=first)
+        _store_stats(Stats, rows, row, first, pivot, inv_s, mean_a, std_a, var_a)
     if WRITE_Y:
         w, b = _load_affine(W, B, n, c, w_sn, w_sc, b_sn, b_sc, r_mask, HAS_W, HAS_B, ACC, BLOCK_R)
         start = chunk.to(tl.int64) * CHUNK
