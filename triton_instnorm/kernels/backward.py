@@ -7,7 +7,10 @@ statistics; dweight / dbias never use atomics, so every run gives bitwise the sa
 import triton
 import triton.language as tl
 
-from .common import ACT_NONE, _activation_grad, _div, _load_affine, _plane_rows
+from .common import (
+    ACT_NONE, _activation_grad, _chunk_partials, _chunk_range, _div, _load_affine, _plane_rows,
+    _store_partial,
+)
 
 
 @triton.jit
@@ -154,19 +157,15 @@ def _bwd_split_sums(
     ACC = Stats.dtype.element_ty
     g64, r64, r_mask, row, n, c = _plane_rows(tl.program_id(0), blocks_per_group, rows_per_group,
                                               C, BLOCK_R)
-    chunk = tl.program_id(1)
-    num_chunks = tl.num_programs(1)
+    chunk, num_chunks, start, end, _ = _chunk_range(r_mask, CHUNK, HW, BLOCK_R)
     slope = tl.cast(slope_hi, ACC) + tl.cast(slope_lo, ACC)
     pivot, inv_s, mean_a, rstd_a = _load_stats(Stats, rows, row, r_mask, ACC, BLOCK_R)
     w, b = _load_affine(W, B, n, c, w_sn, w_sc, b_sn, b_sc, r_mask, HAS_W, HAS_B, ACC, BLOCK_R)
-    start = chunk.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     c1, c2 = _bwd_sums(X + g64 * x_sg + r64 * x_sr, DY + g64 * dy_sg + r64 * dy_sr, r_mask, start,
                        end, x_ss, dy_ss, pivot, inv_s, mean_a, rstd_a, w, b, slope, ACC, ACTIVATION,
                        BLOCK_R, BLOCK_HW)
-    slot = row * num_chunks + chunk
-    tl.store(Partials + slot, c1, mask=r_mask)
-    tl.store(Partials + rows * num_chunks + slot, c2, mask=r_mask)
+    _store_partial(Partials, 0, c1, rows, row, r_mask, chunk, num_chunks)
+    _store_partial(Partials, 1, c2, rows, row, r_mask, chunk, num_chunks)
 
 
 @triton.jit
@@ -192,22 +191,15 @@ def _bwd_split_dx(
     ACC = Stats.dtype.element_ty
     g64, r64, r_mask, row, n, c = _plane_rows(tl.program_id(0), blocks_per_group, rows_per_group,
                                               C, BLOCK_R)
-    chunk = tl.program_id(1)
-    num_chunks = tl.num_programs(1)
+    chunk, num_chunks, start, end, first = _chunk_range(r_mask, CHUNK, HW, BLOCK_R)
     slope = tl.cast(slope_hi, ACC) + tl.cast(slope_lo, ACC)
-    ks = tl.arange(0, BLOCK_CHUNKS)
-    pm = r_mask[:, None] & (ks[None, :] < num_chunks)
-    slots = row[:, None] * num_chunks + ks[None, :]
-    c1 = tl.sum(tl.load(Partials + slots, mask=pm, other=0.0), axis=1)
-    c2 = tl.sum(tl.load(Partials + rows * num_chunks + slots, mask=pm, other=0.0), axis=1)
-    first = r_mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)  # chunk 0 writes
+    c1 = tl.sum(_chunk_partials(Partials, 0, rows, row, r_mask, num_chunks, BLOCK_CHUNKS), axis=1)
+    c2 = tl.sum(_chunk_partials(Partials, 1, rows, row, r_mask, num_chunks, BLOCK_CHUNKS), axis=1)
     tl.store(DWp + row, c1, mask=first)
     tl.store(DBp + row, c2, mask=first)
     pivot, inv_s, mean_a, rstd_a = _load_stats(Stats, rows, row, r_mask, ACC, BLOCK_R)
     w, b = _load_affine(W, B, n, c, w_sn, w_sc, b_sn, b_sc, r_mask, HAS_W, HAS_B, ACC, BLOCK_R)
     k, c1n, c2n = _dx_coefficients(c1, c2, rstd_a, inv_s, w, HW, USE_INPUT_STATS)
-    start = chunk.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     _bwd_dx_range(X + g64 * x_sg + r64 * x_sr, DY + g64 * dy_sg + r64 * dy_sr,
                   DX + g64 * dx_sg + r64 * dx_sr, r_mask, start, end, x_ss, dy_ss, dx_ss, pivot,
                   inv_s, mean_a, rstd_a, w, b, slope, k, c1n, c2n, ACC, ACTIVATION, BLOCK_HW)

@@ -112,6 +112,34 @@ def _store_stats(Stats, rows, row, mask, pivot, inv_s, mean_a, std_a, var_a):
 
 
 @triton.jit
+def _chunk_range(r_mask, CHUNK, HW, BLOCK_R: tl.constexpr):
+    """This program's chunk of a split plane (grid axis 1): (chunk, num_chunks, start, end, first),
+    ``first`` masking the rows for which this is chunk 0, the one that writes per-plane results."""
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    start = chunk.to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    first = r_mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)
+    return chunk, num_chunks, start, end, first
+
+
+@triton.jit
+def _store_partial(Partials, k, value, rows, row, r_mask, chunk, num_chunks):
+    """Partial ``k`` of this chunk; Partials is laid out (K, rows, num_chunks)."""
+    tl.store(Partials + k * rows * num_chunks + row * num_chunks + chunk, value, mask=r_mask)
+
+
+@triton.jit
+def _chunk_partials(Partials, k, rows, row, r_mask, num_chunks, BLOCK_CHUNKS: tl.constexpr):
+    """Partial ``k`` of every chunk of each plane, a [BLOCK_R, BLOCK_CHUNKS] tile (0 past the last
+    chunk). Every chunk's program reduces it with the same tree: they all agree bit for bit."""
+    ks = tl.arange(0, BLOCK_CHUNKS)
+    pm = r_mask[:, None] & (ks[None, :] < num_chunks)
+    slots = k * rows * num_chunks + row[:, None] * num_chunks + ks[None, :]
+    return tl.load(Partials + slots, mask=pm, other=0.0)
+
+
+@triton.jit
 def _shifted_sums(x_row, r_mask, start, end, x_ss, pivot, inv_s, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Over [start, end) of each plane: sum(a), sum(a^2) with a = (x - pivot) * inv_s, and

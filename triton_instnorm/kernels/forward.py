@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BIG_DELTA, _activate, _div, _given_stats, _load_affine, _normalize_range, _plane_rows,
-    _safe_shifted_sums, _sqrt, _store_stats,
+    BIG_DELTA, _activate, _chunk_partials, _chunk_range, _div, _given_stats, _load_affine,
+    _normalize_range, _plane_rows, _safe_shifted_sums, _sqrt, _store_partial, _store_stats,
 )
 
 
@@ -108,18 +108,14 @@ def _fwd_split_stats(
     ACC = Partials.dtype.element_ty
     g64, r64, r_mask, row, n, c = _plane_rows(tl.program_id(0), blocks_per_group, rows_per_group,
                                               C, BLOCK_R)
-    chunk = tl.program_id(1)
-    num_chunks = tl.num_programs(1)
+    chunk, num_chunks, start, end, _ = _chunk_range(r_mask, CHUNK, HW, BLOCK_R)
     x_row = X + g64 * x_sg + r64 * x_sr
     pivot = tl.load(x_row, mask=r_mask, other=0.0).to(ACC)  # the same pivot in every chunk
-    start = chunk.to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     s1, s2, inv_s = _safe_shifted_sums(x_row, r_mask, start, end, x_ss, pivot, ACC, BLOCK_R,
                                        BLOCK_HW)
-    slot = row * num_chunks + chunk
-    tl.store(Partials + slot, s1, mask=r_mask)
-    tl.store(Partials + rows * num_chunks + slot, s2, mask=r_mask)
-    tl.store(Partials + 2 * rows * num_chunks + slot, 1.0 / inv_s, mask=r_mask)
+    _store_partial(Partials, 0, s1, rows, row, r_mask, chunk, num_chunks)
+    _store_partial(Partials, 1, s2, rows, row, r_mask, chunk, num_chunks)
+    _store_partial(Partials, 2, 1.0 / inv_s, rows, row, r_mask, chunk, num_chunks)
 
 
 @triton.jit
@@ -150,18 +146,14 @@ def _fwd_split_normalize(
     ACC = Stats.dtype.element_ty
     g64, r64, r_mask, row, n, c = _plane_rows(tl.program_id(0), blocks_per_group, rows_per_group,
                                               C, BLOCK_R)
-    chunk = tl.program_id(1)
-    num_chunks = tl.num_programs(1)
+    chunk, num_chunks, start, end, first = _chunk_range(r_mask, CHUNK, HW, BLOCK_R)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     slope = tl.cast(slope_hi, ACC) + tl.cast(slope_lo, ACC)
     x_row = X + g64 * x_sg + r64 * x_sr
     if USE_INPUT_STATS:
-        ks = tl.arange(0, BLOCK_CHUNKS)
-        pm = r_mask[:, None] & (ks[None, :] < num_chunks)
-        slots = row[:, None] * num_chunks + ks[None, :]
-        s1c = tl.load(Partials + slots, mask=pm, other=0.0)
-        s2c = tl.load(Partials + rows * num_chunks + slots, mask=pm, other=0.0)
-        scale_c = tl.load(Partials + 2 * rows * num_chunks + slots, mask=pm, other=0.0)
+        s1c = _chunk_partials(Partials, 0, rows, row, r_mask, num_chunks, BLOCK_CHUNKS)
+        s2c = _chunk_partials(Partials, 1, rows, row, r_mask, num_chunks, BLOCK_CHUNKS)
+        scale_c = _chunk_partials(Partials, 2, rows, row, r_mask, num_chunks, BLOCK_CHUNKS)
         # Bring every chunk to the largest chunk scale s: a = d / s for all of them.
         scale = tl.where(r_mask, tl.max(scale_c, axis=1), 1.0)
         ratio = scale_c / scale[:, None]
@@ -175,12 +167,9 @@ def _fwd_split_normalize(
         pivot, inv_s, mean_a, std_a, var_a = _given_stats(RunMean, RunVar, c, rv_stride, r_mask,
                                                           eps, ACC, BLOCK_R)
     if STORE_STATS:
-        first = r_mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)  # chunk 0 writes
         _store_stats(Stats, rows, row, first, pivot, inv_s, mean_a, std_a, var_a)
     if WRITE_Y:
         w, b = _load_affine(W, B, n, c, w_sn, w_sc, b_sn, b_sc, r_mask, HAS_W, HAS_B, ACC, BLOCK_R)
-        start = chunk.to(tl.int64) * CHUNK
-        end = tl.minimum(start + CHUNK, HW)
         y_row = Y + g64 * y_sg + r64 * y_sr
         _normalize_range(x_row, y_row, r_mask, start, end, x_ss, y_ss, pivot, inv_s, mean_a, std_a,
                          w, b, slope, ACC, ACTIVATION, BLOCK_HW)
