@@ -3,6 +3,7 @@
 import os
 import socket
 import time
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -190,9 +191,13 @@ def _ddp_worker(rank, port, out_dir):
         flat = torch.cat([t.detach().reshape(-1).to("cpu", F64) for t in model.state_dict().values()])
         gathered = [torch.empty_like(flat) for _ in range(WORLD)]
         dist.all_gather(gathered, flat)
+        path = os.path.join(out_dir, f"rank{rank}.pt")
         torch.save({"launches": launch.LAUNCHES["_fwd"], "gathered": gathered,
-                    "params": [p.detach().cpu() for p in model.parameters()]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+                    "params": [p.detach().cpu() for p in model.parameters()]}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # complete results or none
+        # Tear down together: a rank that destroys its group while the other still talks to the
+        # store (hosted by rank 0) can abort inside gloo ("terminate called ...").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -216,6 +221,12 @@ def test_ddp_two_processes_gloo(tmp_path):
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
             if time.monotonic() > deadline:
                 pytest.fail("DDP workers did not finish within 120 s")
+    except mp.ProcessExitedException:
+        # gloo's teardown can abort a rank ("terminate called without an active exception")
+        # after all the work is done; only that is tolerated: the results must all be there.
+        if not all((tmp_path / f"rank{r}.pt").exists() for r in range(WORLD)):
+            raise
+        warnings.warn("a DDP rank aborted in process-group teardown after writing its results")
     finally:
         for p in ctx.processes:  # only on failure: stop the children we started
             if p.is_alive():
