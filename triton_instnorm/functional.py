@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+from .eager import ACTIVATIONS, apply_activation
 
 _C10_NAMES = {
     torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
@@ -43,19 +42,6 @@ def activation_code(activation) -> int:
         allowed = ", ".join(repr(a) for a in ACTIVATIONS)
         raise ValueError(f"activation must be one of {allowed}; got {activation!r}")
     return ACTIVATIONS[activation]
-
-
-def apply_activation(y: Tensor, activation, negative_slope: float) -> Tensor:
-    """Eager reference of the fused epilogue (also the fallback path)."""
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    return y
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,8 +94,11 @@ def check_args(input, running_mean, running_var, weight, bias, use_input_stats, 
 
 
 def check_param_dtypes(input, weight, bias):
-    """CPU batch_norm's dtype rule for weight and bias (running stats may have any dtype):
-    parameters in the input's dtype, or all float32 for half / bfloat16 input."""
+    """batch_norm's dtype rule for weight and bias: parameters in the input's dtype, or all
+    float32 for half / bfloat16 input. CUDA accepts the same combinations (its native kernel wants
+    parameters in the input dtype or its accumulation type, cuDNN float32 for half input) but
+    words the error by backend; we raise the same RuntimeError with the CPU text. Running
+    statistics may have any floating dtype (CPU torch accepts any; cuDNN wants the weight's)."""
     params = [t.dtype for t in (weight, bias) if t is not None]
     if not params or all(d == input.dtype for d in params):
         return

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import launch
+from . import eager, launch
 
 
 @torch.library.custom_op("triton_instnorm::forward", mutates_args=())
@@ -87,10 +87,11 @@ def _(dy, x, weight, bias, stats, use_input_stats, activation, negative_slope, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, use_input_stats, _, activation, negative_slope, _ = inputs
+    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, _ = inputs
     _, stats = output
     ctx.save_for_backward(x, weight, bias, stats)
     ctx.use_input_stats = use_input_stats
+    ctx.eps = eps
     ctx.activation = activation
     ctx.negative_slope = negative_slope
     ctx.mark_non_differentiable(stats)
@@ -98,12 +99,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dstats):
     x, weight, bias, stats = ctx.saved_tensors
-    need_dw = ctx.needs_input_grad[1]
-    need_db = ctx.needs_input_grad[2]
-    dx, dw, db = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.activation,
-                          ctx.negative_slope, need_dw, need_db)
-    return (dx if ctx.needs_input_grad[0] else None, dw if need_dw else None,
-            db if need_db else None, None, None, None, None, None, None, None)
+    needs = ctx.needs_input_grad[:3]
+    with torch.no_grad():
+        grads = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.activation,
+                         ctx.negative_slope, needs[1], needs[2])
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    if torch.is_grad_enabled():
+        # create_graph=True: keep the kernel's values, take the derivatives of the eager graph.
+        graph = eager.first_order_graph(dy, x, weight, bias, *_mean_std(stats), ctx.use_input_stats,
+                                        ctx.eps, ctx.activation, ctx.negative_slope, needs)
+        grads = [g if g is None else g + (e - e.detach()) for g, e in zip(grads, graph)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+def _mean_std(stats):
+    """Per-plane mean and sqrt(var + eps), shape (N*C,), from the statistics buffer."""
+    pivot, inv_s, mean_a, std_a, _ = stats.unbind(0)
+    return pivot + mean_a / inv_s, std_a / inv_s
 
 
 torch.library.register_autograd("triton_instnorm::forward", _backward, setup_context=_setup_context)
@@ -114,8 +126,8 @@ def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of _fwd."""
     n, c = x.shape[0], x.shape[1]
     _, stats = launch.forward(x, None, None, None, None, True, eps, 0, 0.0, True, write_y=False)
-    pivot, inv_s, mean_a, std_a, _ = stats.view(launch.NUM_STATS, n, c).unbind(0)
-    return pivot + mean_a / inv_s, std_a / inv_s
+    mean, std = _mean_std(stats)
+    return mean.view(n, c), std.view(n, c)
 
 
 @plane_stats.register_fake

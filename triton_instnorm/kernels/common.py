@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-# Activation codes shared with the host (``functional.ACTIVATIONS``).
+# Activation codes shared with the host (``eager.ACTIVATIONS``).
 # Globals read by @triton.jit code must be tl.constexpr instances (an annotation is not enough).
 ACT_NONE = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)

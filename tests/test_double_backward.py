@@ -1,0 +1,119 @@
+"""Double backward (create_graph=True): gradgradcheck, a WGAN-GP gradient penalty against torch's
+layer, and the first-order values staying the Triton kernel's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from _reference import grad_tol
+
+import triton_instnorm as tin
+
+
+def _rand(*shape, dtype=torch.float64, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) + shift).to(dtype).to(DEVICE)
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+@pytest.mark.parametrize("activation", [None, "leaky_relu", "silu", "gelu"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradgradcheck_training(affine, activation, launches):
+    x, w, b = _leaves(_rand(2, 2, 3, 3), _rand(2, seed=1, shift=1.0), _rand(2, seed=2))
+    inputs = (x, w, b) if affine else (x,)
+
+    def f(x, w=None, b=None):
+        return tin.instance_norm(x, weight=w, bias=b, activation=activation, negative_slope=0.2)
+
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+    assert launches("_fwd") > 0 and launches("_bwd") > 0
+
+
+def test_gradgradcheck_eval_with_running_stats():
+    x, w, b = _leaves(_rand(2, 3, 4), _rand(3, seed=1, shift=1.0), _rand(3, seed=2))
+    rm, rv = _rand(3, seed=3), _rand(3, seed=4).abs() + 0.5
+
+    def f(x, w, b):
+        return tin.instance_norm(x, rm, rv, w, b, use_input_stats=False, activation="silu")
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
+
+
+def test_gradgradcheck_adaptive_and_adain():
+    x, scale, shift = _leaves(_rand(2, 2, 3, 2), _rand(2, 2, seed=1, shift=1.0), _rand(1, 2, seed=2))
+    assert torch.autograd.gradgradcheck(
+        lambda x, s, t: tin.adaptive_instance_norm(x, s, t, activation="gelu"),
+        (x, scale, shift), fast_mode=True)
+    content, style = _leaves(_rand(2, 2, 3, 3, seed=5), _rand(2, 2, 2, 3, seed=6))
+    assert torch.autograd.gradgradcheck(tin.adain, (content, style), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_create_graph_keeps_kernel_values(dtype):
+    # First-order gradients taken with create_graph=True are exactly those of the plain backward.
+    x, w, b = _leaves(_rand(2, 3, 5, 4, dtype=dtype), _rand(3, dtype=dtype, seed=1),
+                      _rand(3, dtype=dtype, seed=2))
+    dy = _rand(2, 3, 5, 4, dtype=dtype, seed=3)
+    y = tin.instance_norm(x, weight=w, bias=b, activation="leaky_relu")
+    plain = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    graphed = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    for p, g in zip(plain, graphed):
+        assert g.requires_grad
+        torch.testing.assert_close(g, p, atol=0, rtol=0)
+
+
+def _critic(norm):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), norm(4, affine=True),
+        torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(4, 1, 3, padding=1)).to(DEVICE)
+
+
+def _gradient_penalty(critic, real, fake):
+    """WGAN-GP (Gulrajani et al. 2017): the critic's gradient norm on interpolates, trained on."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    out = critic(mixed).sum()
+    grad, = torch.autograd.grad(out, mixed, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def test_wgan_gp_penalty_matches_torch(launches):
+    ours, ref = _critic(tin.InstanceNorm2d), _critic(torch.nn.InstanceNorm2d)
+    real, fake = _rand(3, 3, 8, 8, dtype=torch.float32, seed=7), _rand(3, 3, 8, 8,
+                                                                       dtype=torch.float32, seed=8)
+    gp, gp_ref = _gradient_penalty(ours, real, fake), _gradient_penalty(ref, real, fake)
+    gp.backward()
+    gp_ref.backward()
+    assert launches("_bwd") > 0
+    torch.testing.assert_close(gp, gp_ref, atol=1e-5, rtol=1e-5)
+    tol = grad_tol(torch.float32, 3 * 16)
+    assert ours[1].weight.grad.abs().min() > 0  # the penalty reaches the norm's affine
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+
+
+def _penalty_grads(norm, x, w, b):
+    x, w, b = _leaves(x, w, b)
+    y = norm(x, weight=w, bias=b)
+    proj = _rand(*x.shape, dtype=torch.float32, seed=9)
+    gx, gw = torch.autograd.grad((y.float() * proj).sum(), (x, w), create_graph=True)
+    (gx.float().square().sum() + gw.float().square().sum()).backward()
+    assert b.grad is None  # d/dx and d/dw of a linear functional of y do not involve b
+    return gx, gw, x.grad, w.grad
+
+
+def test_double_backward_mixed_precision():
+    # bfloat16 input with float32 parameters: every gradient keeps its input's dtype and is close
+    # to the float64 values.
+    x, w, b = _rand(2, 3, 4, 4, dtype=torch.bfloat16), _rand(3, seed=1, shift=1.0), _rand(3, seed=2)
+    ours = _penalty_grads(tin.instance_norm, x, w.float(), b.float())
+    ref = _penalty_grads(F.instance_norm, x.double(), w, b)
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert [t.dtype for t in ours] == [bf16, f32, bf16, f32]
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, atol=0.1 * r.abs().max().item(), rtol=0.05)
