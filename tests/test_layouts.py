@@ -66,6 +66,21 @@ def test_channels_last_is_native(fmt, shape, monkeypatch):
     torch.testing.assert_close(y, reference(x).float(), **TOL[torch.float32])
 
 
+def test_non_flattenable_view_is_copied_once(monkeypatch):
+    """A view whose spatial dims do not flatten (transposed) is copied once for the forward and
+    the backward together: the backward reads the copy the forward made."""
+    x = VIEWS["transposed_spatial"].detach().requires_grad_()
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **k: copies.append(t.shape) or contiguous(t, *a, **k))
+    y = tin.instance_norm(x)
+    y.backward(torch.randn_like(y))
+    monkeypatch.undo()
+    assert copies == [x.shape]
+    torch.testing.assert_close(y, reference(x.detach()), **TOL[torch.float64])
+
+
 def test_planes_view_folds_batch_into_channels():
     x = torch.randn(3, 4, 5, 6)
     p = launch.planes(x, launch.can_fold(x))

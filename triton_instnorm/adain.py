@@ -19,7 +19,7 @@ which differs by a factor sqrt(HW / (HW - 1)): noticeable only on tiny feature m
 import torch
 from torch import Tensor
 
-from . import ops
+from . import launch, ops
 from .functional import activation_code, check_args, kernels_available, apply_activation
 
 
@@ -52,7 +52,7 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
     if input.numel() == 0:
         return input.clone()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, scale, shift))
-    y, _ = ops.forward(input, scale, shift, None, None, True, float(eps), act,
+    y, _ = ops.forward(launch.kernel_layout(input), scale, shift, None, None, True, float(eps), act,
                        float(negative_slope), grad)
     return y
 

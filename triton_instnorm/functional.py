@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import launch, ops
 from .eager import ACTIVATIONS, apply_activation
 
 _C10_NAMES = {
@@ -144,6 +144,9 @@ def instance_norm(
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
+    # A view the kernels cannot read in place is copied here, outside the operator, so that the
+    # copy is what autograd saves: the backward then reads it instead of copying x again.
+    input = launch.kernel_layout(input)
     y, stats = ops.forward(input, weight, bias, running_mean, running_var, bool(use_input_stats),
                            float(eps), act, float(negative_slope), grad or update)
     if update:
