@@ -311,6 +311,13 @@ def ptx_summary(ptx):
     }
 
 
+def i32_scalar_products(ttir):
+    """The scalar 32-bit integer products in the TTIR, by the names of their operands: where an
+    offset could wrap (a product of sizes must be formed in int64 before it reaches a pointer)."""
+    found = re.findall(r"= arith\.muli (%[\w.]+), (%[\w.]+) : i32(?:\s|$)", ttir)
+    return sorted({f"{a} * {b}" for a, b in found})
+
+
 def compile_launch(rec, want_cubin=True):
     """Compiles one recorded launch for sm_90 and returns a JSON-able report."""
     import triton
@@ -374,7 +381,8 @@ def compile_launch(rec, want_cubin=True):
                   registers=max(regs) if regs else None,
                   spill_stores=max((s[0] for s in spills), default=None),
                   spill_loads=max((s[1] for s in spills), default=None),
-                  shared=shared, ptx_summary=ptx_summary(ptx))
+                  shared=shared, ptx_summary=ptx_summary(ptx),
+                  i32_scalar_products=i32_scalar_products(str(asm.get("ttir", ""))))
     if os.environ.get("AOT_KEEP_PTX"):
         Path(os.environ["AOT_KEEP_PTX"]).mkdir(parents=True, exist_ok=True)
         key = json.dumps(report["signature"]) + json.dumps(report["constexprs"])

@@ -19,6 +19,7 @@ Skipped (not failed) when the installed Triton has no NVIDIA backend or no ``AST
 """
 
 import itertools
+import re
 
 import pytest
 
@@ -211,6 +212,18 @@ def test_unit_stride_bf16_accesses_are_vectorized(fast):
     assert s["ld_global_v4"] + s["ld_global_v2"] > 0, s
 
 
+def test_offsets_are_not_formed_in_int32(fast):
+    """No product of sizes is formed in int32 on its way to a pointer (``4 * rows`` wrapped from
+    2^29 planes on before it was widened). What may stay int32: the program's first row in its
+    group, ``(pid % blocks_per_group) * BLOCK_R`` (< rows_per_group + BLOCK_R), and the first
+    channel of a per-channel program, ``pid * BLOCK_C`` (< C + BLOCK_C)."""
+    name = r"%(?:(?:r_in_group|c)(?:_\d+)?|c\d+_i32)"  # SSA names as 3.6 and 3.9 print them
+    allowed = re.compile(f"{name} \\* {name}")
+    bad = {(r["kernel"], p) for r in fast["results"] if r["ok"]
+           for p in r["i32_scalar_products"] if not allowed.fullmatch(p)}
+    assert not bad, sorted(bad)
+
+
 @pytest.mark.parametrize("spec", [FWD_FP32, FWD_BF16, FWD_FP64, FWD_FP64_EVAL], ids=_aot.spec_name)
 def test_ieee_division_and_sqrt(fast, spec):
     """_div / _sqrt dispatch on the dtype at compile time: div.rn / sqrt.rn in float32, the
@@ -222,6 +235,16 @@ def test_ieee_division_and_sqrt(fast, spec):
     else:
         assert s["div_rn_f32"] > 0 and s["sqrt_rn_f32"] > 0, s
         assert s["sqrt_approx_f32"] == 0, s
+
+
+def test_backward_divides_exactly(fast):
+    """The backward divides only correctly rounded (c1 / HW, c2 / HW, 1 / std): a constant plane
+    under a uniform dy then gets dx == 0 exactly, which div.full.f32 (2 ulp) does not promise."""
+    rows = [r for r in fast["results"] if r["ok"] and r["kernel"].startswith("_bwd")]
+    assert rows
+    assert all(r["ptx_summary"]["div_full_f32"] == 0 and r["ptx_summary"]["div_approx_f32"] == 0
+               for r in rows), [(r["kernel"], r["spec"]) for r in rows
+                                if r["ptx_summary"]["div_full_f32"]]
 
 
 def test_no_register_spills_below_fp64(fast):

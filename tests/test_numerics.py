@@ -43,6 +43,47 @@ def test_large_mean_small_spread_gradients():
     assert _rel_err(xa.grad, x64.grad) < 1e-3
 
 
+def _path(name):
+    """A context that makes (2, 3, 40)-sized planes take the single tile, the loop or the split."""
+    import contextlib
+    if name == "loop":
+        return heuristics.tile_limit(16)
+    if name == "split":
+        stack = contextlib.ExitStack()
+        stack.enter_context(heuristics.tile_limit(16))
+        stack.enter_context(heuristics.split_planes(16))
+        return stack
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", ["single_tile", "loop", "split"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_nan_propagates_like_torch(path, activation, launches):
+    """A NaN makes its plane, its channel's running statistics and (through relu too) its
+    gradients NaN, as in eager PyTorch, on every kernel path."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, generator=g, dtype=torch.float64).to(DEVICE)
+    x[1, 1, 7] = float("nan")
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(
+        3, dtype=torch.float64, device=DEVICE)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    xa, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with _path(path):
+        y = tin.instance_norm(xa, rm, rv, activation=activation)
+        y.backward(torch.ones_like(y))
+    y_t = F.instance_norm(xt, rm_t, rv_t)
+    y_t = {"relu": F.relu, "leaky_relu": F.leaky_relu}.get(activation, lambda t: t)(y_t)
+    y_t.backward(torch.ones_like(y_t))
+    assert torch.isnan(y[1, 1]).all()
+    torch.testing.assert_close(y, y_t, equal_nan=True)
+    torch.testing.assert_close(xa.grad.isnan(), xt.grad.isnan())
+    torch.testing.assert_close(rm, rm_t, equal_nan=True)
+    torch.testing.assert_close(rv, rv_t, equal_nan=True)
+    assert rv.isnan().tolist() == [False, True, False]
+    if path == "split":
+        assert launches("_fwd_split_stats") > 0
+
+
 def test_nan_and_inf_stay_in_their_plane():
     x = torch.randn(3, 4, 10, dtype=torch.float64, device=DEVICE)
     x[1, 2, 3] = float("nan")
@@ -60,12 +101,15 @@ def test_nan_and_inf_stay_in_their_plane():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_constant_planes(dtype):
-    x = torch.full((2, 3, 4, 5), 7.25, dtype=dtype, device=DEVICE).requires_grad_()
+@pytest.mark.parametrize("spatial", [(4, 5), (7, 7), (3,), (37, 3)])
+def test_constant_planes(dtype, spatial):
+    # Several plane sizes: dx == 0 needs sum(dy) / HW == dy exactly, which an approximate division
+    # misses by an ulp for some HW (on a GPU; the interpreter always divides exactly).
+    x = torch.full((2, 3) + spatial, 7.25, dtype=dtype, device=DEVICE).requires_grad_()
     w = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
     b = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
     y = tin.instance_norm(x, weight=w, bias=b)
-    assert torch.equal(y, b.detach().view(1, 3, 1, 1).expand_as(y))
+    assert torch.equal(y, b.detach().view((1, 3) + (1,) * len(spatial)).expand_as(y))
     # A uniform upstream gradient (y.sum()) gives exactly zero dx, and finite dweight / dbias.
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))

@@ -28,6 +28,7 @@ def _bwd_tile(x_row, dy_row, offs, m, x_ss, dy_ss, pivot, inv_s, mean_a, rstd_a,
 @triton.jit
 def _load_stats(Stats, rows, row, r_mask, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """(pivot, inv_s, mean_a, 1 / std_a) of each plane, as the forward saved them."""
+    rows = tl.cast(rows, tl.int64)  # 3 * rows wraps in int32 from ~7e8 planes on
     pivot = tl.load(Stats + row, mask=r_mask, other=0.0)
     inv_s = tl.load(Stats + rows + row, mask=r_mask, other=1.0)
     mean_a = tl.load(Stats + 2 * rows + row, mask=r_mask, other=0.0)
@@ -74,8 +75,11 @@ def _dx_coefficients(c1, c2, rstd_a, inv_s, w, HW, USE_INPUT_STATS: tl.constexpr
     the mean and variance are constants and both correction terms vanish."""
     k = rstd_a * inv_s * w
     if USE_INPUT_STATS:
-        c1n = c1 / HW
-        c2n = c2 / HW
+        # Correctly rounded: a constant plane under a uniform dy needs c2 / HW == dz exactly for
+        # dx == 0 (the approximate division is off by an ulp for some HW).
+        hw = tl.full(c1.shape, HW, c1.dtype)
+        c1n = _div(c1, hw)
+        c2n = _div(c2, hw)
     else:
         c1n = tl.zeros_like(c1)
         c2n = tl.zeros_like(c2)
@@ -223,12 +227,13 @@ def _sum_partials_over_n(
     c64 = c.to(tl.int64)
     dw = tl.zeros([BLOCK_C], dtype=ACC)
     db = tl.zeros([BLOCK_C], dtype=ACC)
+    row = c64  # n * C + c, stepped in int64 (n * C in int32 wraps from 2^31 planes on)
     for n in range(0, N):
-        row = c64 + n * C
         if HAS_DW:
             dw += tl.load(DWp + row, mask=cm, other=0.0)
         if HAS_DB:
             db += tl.load(DBp + row, mask=cm, other=0.0)
+        row += C
     if HAS_DW:
         tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=cm)
     if HAS_DB:

@@ -19,7 +19,7 @@ BIG_DELTA = tl.constexpr(1099511627776.0)  # 2**40
 @triton.jit
 def _activate(z, slope, ACTIVATION: tl.constexpr):
     if ACTIVATION == ACT_RELU:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z <= 0, 0.0, z)  # not (z > 0, z, 0): NaN stays NaN, as torch.relu
     elif ACTIVATION == ACT_LEAKY_RELU:
         z = tl.where(z > 0, z, z * slope)
     elif ACTIVATION == ACT_SILU:
@@ -33,7 +33,7 @@ def _activate(z, slope, ACTIVATION: tl.constexpr):
 def _activation_grad(dy, z, slope, ACTIVATION: tl.constexpr):
     """dy * act'(z), with the same conventions at z == 0 as torch's own backward kernels."""
     if ACTIVATION == ACT_RELU:
-        dy = tl.where(z > 0, dy, 0.0)
+        dy = tl.where(z <= 0, 0.0, dy)  # torch's threshold_backward passes dy through at NaN
     elif ACTIVATION == ACT_LEAKY_RELU:
         dy = tl.where(z > 0, dy, dy * slope)
     elif ACTIVATION == ACT_SILU:
@@ -104,6 +104,7 @@ def _given_stats(RunMean, RunVar, c, rv_stride, r_mask, eps, ACC: tl.constexpr,
 @triton.jit
 def _store_stats(Stats, rows, row, mask, pivot, inv_s, mean_a, std_a, var_a):
     """The five per-plane statistics rows the backward and the running-stat update read."""
+    rows = tl.cast(rows, tl.int64)  # 4 * rows wraps in int32 from 2^29 planes on
     tl.store(Stats + row, pivot, mask=mask)
     tl.store(Stats + rows + row, inv_s, mask=mask)
     tl.store(Stats + 2 * rows + row, mean_a, mask=mask)
@@ -126,6 +127,7 @@ def _chunk_range(r_mask, CHUNK, HW, BLOCK_R: tl.constexpr):
 @triton.jit
 def _store_partial(Partials, k, value, rows, row, r_mask, chunk, num_chunks):
     """Partial ``k`` of this chunk; Partials is laid out (K, rows, num_chunks)."""
+    rows = tl.cast(rows, tl.int64)
     tl.store(Partials + k * rows * num_chunks + row * num_chunks + chunk, value, mask=r_mask)
 
 
@@ -135,6 +137,7 @@ def _chunk_partials(Partials, k, rows, row, r_mask, num_chunks, BLOCK_CHUNKS: tl
     chunk). Every chunk's program reduces it with the same tree: they all agree bit for bit."""
     ks = tl.arange(0, BLOCK_CHUNKS)
     pm = r_mask[:, None] & (ks[None, :] < num_chunks)
+    rows = tl.cast(rows, tl.int64)
     slots = k * rows * num_chunks + row[:, None] * num_chunks + ks[None, :]
     return tl.load(Partials + slots, mask=pm, other=0.0)
 

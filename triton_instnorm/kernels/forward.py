@@ -74,7 +74,9 @@ def _fwd(
                                                BLOCK_HW)
             hw = tl.full([BLOCK_R], HW, ACC)
             mean_a = _div(s1, hw)
-            var_a = tl.maximum(_div(s2, hw) - mean_a * mean_a, 0.0)
+            # clamp rounding below 0; a NaN variance stays NaN (as on the single-tile path)
+            var_a = tl.maximum(_div(s2, hw) - mean_a * mean_a, 0.0,
+                               propagate_nan=tl.PropagateNan.ALL)
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
     else:
         pivot, inv_s, mean_a, std_a, var_a = _given_stats(RunMean, RunVar, c, rv_stride, r_mask,
@@ -159,7 +161,8 @@ def _fwd_split_normalize(
         ratio = scale_c / scale[:, None]
         hw = tl.full([BLOCK_R], HW, ACC)
         mean_a = _div(tl.sum(s1c * ratio, axis=1), hw)
-        var_a = tl.maximum(_div(tl.sum(s2c * ratio * ratio, axis=1), hw) - mean_a * mean_a, 0.0)
+        var_a = tl.maximum(_div(tl.sum(s2c * ratio * ratio, axis=1), hw) - mean_a * mean_a, 0.0,
+                           propagate_nan=tl.PropagateNan.ALL)
         inv_s = 1.0 / scale
         std_a = _sqrt(var_a + eps * inv_s * inv_s)
         pivot = tl.load(x_row, mask=r_mask, other=0.0).to(ACC)
@@ -190,17 +193,18 @@ def _update_running_stats(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     c64 = c.to(tl.int64)
-    rows = N * C
+    rows = tl.cast(N, tl.int64) * C  # int64: 4 * rows below
     mean_sum = tl.zeros([BLOCK_C], dtype=ACC)
     var_sum = tl.zeros([BLOCK_C], dtype=ACC)
+    row = c64  # n * C + c, stepped in int64
     for n in range(0, N):  # fixed order: deterministic
-        row = c64 + n * C
         pivot = tl.load(Stats + row, mask=cm, other=0.0)
         inv_s = tl.load(Stats + rows + row, mask=cm, other=1.0)
         mean_a = tl.load(Stats + 2 * rows + row, mask=cm, other=0.0)
         var_a = tl.load(Stats + 4 * rows + row, mask=cm, other=0.0)
         mean_sum += pivot + mean_a / inv_s
         var_sum += var_a / (inv_s * inv_s)
+        row += C
     momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_lo, ACC)
     rm = tl.load(RunMean + c * rv_stride, mask=cm, other=0.0).to(ACC)
     rv = tl.load(RunVar + c * rv_stride, mask=cm, other=0.0).to(ACC)
