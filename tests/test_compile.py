@@ -100,3 +100,21 @@ def test_autocast_same_output_dtype_as_torch():
             got, want = m(inp), ref(inp)
             assert got.dtype == want.dtype
             torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_torch_export_eval_and_train():
+    """torch.export traces the custom ops; the exported program matches eager and, in training
+    mode, still updates the running statistics (declared mutated buffers)."""
+    ours, _ = _models()
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    ours.eval()
+    ep = torch.export.export(ours, (x,))
+    torch.testing.assert_close(ep.module()(x), ours(x), atol=1e-6, rtol=1e-6)
+    ours.train()
+    ref = copy.deepcopy(ours)
+    ep = torch.export.export(ours, (x,))
+    exported = ep.module()
+    torch.testing.assert_close(exported(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ref[1].running_mean, torch.zeros_like(ref[1].running_mean))
+    torch.testing.assert_close(exported.get_buffer("1.running_mean"), ref[1].running_mean)
+    torch.testing.assert_close(exported.get_buffer("1.running_var"), ref[1].running_var)
