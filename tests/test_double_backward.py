@@ -117,3 +117,33 @@ def test_double_backward_mixed_precision():
     assert [t.dtype for t in ours] == [bf16, f32, bf16, f32]
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o.double(), r, atol=0.1 * r.abs().max().item(), rtol=0.05)
+
+
+def test_create_graph_values_survive_eager_overflow():
+    # float16 dx that overflows to inf: the values stay the kernel's (inf), never inf - inf = NaN.
+    x = (_rand(1, 2, 4, 4, dtype=torch.float32) * 1e-2).half().requires_grad_(True)
+    y = tin.instance_norm(x, eps=1e-10)
+    dy = torch.full_like(y, 6e4)
+    dy[..., 0, 0] = -6e4
+    plain, = torch.autograd.grad(y, x, dy, retain_graph=True)
+    graphed, = torch.autograd.grad(y, x, dy, create_graph=True)
+    assert plain.isinf().any()
+    torch.testing.assert_close(graphed, plain, atol=0, rtol=0)
+
+
+def test_second_derivatives_at_large_scale():
+    # float32 x ~ 1e20, whose raw variance overflows float32: the eager graph is rebuilt in the
+    # kernel's units, so the second derivatives still match float64 (they were all 0 before).
+    def penalty_grad(norm, x, w):
+        x, w = _leaves(x, w)
+        y = norm(x, weight=w)
+        proj = _rand(*x.shape, dtype=x.dtype, seed=9)
+        _, gw = torch.autograd.grad((y * proj).sum(), (x, w), create_graph=True)
+        gw.square().sum().backward()
+        return x.grad
+
+    x, w = _rand(2, 3, 4, 4) * 1e20, _rand(3, seed=1, shift=1.0)
+    ours = penalty_grad(tin.instance_norm, x.float(), w.float())
+    ref = penalty_grad(F.instance_norm, x, w)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-3)

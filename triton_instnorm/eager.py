@@ -43,21 +43,24 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
                       negative_slope, needs):
     """(dx, dweight, dbias) as differentiable functions of dy, x, weight and bias.
 
-    The forward is rebuilt in the statistics' precision: with ``use_input_stats`` the mean and
-    variance are recomputed from ``x`` (they depend on it), otherwise ``mean`` and ``std``
-    (running statistics, shape (N*C,)) are constants. ``needs`` flags which of x, weight, bias
-    want a gradient; the others come back as None.
+    ``mean`` and ``std`` (shape (N*C,), the statistics' precision) are the kernel's. The rebuild
+    works in their units, ``xs = (x - mean) / std``, O(1) whatever the scale of x: the raw
+    variance of x ~ 1e20 overflows float32, that of x ~ 1e-22 underflows, and either would
+    flatten the graph. With ``use_input_stats`` the statistics of ``xs`` are recomputed (they
+    depend on x; ``mean``, ``std`` only fix the units):
+    ``(x - mu) / sqrt(var + eps) == (xs - mu_s) / sqrt(var_s + eps / std^2)``. Otherwise ``xs`` is
+    already the normalized input. ``needs`` flags which of x, weight, bias want a gradient; the
+    others come back as None.
     """
     acc = mean.dtype
     inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+    shape = x.shape[:2] + (1,) * (x.dim() - 2)
+    m, s = mean.view(shape), std.view(shape)
     with torch.enable_grad():
-        xa = x.to(acc)
+        z = (x.to(acc) - m) / s
         if use_input_stats:
-            var, mu = torch.var_mean(xa, tuple(range(2, x.dim())), correction=0, keepdim=True)
-            z = (xa - mu) * torch.rsqrt(var + eps)
-        else:
-            shape = x.shape[:2] + (1,) * (x.dim() - 2)
-            z = (xa - mean.view(shape)) / std.view(shape)
+            var, mu = torch.var_mean(z, tuple(range(2, x.dim())), correction=0, keepdim=True)
+            z = (z - mu) * torch.rsqrt(var + eps / s / s)
         if weight is not None:
             z = z * _per_channel_view(weight, x).to(acc)
         if bias is not None:
@@ -65,3 +68,18 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
         z = apply_activation(z, activation, negative_slope)
         grads = iter(torch.autograd.grad(z, inputs, dy.to(acc), create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
+
+
+class KernelValue(torch.autograd.Function):
+    """``value`` (the kernel's gradient) carrying the derivatives of ``graph`` (the eager one):
+    forward returns ``value``, backward hands the incoming gradient to ``graph``. (Arithmetic such
+    as ``value + (graph - graph.detach())`` would turn the value into NaN wherever the eager
+    rebuild overflows, inf - inf.)"""
+
+    @staticmethod
+    def forward(ctx, value, graph):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad

@@ -108,7 +108,7 @@ def _backward(ctx, dy, _dstats):
         # create_graph=True: keep the kernel's values, take the derivatives of the eager graph.
         graph = eager.first_order_graph(dy, x, weight, bias, *_mean_std(stats), ctx.use_input_stats,
                                         ctx.eps, ctx.activation, ctx.negative_slope, needs)
-        grads = [g if g is None else g + (e - e.detach()) for g, e in zip(grads, graph)]
+        grads = [g if g is None else eager.KernelValue.apply(g, e) for g, e in zip(grads, graph)]
     return (*grads, None, None, None, None, None, None, None)
 
 
