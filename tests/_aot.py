@@ -6,10 +6,11 @@ compiles them for real with ``triton.compile(ASTSource(...), target=GPUTarget("c
 
 How a variant is built: the real host code in ``launch.py`` is called with CPU tensors of the
 shapes, dtypes and layouts of the variant, with the kernels swapped for recorders. The recorded
-arguments are then specialized exactly as ``JITFunction.run`` does on a GPU (Triton's own
-``create_function_from_signature`` binder and ``_pack_args``): ints equal to 1 and None pointers
-become constexprs, ints / pointers divisible by 16 get ``tt.divisibility``, floats are fp32. When
-those private helpers are missing, ``explicit_specialization`` builds the same thing by hand.
+arguments are then specialized exactly as ``JITFunction.run`` does on a GPU, by Triton's own
+binder (``create_function_from_signature`` and ``_pack_args``): ints equal to 1 and None
+pointers become constexprs, ints / pointers divisible by 16 get ``tt.divisibility``, floats are
+fp32, and the same holds inside the tuple views the kernels take. An element of a tuple argument
+is reported as ``name[i]`` (``x[3]``: the input's spatial stride).
 
 This must run with TRITON_INTERPRET unset: under the interpreter ``@triton.jit`` returns
 ``InterpretedFunction`` objects (the kernels *and* the helpers they call), which the compiler
@@ -84,7 +85,7 @@ def worker_env(cache_dir):
     return env
 
 
-def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
+def run_worker(specs, workdir, jobs=2, timeout=600):
     """Compiles ``specs`` in ``jobs`` worker subprocesses (TRITON_INTERPRET unset, a fresh
     TRITON_CACHE_DIR under ``workdir`` so that every kernel really is compiled).
 
@@ -97,13 +98,12 @@ def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
     procs = []
     for i, chunk in enumerate(chunks):
         spec_path, out_path = workdir / f"spec{i}.json", workdir / f"result{i}.json"
-        spec_path.write_text(json.dumps({"specs": chunk, "cubin": cubin}))
+        spec_path.write_text(json.dumps({"specs": chunk}))
         cmd = [sys.executable, str(Path(__file__).resolve()), str(spec_path), str(out_path)]
         procs.append((subprocess.Popen(cmd, env=worker_env(workdir / f"cache{i}"), cwd=str(ROOT),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                       out_path))
-    merged = {"triton": None, "skip": None, "cubin": None, "kernels": None, "results": [],
-              "logs": []}
+    merged = {"triton": None, "skip": None, "kernels": None, "results": [], "logs": []}
     for proc, out_path in procs:
         try:
             log, _ = proc.communicate(timeout=timeout)
@@ -116,7 +116,6 @@ def run_worker(specs, workdir, jobs=2, timeout=600, cubin=True):
             raise RuntimeError(f"AOT worker failed (rc={proc.returncode}):\n{log[-6000:]}")
         out = json.loads(out_path.read_text())
         merged["triton"] = out["triton"]
-        merged["cubin"] = out.get("cubin")
         merged["kernels"] = out.get("kernels")
         merged["skip"] = merged["skip"] or out["skip"]
         merged["results"].extend(out["results"])
@@ -159,6 +158,7 @@ class _Recorder:
 
     def __init__(self, name, kernel, sink):
         self.name, self.kernel, self.sink = name, kernel, sink
+        self.fn = kernel.fn  # launch.run counts launches by kernel.fn.__name__
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -180,6 +180,7 @@ def capture(spec):
     import torch
 
     from triton_instnorm import heuristics, launch
+    from triton_instnorm.kernels import constants
 
     sink = []
     originals = launched_kernels()
@@ -193,7 +194,7 @@ def capture(spec):
             if op == "update":
                 acc = torch.float64 if spec["dtype"] == "fp64" else torch.float32
                 n, c = spec["n"], spec["c"]
-                stats = torch.empty((launch.NUM_STATS, n * c), dtype=acc)
+                stats = torch.empty((constants.NUM_STATS, n * c), dtype=acc)
                 rm = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                 rv = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                 launch.update_running_stats(stats, rm, rv, n, c, spec["hw"], 0.1)
@@ -211,8 +212,9 @@ def capture(spec):
                                    spec["store_stats"], write_y=spec["write_y"])
                 elif op == "backward":
                     dy = torch.empty_like(x)
-                    stats = torch.empty((launch.NUM_STATS, n * c), dtype=launch.acc_dtype(x.dtype))
-                    launch.backward(dy, x, w, b, stats, spec["use_input_stats"], act, 0.01,
+                    stats = torch.empty((constants.NUM_STATS, n * c),
+                                        dtype=launch.acc_dtype(x.dtype))
+                    launch.backward(dy, x, w, b, stats, spec["use_input_stats"], 1e-5, act, 0.01,
                                     spec["need_dw"], spec["need_db"])
                 else:
                     raise ValueError(f"unknown op {op!r}")
@@ -229,55 +231,21 @@ def _split_launch(kernel, args, kwargs):
 
 
 def jit_specialization(kernel, backend, args, kwargs):
-    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` computes them.
-    Uses Triton's private binder; raises AttributeError / TypeError when the API differs."""
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` computes them."""
     from triton.runtime.jit import create_function_from_signature
 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    args, kwargs, options = _split_launch(kernel, args, kwargs)
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
     bound_args, specialization, opts = binder(*args, **kwargs, **options)
     options_obj, signature, constexprs, attrs = kernel._pack_args(backend, options, bound_args,
                                                                   specialization, opts)
     return signature, constexprs, attrs, options_obj.__dict__
 
 
-def _type_name(v):
-    import torch
-    if isinstance(v, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
-                      torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}[v.dtype]
-    raise TypeError(type(v))
-
-
-def explicit_specialization(kernel, args, kwargs):
-    """The same specialization built by hand (the documented ASTSource format): signature
-    {name: "*bf16" | "i32" | "i64" | "fp32" | "u1" | "constexpr"}, constexprs {(index,): value},
-    attrs {(index,): [["tt.divisibility", 16]]}. Assumes 16-byte aligned tensors (CUDA's
-    allocator aligns to 512 bytes)."""
-    import torch
-    args, kwargs, options = _split_launch(kernel, args, kwargs)
-    bound = kernel.signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (param, (name, value)) in enumerate(zip(kernel.params, bound.arguments.items())):
-        if param.is_constexpr or value is None or (type(value) is int and value == 1):
-            signature[name] = "constexpr"
-            constexprs[(i,)] = value
-        elif isinstance(value, bool):
-            signature[name] = "u1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif isinstance(value, torch.Tensor):
-            signature[name] = _type_name(value)
-            if value.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            raise TypeError(f"{name}: {type(value)}")
-    return signature, constexprs, attrs, options
+def path_name(names, path):
+    """``x`` for argument ``x``, ``x[3]`` for element 3 of a tuple argument."""
+    return names[path[0]] + "".join(f"[{i}]" for i in path[1:])
 
 
 _PTXAS_RE = re.compile(r"Used (\d+) registers")
@@ -318,8 +286,8 @@ def i32_scalar_products(ttir):
     return sorted({f"{a} * {b}" for a, b in found})
 
 
-def compile_launch(rec, want_cubin=True):
-    """Compiles one recorded launch for sm_90 and returns a JSON-able report."""
+def compile_launch(rec):
+    """Compiles one recorded launch for sm_90 (down to the cubin) and returns a JSON-able report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -327,68 +295,40 @@ def compile_launch(rec, want_cubin=True):
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     kernel = rec["kernel"]
-    try:
-        signature, constexprs, attrs, options = jit_specialization(kernel, backend, rec["args"],
-                                                                   rec["kwargs"])
-        how = "jit-binder"
-    except (ImportError, AttributeError, TypeError):
-        try:
-            signature, constexprs, attrs, options = explicit_specialization(kernel, rec["args"],
-                                                                            rec["kwargs"])
-        except TypeError as exc:  # the launch's arguments do not bind to the kernel's parameters
-            return {"kernel": rec["name"], "ok": False, "seconds": 0.0, "num_warps": None,
-                    "explicit_matches_jit": None, "error": _format_error(exc)}
-        how = "explicit"
+    signature, constexprs, attrs, options = jit_specialization(kernel, backend, rec["args"],
+                                                               rec["kwargs"])
     names = list(signature)
     report = {
         "kernel": rec["name"],
         "grid": list(rec["grid"]),
-        "how": how,
         "signature": signature,
-        "constexprs": {names[k[0]]: repr(v) for k, v in constexprs.items()},
-        "divisible16": sorted(names[k[0]] for k, v in attrs.items() if v),
+        "constexprs": {path_name(names, k): repr(v) for k, v in constexprs.items()},
+        "divisible16": sorted(path_name(names, k) for k, v in attrs.items() if v),
         "num_warps": options.get("num_warps"),
-        "explicit_matches_jit": None,
     }
-    if how == "jit-binder":
-        e_sig, e_const, e_attrs, _ = explicit_specialization(kernel, rec["args"], rec["kwargs"])
-        report["explicit_matches_jit"] = (
-            e_sig == signature and e_const == dict(constexprs)
-            and {k: v for k, v in e_attrs.items() if v} == {k: v for k, v in attrs.items() if v})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            if want_cubin:
-                compiled = triton.compile(src, target=target, options=options)
-            else:
-                compiled = _compile_to_ptx(src, target, backend, options)
+            compiled = triton.compile(src, target=target, options=options)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         report.update(ok=False, seconds=round(time.perf_counter() - t0, 2),
                       error=_format_error(exc), log=log.getvalue()[-2000:])
         return report
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    asm = compiled.asm if hasattr(compiled, "asm") else compiled
-    ptx = asm.get("ptx", "")
-    cubin = asm.get("cubin", b"")
+    ptx = compiled.asm.get("ptx", "")
     ptxas_log = log.getvalue()
     regs = [int(m) for m in _PTXAS_RE.findall(ptxas_log)]
     spills = [tuple(map(int, m)) for m in _SPILL_RE.findall(ptxas_log)]
-    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
-    report.update(ok=True, stages=sorted(asm), ptx_chars=len(ptx), cubin_bytes=len(cubin or b""),
+    report.update(ok=True, stages=sorted(compiled.asm), ptx_chars=len(ptx),
+                  cubin_bytes=len(compiled.asm.get("cubin") or b""),
                   ptx_target=(re.findall(r"\.target (\S+)", ptx) or [None])[0],
                   registers=max(regs) if regs else None,
                   spill_stores=max((s[0] for s in spills), default=None),
                   spill_loads=max((s[1] for s in spills), default=None),
-                  shared=shared, ptx_summary=ptx_summary(ptx),
-                  i32_scalar_products=i32_scalar_products(str(asm.get("ttir", ""))))
-    if os.environ.get("AOT_KEEP_PTX"):
-        Path(os.environ["AOT_KEEP_PTX"]).mkdir(parents=True, exist_ok=True)
-        key = json.dumps(report["signature"]) + json.dumps(report["constexprs"])
-        tag = f"{rec['name']}-{abs(hash(key))}"
-        (Path(os.environ["AOT_KEEP_PTX"]) / f"{tag}.ptx").write_text(ptx)
-        report["ptx_file"] = tag + ".ptx"
+                  shared=getattr(compiled.metadata, "shared", None), ptx_summary=ptx_summary(ptx),
+                  i32_scalar_products=i32_scalar_products(str(compiled.asm.get("ttir", ""))))
     return report
 
 
@@ -401,37 +341,6 @@ def _format_error(exc):
         parts.append(f"{type(exc).__name__}: {exc}"[-3000:])
         exc = exc.__cause__ or exc.__context__
     return "\n--- caused by ---\n".join(parts)
-
-
-def _compile_to_ptx(src, target, backend, options):
-    """Runs the pipeline up to the "ptx" stage only, for a Triton without its ptxas."""
-    from triton._C.libtriton import ir
-    options = dict(options)
-    if options.get("ptx_version") is None:
-        options["ptx_version"] = 84  # else Triton asks ptxas --version; PTX ISA 8.4 covers sm_90a
-    opts = backend.parse_options(options)
-    stages = {}
-    backend.add_stages(stages, opts, src.language) if _takes_language(backend) \
-        else backend.add_stages(stages, opts)
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    codegen_fns = backend.get_codegen_implementation(opts)
-    module_map = backend.get_module_map()
-    module = src.make_ir(target, opts, codegen_fns, module_map, context)
-    metadata = {}
-    asm = {}
-    for ext, stage in stages.items():
-        if ext == "cubin":
-            break
-        module = stage(module, metadata)
-        asm[ext] = module if isinstance(module, (str, bytes)) else str(module)
-    return asm
-
-
-def _takes_language(backend):
-    import inspect
-    return "language" in inspect.signature(backend.add_stages).parameters
 
 
 def nvidia_backend_available():
@@ -448,15 +357,12 @@ def nvidia_backend_available():
     if not {"signature", "constexprs", "attrs"} <= set(params):
         return (f"Triton {triton.__version__}: ASTSource({', '.join(params)}) lacks the "
                 "signature/constexprs/attrs API these tests build on")
-    return None
-
-
-def ptxas_available():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        return bool(get_ptxas(90).path)
-    except Exception:  # noqa: BLE001
-        return False
+        get_ptxas(90)
+    except Exception as exc:  # noqa: BLE001
+        return f"no ptxas for sm_90 in this Triton: {type(exc).__name__}: {exc}"
+    return None
 
 
 def main(argv):
@@ -469,13 +375,11 @@ def main(argv):
     if reason is None:
         import triton
         out["triton"] = triton.__version__
-        want_cubin = job.get("cubin", True) and ptxas_available()
-        out["cubin"] = want_cubin
         out["kernels"] = sorted(launched_kernels())
         seen = {}
         for spec in job["specs"]:
             for rec in capture(spec):
-                report = compile_launch(rec, want_cubin)
+                report = compile_launch(rec)
                 key = (report["kernel"], json.dumps(report.get("signature"), sort_keys=True),
                        json.dumps(report.get("constexprs"), sort_keys=True),
                        json.dumps(report.get("divisible16")), report["num_warps"])

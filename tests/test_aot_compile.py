@@ -35,7 +35,10 @@ FWD_FP32 = fwd("fp32", w="fp32", b="fp32")
 FWD_BF16 = fwd("bf16", w="fp32", b="fp32", activation=2)  # bf16 input, fp32 parameters
 FWD_FP64 = fwd("fp64", activation=4)
 FWD_FP64_EVAL = fwd("fp64", use_input_stats=False, running="fp64", store_stats=False, activation=1)
-FWD_BF16_CL = fwd("bf16", (2, 64, 16, 16), layout="channels_last", w="fp32", b="fp32", activation=1)
+# channels_last with enough planes for 16-byte channel groups (8 bf16 channels per position)
+FWD_BF16_CL = fwd("bf16", (2, 2048, 8, 8), layout="channels_last", w="fp32", b="fp32", activation=1)
+# channels_last, long planes: 16-byte channel groups, spatial positions split across programs
+CL_SPLIT = (4, 128, 64, 64)
 
 # 32 host calls, ~40 kernel launches: ~15 s on 2 cores, compilation included.
 FAST = [
@@ -58,6 +61,8 @@ FAST = [
     fwd("bf16", LOOPED, w=None, b=None, write_y=False),
     FWD_BF16_CL,
     fwd("fp16", (2, 8, 16, 16), per_sample=True, activation=3),
+    fwd("bf16", CL_SPLIT, layout="channels_last", activation=2),
+    bwd("bf16", CL_SPLIT, layout="channels_last", w="fp32", b="fp32", activation=2),
     # backward (+ _sum_partials_over_n when dweight / dbias are needed)
     bwd("fp32"),
     bwd("bf16", w="fp32", b="fp32", activation=4),
@@ -66,7 +71,7 @@ FAST = [
     bwd("fp64", LOOPED, activation=4),
     bwd("bf16", BIG_TILE, w="fp32", b="fp32", activation=4),
     bwd("bf16", use_input_stats=False, activation=1, w="bf16", b=None, need_db=False),
-    # planes split across programs: _fwd_split_stats + _fwd_split_normalize, _bwd_split_*
+    # planes split across programs: _fwd_split_stats + _fwd, _bwd_split_sums + _bwd
     fwd("bf16", SPLIT, activation=3),
     fwd("fp32", SPLIT, use_input_stats=False, running="fp32", store_stats=False, activation=2),
     fwd("fp64", SPLIT, w=None, b=None, activation=4),
@@ -147,8 +152,7 @@ def _check_artifacts(out, reports):
     for r in reports:
         assert r["ptx_chars"] > 0 and "ptx" in r["stages"], r
         assert r["ptx_target"] and r["ptx_target"].startswith("sm_90"), r["ptx_target"]
-        if out["cubin"]:
-            assert "cubin" in r["stages"] and r["cubin_bytes"] > 0, r
+        assert "cubin" in r["stages"] and r["cubin_bytes"] > 0, r
 
 
 def _one(out, spec, kernel="_fwd", compiled=True):
@@ -180,22 +184,21 @@ def test_specialization_follows_the_launch_code(fast):
     """The signature is the JIT's: None pointers and unit strides are constexprs, dtypes follow
     the tensors, tile constants come from heuristics.plane_config."""
     from triton_instnorm import heuristics
+    from triton_instnorm.kernels import constants
 
-    for r in fast["results"]:
-        assert r["explicit_matches_jit"] is not False, (
-            f"hand-built signature differs from the JIT's for {r['spec']}: {r['signature']}")
     # bf16 input, fp32 weight / bias, contiguous (2, 8, 32, 32): the rows fold into one group
     r = _one(fast, FWD_BF16, compiled=False)
     sig, const = r["signature"], r["constexprs"]
-    assert (sig["X"], sig["Y"], sig["W"], sig["B"], sig["Stats"]) == (
+    assert (sig["x"][0], sig["y"][0], sig["w"][0], sig["b"][0], sig["Stats"]) == (
         "*bf16", "*bf16", "*fp32", "*fp32", "*fp32")
-    assert const["RunMean"] == const["RunVar"] == "None"
-    assert const["x_ss"] == const["y_ss"] == "1"  # unit spatial stride: what lets loads vectorize
+    assert const["running"] == const["Partials"] == "None"
+    # unit spatial strides (what lets loads vectorize), unit channel strides of the parameters
+    assert const["x[3]"] == const["y[3]"] == const["w[2]"] == const["b[2]"] == "1"
     cfg = heuristics.plane_config(32 * 32, 2 * 8, rows_contiguous=False)
-    assert (const["BLOCK_R"], const["BLOCK_HW"], const["SINGLE_TILE"]) == (
-        str(cfg.BLOCK_R), str(cfg.BLOCK_HW), str(cfg.SINGLE_TILE))
+    assert (const["BLOCK_R"], const["BLOCK_HW"], const["STATS_FROM"]) == (
+        str(cfg.BLOCK_R), str(cfg.BLOCK_HW), str(constants.FROM_TILE))
     assert r["num_warps"] == cfg.num_warps
-    assert {"X", "Y", "Stats", "HW"} <= set(r["divisible16"])
+    assert {"x[0]", "y[0]", "Stats", "geometry[2]"} <= set(r["divisible16"])
     assert _one(fast, FWD_FP64, compiled=False)["signature"]["Stats"] == "*fp64"
 
 
@@ -207,9 +210,9 @@ def test_unit_stride_bf16_accesses_are_vectorized(fast):
           f"v2={s['st_global_v2']} scalar={s['st_global_scalar']}")
     assert s["ld_global_v4"] + s["ld_global_v2"] > 0, s
     assert s["st_global_v4"] + s["st_global_v2"] > 0, s
-    # channels_last: rows (channels) are the unit-stride axis; the tile still vectorizes.
+    # channels_last: rows (channels) are the unit-stride axis; the tile still vectorizes, 16 bytes.
     s = _one(fast, FWD_BF16_CL)["ptx_summary"]
-    assert s["ld_global_v4"] + s["ld_global_v2"] > 0, s
+    assert s["ld_global_v4"] > 0, s
 
 
 def test_offsets_are_not_formed_in_int32(fast):
@@ -217,7 +220,7 @@ def test_offsets_are_not_formed_in_int32(fast):
     2^29 planes on before it was widened). What may stay int32: the program's first row in its
     group, ``(pid % blocks_per_group) * BLOCK_R`` (< rows_per_group + BLOCK_R), and the first
     channel of a per-channel program, ``pid * BLOCK_C`` (< C + BLOCK_C)."""
-    name = r"%(?:(?:r_in_group|c)(?:_\d+)?|c\d+_i32)"  # SSA names as 3.6 and 3.9 print them
+    name = r"%(?:(?:row_in_group|c)(?:_\d+)?|c\d+_i32)"  # SSA names as 3.6 and 3.9 print them
     allowed = re.compile(f"{name} \\* {name}")
     bad = {(r["kernel"], p) for r in fast["results"] if r["ok"]
            for p in r["i32_scalar_products"] if not allowed.fullmatch(p)}
@@ -252,8 +255,6 @@ def test_no_register_spills_below_fp64(fast):
     spills at the register cap (255, or 65536 / threads per program). ptxas may still spill a
     few bytes well below the cap (seen: 4 bytes at 80 registers, Triton 3.6 looped fp32 backward),
     which is printed, not failed. float64 is printed only (its looped backward spills)."""
-    if not fast["cubin"]:
-        pytest.skip("no ptxas: no register report")
     rows = [r for r in fast["results"] if r["ok"] and r["spill_stores"] is not None]
     assert rows, "ptxas -v log not parsed"
     spilled = [r for r in rows if r["spill_stores"]]
@@ -268,7 +269,7 @@ def test_no_register_spills_below_fp64(fast):
 
 def test_report(fast):
     """Prints what was compiled (pytest -s)."""
-    print(f"\nTriton {fast['triton']}, target sm_90, cubin={fast['cubin']}")
+    print(f"\nTriton {fast['triton']}, target sm_90")
     for r in fast["results"]:
         s = r.get("ptx_summary") or {}
         print(f"{'ok ' if r['ok'] else 'ERR'} {r.get('seconds', 0):5.2f}s {r['kernel']:21s} "

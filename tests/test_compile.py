@@ -83,7 +83,8 @@ def test_opcheck_all_operators():
     torch.library.opcheck(ops.update_running_stats.default, (stats, rm, rv, 2, 3, 20, 0.1))
     dy = torch.randn_like(y)
     torch.library.opcheck(ops.backward.default,
-                          (dy, x.detach(), w.detach(), b.detach(), stats, True, 0, 0.01, True, True))
+                          (dy, x.detach(), w.detach(), b.detach(), stats, True, 1e-5, 0, 0.01, True,
+                           True))
     torch.library.opcheck(ops.plane_stats.default, (x, 1e-5))
 
 

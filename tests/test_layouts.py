@@ -84,8 +84,9 @@ def test_non_flattenable_view_is_copied_once(monkeypatch):
 def test_planes_view_folds_batch_into_channels():
     x = torch.randn(3, 4, 5, 6)
     p = launch.planes(x, launch.can_fold(x))
-    assert (p.groups, p.rows_per_group, p.hw, p.sr, p.ss) == (1, 12, 30, 30, 1)
+    assert (p.groups, p.rows_per_group, p.hw, p.row_stride, p.spatial_stride) == (1, 12, 30, 30, 1)
     xc = x.to(memory_format=torch.channels_last)
     p = launch.planes(xc, launch.can_fold(xc))
-    assert (p.groups, p.rows_per_group, p.sg, p.sr, p.ss) == (3, 4, 120, 1, 4)
+    assert (p.groups, p.rows_per_group, p.group_stride, p.row_stride, p.spatial_stride) == (
+        3, 4, 120, 1, 4)
     assert launch._spatial_stride(x.transpose(2, 3)) is None

@@ -19,10 +19,11 @@ def test_hundreds_of_thousands_of_planes(launches):
     torch.testing.assert_close(y.double(), reference(x, w), atol=2e-5, rtol=2e-5)
 
 
-def test_grid_is_one_dimensional_and_bounded():
+def test_grid_is_bounded():
     x = torch.empty(1000, 200, 3)
-    cfg, blocks, grid = launch._config_and_grid(launch.planes(x, launch.can_fold(x)))
-    assert len(grid) == 1 and grid[0] < 2**31 and grid[0] * cfg.BLOCK_R >= 200_000
+    how = launch.plan(launch.planes(x, launch.can_fold(x)), x)
+    row_programs, chunks = how.grid
+    assert chunks == 1 and row_programs < 2**31 and row_programs * how.config.BLOCK_R >= 200_000
 
 
 @cuda_only

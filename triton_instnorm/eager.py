@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+from .kernels import constants
+
+ACTIVATIONS = {None: constants.ACT_NONE, "relu": constants.ACT_RELU,
+               "leaky_relu": constants.ACT_LEAKY_RELU, "silu": constants.ACT_SILU,
+               "gelu": constants.ACT_GELU}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 
 

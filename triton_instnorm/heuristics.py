@@ -4,8 +4,8 @@ Each kernel program owns ``BLOCK_R`` planes and walks them in tiles of ``BLOCK_H
 A plane that fits one tile (``SINGLE_TILE``) is read from DRAM once and kept in registers; a
 longer plane is streamed twice (statistics, then normalize), the second sweep mostly from L2.
 
-The thresholds below are first estimates from the register budget, not yet GPU measurements
-(no GPU was available when they were written; see perf/NOTES.md for what is still to measure):
+The thresholds below are first estimates from the register budget and the memory system, not
+yet GPU measurements (perf/NOTES.md lists what is still to measure):
 - ``MAX_SINGLE_TILE = 8192`` elements: 16 warps x 32 lanes hold 16 float32 values per lane for
   each live tile (x, the centered x, and y in the forward; x, dy, x_hat, dz in the backward),
   well under the 255-register limit. Beyond that the kernel would spill.
@@ -18,6 +18,17 @@ The thresholds below are first estimates from the register budget, not yet GPU m
   ``PROGRAMS_PER_SM`` x SMs). Splitting costs a second launch and turns the L2-friendly second
   sweep of the loop into a second DRAM read, so it only pays when SMs would otherwise idle.
   ``MIN_CHUNK = 16384`` elements keeps >= 32 KiB (bf16) streamed per program per pass.
+- Occupancy: several small planes share a program only while there are still
+  ``PROGRAMS_PER_SM`` x SMs programs (2 per SM: one can stream while the other reduces).
+- channels_last (rows contiguous, spatial stride C): a tile spans ``BLOCK_R`` channels at each
+  spatial position, and those channels are the only contiguous run in memory. ``VECTOR_BYTES =
+  16`` bytes of them (8 bf16, 4 fp32 channels) make one vector load per position and half a
+  32-byte sector, whose other half the neighbouring program reads at the same time; fewer
+  channels per program would multiply the sectors moved per useful byte. So a plane is kept in
+  one tile only if that many channels fit with the whole plane; longer planes take 16-byte
+  channel groups and split their spatial positions across programs (partial sums combined in a
+  fixed order, as NHWC group norms do), at least one loop tile (``LOOP_TILE`` elements) per
+  program. Only a tensor too small to fill the GPU that way gets fewer channels per program.
 """
 
 import contextlib
@@ -31,6 +42,8 @@ SMALL_PLANE_TILE = 4096
 # Planes per program when rows are contiguous in memory (channels_last): 32 rows of 2-byte
 # elements make one 64-byte segment per spatial position.
 CHANNELS_LAST_ROWS = 32
+
+VECTOR_BYTES = 16  # one 128-bit load per lane
 
 PROGRAMS_PER_SM = 2
 MIN_CHUNK = 16384
@@ -67,6 +80,7 @@ class Config:
     BLOCK_HW: int
     SINGLE_TILE: bool
     num_warps: int
+    min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
 
 
 def _warps(tile_elements: int) -> int:
@@ -78,8 +92,16 @@ def _warps(tile_elements: int) -> int:
     return 16
 
 
-def plane_config(hw: int, rows_per_group: int, rows_contiguous: bool) -> Config:
-    """Tile shape for planes of ``hw`` elements, ``rows_per_group`` planes side by side.
+def _occupancy_rows(planes: int, sm_count: int) -> int:
+    """The most planes per program (a power of two, at least 1) that still leaves
+    PROGRAMS_PER_SM x SMs programs."""
+    per_program = planes // (PROGRAMS_PER_SM * sm_count)
+    return 1 if per_program < 1 else 1 << (per_program.bit_length() - 1)
+
+
+def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguous: bool,
+                 itemsize: int = 4, sm_count: int = ASSUMED_SMS) -> Config:
+    """Tile shape for ``groups`` x ``rows_per_group`` planes of ``hw`` elements.
 
     ``rows_contiguous``: neighbouring planes are adjacent in memory (channels_last), so a tile
     spans several planes at each spatial position instead of running along one plane.
@@ -89,37 +111,45 @@ def plane_config(hw: int, rows_per_group: int, rows_contiguous: bool) -> Config:
     small_cap = SMALL_PLANE_TILE if _tile_limit is None else min(SMALL_PLANE_TILE, _tile_limit)
     rows_p2 = triton.next_power_of_2(max(rows_per_group, 1))
     hw_p2 = triton.next_power_of_2(max(hw, 1))
+    occupancy = _occupancy_rows(groups * rows_per_group, sm_count)
 
     if rows_contiguous:
-        block_r = min(rows_p2, CHANNELS_LAST_ROWS, single_cap)
-        if block_r * hw_p2 <= single_cap:
+        vector_rows = min(max(1, VECTOR_BYTES // itemsize), rows_p2, single_cap)
+        most_rows = min(rows_p2, CHANNELS_LAST_ROWS, max(1, single_cap // hw_p2))
+        if vector_rows * hw_p2 <= single_cap:
+            # The whole plane in one tile, 16-byte channel groups or more, unless the tensor is
+            # too small to fill the GPU with them.
+            block_r = min(most_rows, max(occupancy, 1))
+            if occupancy >= vector_rows:
+                block_r = max(block_r, vector_rows)
             return Config(block_r, hw_p2, True, _warps(block_r * hw_p2))
-        block_hw = max(1, loop_cap // block_r)
-        return Config(block_r, block_hw, False, _warps(block_r * block_hw))
+        block_hw = max(1, loop_cap // vector_rows)
+        return Config(vector_rows, block_hw, False, _warps(vector_rows * block_hw),
+                      min_chunk=block_hw)
 
     if hw_p2 <= single_cap:
-        # Small planes are packed several per program; large ones get a program each.
-        block_r = max(1, min(small_cap // hw_p2, rows_p2))
+        # Small planes are packed several per program while the GPU stays filled.
+        block_r = max(1, min(small_cap // hw_p2, rows_p2, occupancy))
         return Config(block_r, hw_p2, True, _warps(block_r * hw_p2))
     return Config(1, loop_cap, False, _warps(loop_cap))
 
 
-def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> tuple[int, int]:
-    """(number of chunks, elements per chunk) for planes of ``hw`` elements; (1, hw): no split."""
+def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
+    """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
+    split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk``
+    elements of its planes; the kernels derive the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
-        return 1, hw  # the plane is read once from registers: splitting would add a read
+        return 1  # the plane is read once from registers: splitting would add a read
     if _chunk_override is not None:
         chunk = max(cfg.BLOCK_HW, _chunk_override // cfg.BLOCK_HW * cfg.BLOCK_HW)
     else:
         target = PROGRAMS_PER_SM * sm_count
         if row_programs >= target:
-            return 1, hw
+            return 1
         want = triton.cdiv(target, row_programs)
-        chunk = max(MIN_CHUNK, triton.cdiv(hw, want))
-        chunk = triton.cdiv(chunk, cfg.BLOCK_HW) * cfg.BLOCK_HW
+        chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
     chunk = max(chunk, triton.cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
-    chunks = triton.cdiv(hw, chunk)
-    return (chunks, chunk) if chunks > 1 else (1, hw)
+    return triton.cdiv(hw, chunk)
 
 
 def reduce_block(c: int) -> int:

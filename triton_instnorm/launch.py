@@ -1,8 +1,13 @@
-"""Host side of the kernels: views of the tensors as planes, buffers, and the launches.
+"""Host side of the kernels: tensors as kernel views, buffers, and the launches.
+
+Every kernel is called with keyword arguments through ``run``, which also counts the launch in
+``LAUNCHES`` (per kernel name): tests use it to prove that the Triton kernels, not an eager
+fallback, produced a result. Each tensor reaches a kernel as a view that carries its own strides
+(``planes_view``, ``param_view``, ``running_view``; the kernel side is described in
+``kernels/common.py``).
 
 Nothing here synchronizes with the device or branches on device values, so every call can be
-captured in a CUDA graph. ``LAUNCHES`` counts the kernel launches per kernel name: tests use it
-to prove that the Triton kernels (and not an eager fallback) produced a result.
+captured in a CUDA graph.
 """
 
 import collections
@@ -14,13 +19,20 @@ import triton
 
 from . import heuristics
 from .kernels import (
-    _bwd, _bwd_split_dx, _bwd_split_sums, _fwd, _fwd_split_normalize, _fwd_split_stats,
-    _sum_partials_over_n, _update_running_stats,
+    _bwd, _bwd_split_sums, _fwd, _fwd_split_stats, _sum_partials_over_n, _update_running_stats,
+)
+from .kernels.constants import (
+    FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS, NUM_SUMS,
+    SUM_DZ, SUM_DZ_XHAT,
 )
 
 LAUNCHES = collections.Counter()
 
-NUM_STATS = 5  # rows of the statistics buffer: pivot, inv_scale, mean_a, std_a, var_a
+
+def run(kernel, grid, **arguments):
+    """``kernel[grid](**arguments)`` on the device of its tensors, counted in ``LAUNCHES``."""
+    kernel[grid](**arguments)
+    LAUNCHES[kernel.fn.__name__] += 1
 
 
 def split_float(v: float):
@@ -49,33 +61,36 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ------------------------------------------------------------------------------- tensors as views
+
 @dataclass(frozen=True)
 class Planes:
     """A (N, C, *spatial) tensor seen as groups of planes: element (g, r, s) at
-    g * sg + r * sr + s * ss, with groups * rows_per_group == N * C, row = g * rows_per_group + r."""
+    g * group_stride + r * row_stride + s * spatial_stride, with groups * rows_per_group == N * C
+    and row = g * rows_per_group + r = n * C + c."""
 
     groups: int
     rows_per_group: int
     hw: int
-    sg: int
-    sr: int
-    ss: int
+    group_stride: int
+    row_stride: int
+    spatial_stride: int
 
 
 def _spatial_stride(t: torch.Tensor):
     """Stride of the flattened spatial dims, or None if they cannot be flattened in place."""
-    ss = None
+    stride = None
     expected = None
-    for size, stride in reversed(list(zip(t.shape[2:], t.stride()[2:]))):
+    for size, s in reversed(list(zip(t.shape[2:], t.stride()[2:]))):
         if size == 1:
             continue
-        if ss is None:
-            ss, expected = stride, stride * size
-        elif stride != expected:
+        if stride is None:
+            stride, expected = s, s * size
+        elif s != expected:
             return None
         else:
-            expected = stride * size
-    return 1 if ss is None else ss
+            expected = s * size
+    return 1 if stride is None else stride
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
@@ -95,28 +110,72 @@ def planes(t: torch.Tensor, fold: bool) -> Planes:
     hw = 1
     for s in t.shape[2:]:
         hw *= s
-    ss = _spatial_stride(t)
-    sn, sc = t.stride(0), t.stride(1)
+    spatial = _spatial_stride(t)
     if not fold:
-        return Planes(n, c, hw, sn, sc, ss)
+        return Planes(n, c, hw, t.stride(0), t.stride(1), spatial)
     if c == 1:  # rows are the batch entries
-        return Planes(1, n, hw, 0, sn, ss)
-    return Planes(1, n * c, hw, 0, sc, ss)
+        return Planes(1, n, hw, 0, t.stride(0), spatial)
+    return Planes(1, n * c, hw, 0, t.stride(1), spatial)
 
 
-def param_strides(p, n_batch: int):
-    """(stride over n, stride over c) of a per-channel (C,) or per-sample (N, C) / (1, C) tensor."""
+def planes_view(t: torch.Tensor, fold: bool):
+    """(t, group stride, row stride, spatial stride): how a kernel reads or writes ``t``."""
+    p = planes(t, fold)
+    return t, p.group_stride, p.row_stride, p.spatial_stride
+
+
+def param_view(p, n_batch: int):
+    """(p, n stride, c stride) of a per-channel (C,) or per-sample (N, C) / (1, C) tensor."""
     if p is None:
-        return 0, 0
+        return None
     if p.dim() == 1:
-        return 0, p.stride(0)
-    return (p.stride(0) if p.shape[0] == n_batch and n_batch > 1 else 0), p.stride(1)
+        return p, 0, p.stride(0)
+    return p, (p.stride(0) if p.shape[0] == n_batch and n_batch > 1 else 0), p.stride(1)
 
 
-def _config_and_grid(pl: Planes):
-    cfg = heuristics.plane_config(pl.hw, pl.rows_per_group, rows_contiguous=(pl.sr == 1 and pl.hw > 1))
-    blocks = triton.cdiv(pl.rows_per_group, cfg.BLOCK_R)
-    return cfg, blocks, (pl.groups * blocks,)
+def running_view(running_mean, running_var):
+    """(running_mean, its stride, running_var, its stride)."""
+    return running_mean, running_mean.stride(0), running_var, running_var.stride(0)
+
+
+def geometry(t: torch.Tensor, p: Planes):
+    """(N * C planes, C, HW, rows per group), the kernels' plane geometry."""
+    return t.shape[0] * t.shape[1], t.shape[1], p.hw, p.rows_per_group
+
+
+# ------------------------------------------------------------------------- launch configuration
+
+@dataclass(frozen=True)
+class Launch:
+    """How a pass over planes runs: tile configuration, grid (row programs, chunks), and where
+    the pass takes its per-plane reductions (a FROM_* constant)."""
+
+    config: heuristics.Config
+    grid: tuple
+    source: int
+
+    @property
+    def chunks(self) -> int:
+        return self.grid[1]
+
+    def tiles(self):
+        """The tile constexprs and warps every pass over planes takes."""
+        return dict(BLOCK_R=self.config.BLOCK_R, BLOCK_HW=self.config.BLOCK_HW,
+                    num_warps=self.config.num_warps)
+
+
+def plan(p: Planes, t: torch.Tensor) -> Launch:
+    sms = sm_count(t)
+    config = heuristics.plane_config(p.hw, p.rows_per_group, groups=p.groups,
+                                     rows_contiguous=(p.row_stride == 1 and p.hw > 1),
+                                     itemsize=t.element_size(), sm_count=sms)
+    row_programs = p.groups * triton.cdiv(p.rows_per_group, config.BLOCK_R)
+    chunks = heuristics.split_chunks(p.hw, row_programs, config, sms)
+    if chunks > 1:
+        source = FROM_PARTIALS
+    else:
+        source = FROM_TILE if config.SINGLE_TILE else FROM_PLANE
+    return Launch(config, (row_programs, chunks), source)
 
 
 _SM_COUNTS = {}
@@ -132,10 +191,6 @@ def sm_count(t: torch.Tensor) -> int:
     return _SM_COUNTS[idx]
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device_of(t) if t.is_cuda else _NullGuard()
-
-
 class _NullGuard:
     def __enter__(self):
         return self
@@ -144,124 +199,80 @@ class _NullGuard:
         return False
 
 
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device_of(t) if t.is_cuda else _NullGuard()
+
+
+# ------------------------------------------------------------------------------------ the passes
+
 def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, eps: float,
             activation: int, negative_slope: float, store_stats: bool, write_y: bool = True):
     """y and the (NUM_STATS, N * C) statistics (an empty tensor unless ``store_stats``).
     ``write_y=False`` computes the statistics only (y is then an empty placeholder)."""
     x = kernel_layout(x)
-    y = new_output(x) if write_y else x.new_empty((0,))
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
-    stats = new_buffer(x, (NUM_STATS, n * c) if store_stats else (0,), acc)
-    fold = can_fold(x) and (not write_y or can_fold(y))
+    y = new_output(x) if write_y else None
+    stats = new_buffer(x, (NUM_STATS, n * c), acc) if store_stats else None
+    fold = can_fold(x) and (y is None or can_fold(y))
     px = planes(x, fold)
-    py = planes(y, fold) if write_y else px
-    cfg, blocks, grid = _config_and_grid(px)
-    w_sn, w_sc = param_strides(weight, n)
-    b_sn, b_sc = param_strides(bias, n)
-    rv_stride = running_mean.stride(0) if running_mean is not None else 0
-    eps_hi, eps_lo = split_float(eps)
-    slope_hi, slope_lo = split_float(negative_slope)
-    chunks, chunk = heuristics.split_chunks(px.hw, grid[0], cfg, sm_count(x))
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
-                 WRITE_Y=write_y, ACTIVATION=activation, BLOCK_R=cfg.BLOCK_R,
-                 BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
+    how = plan(px, x)
+    shape = geometry(x, px)
+    partials = None
+    source = how.source if use_input_stats else FROM_RUNNING
     with _device_guard(x):
-        if chunks == 1:
-            _fwd[grid](
-                x, y, weight, bias, running_mean, running_var, stats,
-                n * c, c, px.rows_per_group, blocks, px.hw,
-                px.sg, px.sr, px.ss, py.sg, py.sr, py.ss,
-                w_sn, w_sc, b_sn, b_sc, rv_stride,
-                eps_hi, eps_lo, slope_hi, slope_lo,
-                USE_INPUT_STATS=use_input_stats, SINGLE_TILE=cfg.SINGLE_TILE, **flags,
-            )
-            LAUNCHES["_fwd"] += 1
-            return y, stats
-        split_grid = (grid[0], chunks)
-        partials = stats
-        if use_input_stats:
-            partials = new_buffer(x, (3, n * c, chunks), acc)
-            _fwd_split_stats[split_grid](
-                x, partials, n * c, c, px.rows_per_group, blocks, px.hw, chunk,
-                px.sg, px.sr, px.ss,
-                BLOCK_R=cfg.BLOCK_R, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps,
-            )
-            LAUNCHES["_fwd_split_stats"] += 1
-        _fwd_split_normalize[split_grid](
-            x, y, weight, bias, running_mean, running_var, stats, partials,
-            n * c, c, px.rows_per_group, blocks, px.hw, chunk,
-            px.sg, px.sr, px.ss, py.sg, py.sr, py.ss,
-            w_sn, w_sc, b_sn, b_sc, rv_stride,
-            eps_hi, eps_lo, slope_hi, slope_lo,
-            USE_INPUT_STATS=use_input_stats, BLOCK_CHUNKS=triton.next_power_of_2(chunks), **flags,
-        )
-    LAUNCHES["_fwd_split_normalize"] += 1
-    return y, stats
+        if source == FROM_PARTIALS:
+            partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
+            run(_fwd_split_stats, how.grid, x=planes_view(x, fold), Partials=partials,
+                geometry=shape, **how.tiles())
+        run(_fwd, how.grid,
+            x=planes_view(x, fold), y=None if y is None else planes_view(y, fold),
+            w=param_view(weight, n), b=param_view(bias, n),
+            running=None if use_input_stats else running_view(running_mean, running_var),
+            Stats=stats, Partials=partials, geometry=shape,
+            eps=split_float(eps), slope=split_float(negative_slope),
+            STATS_FROM=source, ACTIVATION=activation,
+            BLOCK_CHUNKS=triton.next_power_of_2(how.chunks), **how.tiles())
+    if y is None:
+        y = x.new_empty((0,))
+    return y, x.new_empty((0,), dtype=acc) if stats is None else stats
 
 
-def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: int, momentum: float):
+def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: int,
+                         momentum: float):
     block = heuristics.reduce_block(c)
-    mom_hi, mom_lo = split_float(momentum)
     with _device_guard(stats):
-        _update_running_stats[(triton.cdiv(c, block),)](
-            stats, running_mean, running_var, n, c, hw, running_mean.stride(0),
-            mom_hi, mom_lo, BLOCK_C=block,
-        )
-    LAUNCHES["_update_running_stats"] += 1
+        run(_update_running_stats, (triton.cdiv(c, block),), Stats=stats,
+            running=running_view(running_mean, running_var), N=n, C=c, HW=hw,
+            momentum=split_float(momentum), BLOCK_C=block)
 
 
-def backward(dy, x, weight, bias, stats, use_input_stats: bool, activation: int,
+def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
              negative_slope: float, need_dw: bool, need_db: bool):
-    """(dx, dweight, dbias); dweight / dbias have the parameter's shape, or are empty when not needed."""
+    """(dx, dweight, dbias); dweight / dbias have the parameter's shape, or are empty when not
+    needed."""
     x = kernel_layout(x)
     dy = kernel_layout(dy)
     dx = new_output(x)
     n, c = x.shape[0], x.shape[1]
-    acc = stats.dtype
-    dw_partial = new_buffer(x, (n, c), acc)
-    db_partial = new_buffer(x, (n, c), acc)
+    plane_sums = new_buffer(x, (NUM_SUMS, n * c), stats.dtype)
     fold = can_fold(x) and can_fold(dy) and can_fold(dx)
-    px, pdy, pdx = planes(x, fold), planes(dy, fold), planes(dx, fold)
-    cfg, blocks, grid = _config_and_grid(px)
-    w_sn, w_sc = param_strides(weight, n)
-    b_sn, b_sc = param_strides(bias, n)
-    slope_hi, slope_lo = split_float(negative_slope)
-    chunks, chunk = heuristics.split_chunks(px.hw, grid[0], cfg, sm_count(x))
-    strides = (px.sg, px.sr, px.ss, pdy.sg, pdy.sr, pdy.ss)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACTIVATION=activation,
-                 BLOCK_R=cfg.BLOCK_R, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
+    px = planes(x, fold)
+    how = plan(px, x)
+    inputs = dict(x=planes_view(x, fold), dy=planes_view(dy, fold), w=param_view(weight, n),
+                  b=param_view(bias, n), Stats=stats, geometry=geometry(x, px),
+                  eps=split_float(eps), slope=split_float(negative_slope), ACTIVATION=activation, **how.tiles())
+    partials = None
     with _device_guard(x):
-        if chunks == 1:
-            _bwd[grid](
-                x, dy, dx, weight, bias, stats, dw_partial, db_partial,
-                n * c, c, px.rows_per_group, blocks, px.hw,
-                *strides, pdx.sg, pdx.sr, pdx.ss,
-                w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo,
-                USE_INPUT_STATS=use_input_stats, SINGLE_TILE=cfg.SINGLE_TILE, **flags,
-            )
-            LAUNCHES["_bwd"] += 1
-        else:
-            split_grid = (grid[0], chunks)
-            partials = new_buffer(x, (2, n * c, chunks), acc)
-            _bwd_split_sums[split_grid](
-                x, dy, weight, bias, stats, partials,
-                n * c, c, px.rows_per_group, blocks, px.hw, chunk,
-                *strides, w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo, **flags,
-            )
-            _bwd_split_dx[split_grid](
-                x, dy, dx, weight, bias, stats, partials, dw_partial, db_partial,
-                n * c, c, px.rows_per_group, blocks, px.hw, chunk,
-                *strides, pdx.sg, pdx.sr, pdx.ss,
-                w_sn, w_sc, b_sn, b_sc, slope_hi, slope_lo,
-                USE_INPUT_STATS=use_input_stats, BLOCK_CHUNKS=triton.next_power_of_2(chunks),
-                **flags,
-            )
-            LAUNCHES["_bwd_split_sums"] += 1
-            LAUNCHES["_bwd_split_dx"] += 1
-    dw = _param_grad(dw_partial, weight, need_dw, n)
-    db = _param_grad(db_partial, bias, need_db, n)
-    _reduce_partials(dw_partial, db_partial, dw, db, weight, bias, need_dw, need_db, n, c)
+        if how.source == FROM_PARTIALS:
+            partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
+            run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
+        run(_bwd, how.grid, dx=planes_view(dx, fold), Partials=partials, PlaneSums=plane_sums,
+            SUMS_FROM=how.source, USE_INPUT_STATS=use_input_stats,
+            BLOCK_CHUNKS=triton.next_power_of_2(how.chunks), **inputs)
+        dw = _param_grad(plane_sums[SUM_DZ_XHAT], weight, need_dw, n)
+        db = _param_grad(plane_sums[SUM_DZ], bias, need_db, n)
+        _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
     return dx, dw, db
 
 
@@ -269,23 +280,21 @@ def _per_channel(p, n: int) -> bool:
     return p.dim() == 1 or p.shape[0] != n or n == 1
 
 
-def _param_grad(partial, p, needed: bool, n: int):
+def _param_grad(plane_sum, p, needed: bool, n: int):
+    """The gradient of a parameter: a buffer for the reduction over n of a per-channel one, the
+    per-plane sums themselves for per-sample (N, C) parameters, or empty when not needed."""
     if not needed or p is None:
-        return partial.new_empty((0,))
+        return plane_sum.new_empty((0,))
     if _per_channel(p, n):
         return new_buffer(p, p.shape, p.dtype)
-    return partial.to(p.dtype)  # per-sample parameters: the partials are the gradient
+    return plane_sum.view(p.shape).to(p.dtype, copy=True)  # one (N, C) copy: outputs never alias
 
 
-def _reduce_partials(dw_partial, db_partial, dw, db, weight, bias, need_dw, need_db, n, c):
-    do_dw = need_dw and weight is not None and _per_channel(weight, n)
-    do_db = need_db and bias is not None and _per_channel(bias, n)
-    if not (do_dw or do_db):
+def _reduce_over_n(plane_sums, dw, db, weight, bias, n: int, c: int):
+    dw = dw if dw.numel() and _per_channel(weight, n) else None
+    db = db if db.numel() and _per_channel(bias, n) else None
+    if dw is None and db is None:
         return
     block = heuristics.reduce_block(c)
-    with _device_guard(dw_partial):
-        _sum_partials_over_n[(triton.cdiv(c, block),)](
-            dw_partial, db_partial, dw if do_dw else dw_partial, db if do_db else db_partial,
-            n, c, HAS_DW=do_dw, HAS_DB=do_db, BLOCK_C=block,
-        )
-    LAUNCHES["_sum_partials_over_n"] += 1
+    run(_sum_partials_over_n, (triton.cdiv(c, block),), PlaneSums=plane_sums, DW=dw, DB=db,
+        N=n, C=c, BLOCK_C=block)

@@ -11,8 +11,17 @@ import torch
 from .functional import activation_code, instance_norm
 
 
-class _TritonInstanceNormMixin:
-    def _init_activation(self, activation, negative_slope):
+class _TritonInstanceNorm:
+    """What our three classes add to torch's: keyword-only ``activation`` (None, 'relu',
+    'leaky_relu', 'silu', 'gelu') and ``negative_slope``, applied in the forward kernel, and the
+    computation itself. Listed before torch's class, so ``super()`` reaches torch's constructor."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, device=None, dtype=None,
+                 *, bias: bool = True, activation: str | None = None,
+                 negative_slope: float = 0.01) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         activation_code(activation)  # ValueError for an unknown name, at construction
         self.activation = activation
         self.negative_slope = negative_slope
@@ -40,23 +49,16 @@ class _TritonInstanceNormMixin:
         return s
 
 
-def _make(torch_cls):
-    class _Module(_TritonInstanceNormMixin, torch_cls):
-        def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                     affine: bool = False, track_running_stats: bool = False, device=None, dtype=None,
-                     *, bias: bool = True, activation: str | None = None,
-                     negative_slope: float = 0.01) -> None:
-            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                             bias=bias)
-            self._init_activation(activation, negative_slope)
-
-    _Module.__name__ = _Module.__qualname__ = torch_cls.__name__
-    _Module.__doc__ = (f"Drop-in for :class:`torch.nn.{torch_cls.__name__}` computed by Triton kernels.\n\n"
-                       "Same constructor, plus keyword-only ``activation`` (None, 'relu', 'leaky_relu', "
-                       "'silu', 'gelu') and ``negative_slope``, applied in the forward kernel.")
-    return _Module
+class InstanceNorm1d(_TritonInstanceNorm, torch.nn.InstanceNorm1d):
+    """Drop-in for :class:`torch.nn.InstanceNorm1d` computed by Triton kernels, with
+    two more keyword arguments, ``activation`` and ``negative_slope`` (see _TritonInstanceNorm)."""
 
 
-InstanceNorm1d = _make(torch.nn.InstanceNorm1d)
-InstanceNorm2d = _make(torch.nn.InstanceNorm2d)
-InstanceNorm3d = _make(torch.nn.InstanceNorm3d)
+class InstanceNorm2d(_TritonInstanceNorm, torch.nn.InstanceNorm2d):
+    """Drop-in for :class:`torch.nn.InstanceNorm2d` computed by Triton kernels, with
+    two more keyword arguments, ``activation`` and ``negative_slope`` (see _TritonInstanceNorm)."""
+
+
+class InstanceNorm3d(_TritonInstanceNorm, torch.nn.InstanceNorm3d):
+    """Drop-in for :class:`torch.nn.InstanceNorm3d` computed by Triton kernels, with
+    two more keyword arguments, ``activation`` and ``negative_slope`` (see _TritonInstanceNorm)."""

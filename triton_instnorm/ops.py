@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import eager, launch
+from .kernels import constants
 
 
 @torch.library.custom_op("triton_instnorm::forward", mutates_args=())
@@ -40,7 +41,7 @@ def _(x, weight, bias, running_mean, running_var, use_input_stats, eps, activati
       negative_slope, store_stats):
     y = torch.empty_like(launch.kernel_layout(x))
     rows = x.shape[0] * x.shape[1]
-    stats = x.new_empty((launch.NUM_STATS, rows) if store_stats else (0,),
+    stats = x.new_empty((constants.NUM_STATS, rows) if store_stats else (0,),
                         dtype=launch.acc_dtype(x.dtype))
     return y, stats
 
@@ -65,17 +66,19 @@ def backward(
     bias: Optional[Tensor],
     stats: Tensor,
     use_input_stats: bool,
+    eps: float,
     activation: int,
     negative_slope: float,
     need_dw: bool,
     need_db: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return launch.backward(dy, x, weight, bias, stats, use_input_stats, activation, negative_slope,
-                           need_dw, need_db)
+    return launch.backward(dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                           negative_slope, need_dw, need_db)
 
 
 @backward.register_fake
-def _(dy, x, weight, bias, stats, use_input_stats, activation, negative_slope, need_dw, need_db):
+def _(dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope, need_dw,
+      need_db):
     dx = torch.empty_like(launch.kernel_layout(x))
 
     def grad(p, needed):
@@ -101,21 +104,24 @@ def _backward(ctx, dy, _dstats):
     x, weight, bias, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     with torch.no_grad():
-        grads = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.activation,
+        grads = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.eps, ctx.activation,
                          ctx.negative_slope, needs[1], needs[2])
     grads = [g if need else None for g, need in zip(grads, needs)]
     if torch.is_grad_enabled():
         # create_graph=True: keep the kernel's values, take the derivatives of the eager graph.
-        graph = eager.first_order_graph(dy, x, weight, bias, *_mean_std(stats), ctx.use_input_stats,
-                                        ctx.eps, ctx.activation, ctx.negative_slope, needs)
+        graph = eager.first_order_graph(dy, x, weight, bias, *_mean_std(stats, ctx.eps),
+                                        ctx.use_input_stats, ctx.eps, ctx.activation,
+                                        ctx.negative_slope, needs)
         grads = [g if g is None else eager.KernelValue.apply(g, e) for g, e in zip(grads, graph)]
     return (*grads, None, None, None, None, None, None, None)
 
 
-def _mean_std(stats):
-    """Per-plane mean and sqrt(var + eps), shape (N*C,), from the statistics buffer."""
-    pivot, inv_s, mean_a, std_a, _ = stats.unbind(0)
-    return pivot + mean_a / inv_s, std_a / inv_s
+def _mean_std(stats, eps: float):
+    """Per-plane mean and sqrt(var + eps), shape (N*C,), from the statistics buffer (the rows'
+    meaning is in kernels/constants.py)."""
+    inv_scale = stats[constants.INV_SCALE]
+    std = torch.sqrt(stats[constants.VAR] + eps * inv_scale * inv_scale)
+    return stats[constants.PIVOT] + stats[constants.MEAN] / inv_scale, std / inv_scale
 
 
 torch.library.register_autograd("triton_instnorm::forward", _backward, setup_context=_setup_context)
@@ -126,7 +132,7 @@ def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of _fwd."""
     n, c = x.shape[0], x.shape[1]
     _, stats = launch.forward(x, None, None, None, None, True, eps, 0, 0.0, True, write_y=False)
-    mean, std = _mean_std(stats)
+    mean, std = _mean_std(stats, eps)
     return mean.view(n, c), std.view(n, c)
 
 

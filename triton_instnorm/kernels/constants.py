@@ -1,0 +1,46 @@
+"""Integer constants the kernels and the host share, named once for both.
+
+Plain integers, so the host can import them without triton; ``common.py`` wraps them as
+``tl.constexpr`` for the kernels (jit code reads globals only as constexprs).
+
+``ACT_*``: the ``ACTIVATION`` constexpr (``eager.ACTIVATIONS`` maps names to them).
+``FROM_*``: where a pass takes its per-plane reductions (statistics in the forward, sums in the
+backward), the ``STATS_FROM`` / ``SUMS_FROM`` constexprs.
+
+``Stats``, shape (NUM_STATS, N * C), accumulation dtype: what the forward keeps per plane for the
+backward and the running-statistics update (the math is in the package docstring). The backward
+recomputes ``std = sqrt(VAR + eps * INV_SCALE^2)`` exactly as the forward did, so four values
+per plane are all that is stored.
+
+``PlaneSums``, shape (NUM_SUMS, N * C), accumulation dtype: the backward's per-plane sums,
+which are also the per-(n, c) partials of dweight and dbias.
+
+Split planes (grid axis 1 walks chunks of each plane) also exchange per-chunk partials laid out
+(rows, N * C, chunks): the forward's are ``SUM``, ``SUM_SQ``, ``SCALE`` (NUM_FWD_PARTIALS rows),
+the backward's are ``SUM_DZ_XHAT``, ``SUM_DZ`` (NUM_SUMS rows).
+"""
+
+ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU = range(5)
+
+FROM_TILE = 0  # computed from a plane that fits one tile: held in registers, read once
+FROM_PLANE = 1  # computed from the plane streamed in tiles: the plane is read twice
+FROM_PARTIALS = 2  # combined from the per-chunk partials of a split plane's first pass
+FROM_RUNNING = 3  # given: the running statistics (forward in eval mode)
+
+# Stats rows
+PIVOT = 0  # K = x[plane, 0]: deltas d = x - K are what the sums accumulate
+INV_SCALE = 1  # a = d * INV_SCALE: 1 unless max|d| > 2^40 (then 1 / max|d|)
+MEAN = 2  # mean of a
+VAR = 3  # biased variance of a
+NUM_STATS = 4
+
+# Forward split partials, per chunk
+SUM = 0  # sum of a over the chunk
+SUM_SQ = 1  # sum of a^2
+SCALE = 2  # 1 / INV_SCALE used for this chunk's a
+NUM_FWD_PARTIALS = 3
+
+# PlaneSums rows; also the backward split partials, per chunk
+SUM_DZ_XHAT = 0  # sum(dz * x_hat): the dweight partial
+SUM_DZ = 1  # sum(dz): the dbias partial
+NUM_SUMS = 2
