@@ -9,6 +9,7 @@ from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm,
 from .convert import convert_instance_norm, revert_instance_norm
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from . import onnx_export  # noqa: F401  (registers the ONNX translations of the custom ops)
 
 __version__ = "0.1.0"
 

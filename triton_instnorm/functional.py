@@ -139,7 +139,9 @@ def instance_norm(
         y = F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                             momentum, eps)
         return apply_activation(y, activation, negative_slope)
-    update = use_input_stats and running_mean is not None
+    # An ONNX graph holds no state: exporting leaves the running-stat update out, as torch's own
+    # instance norm does (and the dynamo exporter cannot translate an in-place custom op).
+    update = use_input_stats and running_mean is not None and not torch.onnx.is_in_onnx_export()
     if input.numel() == 0:
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and any(
