@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.onnx import symbolic_helper
 
 from . import launch, ops
-from .eager import _ACTIVATION_NAMES, _per_channel_view, apply_activation
+from .eager import _ACTIVATION_NAMES, TORCH_INSTANCE_NORM, _per_channel_view, apply_activation
 
 _OPS = torch.ops.triton_instnorm
 _SYMBOLIC_OPSET = 9  # the oldest opset with every ONNX operator used below (Erf)
@@ -56,7 +56,7 @@ def forward_composition(x, weight, bias, running_mean, running_var, use_input_st
     The statistics output is zeros of its shape: only the running-stat update reads it."""
     per_channel = [p.to(x.dtype) if p is not None and p.dim() == 1 else None for p in (weight, bias)]
     if use_input_stats:
-        y = F.instance_norm(x, None, None, *per_channel, True, 0.0, eps)
+        y = TORCH_INSTANCE_NORM(x, None, None, *per_channel, True, 0.0, eps)
     else:
         y = F.batch_norm(x, running_mean.to(x.dtype), running_var.to(x.dtype), *per_channel,
                          False, 0.0, eps)
