@@ -119,12 +119,14 @@ def test_converted_model_exports(how, tmp_path, launches):
     ref = _torch_net().to(DEVICE)
     _randomize(ref[1])
     ref.eval()
-    model = tin.convert_instance_norm(copy.deepcopy(ref))
+    model = tin.convert_instance_norm(copy.deepcopy(ref), fuse_activation=True)
+    assert model[1].activation == "leaky_relu" and model[4].activation == "silu"
     x = torch.randn(2, 2, 6, 5, device=DEVICE)
     if how == "exported_program":
         (got,), _ = _export(torch.export.export(model, (x,)), (x,), True, tmp_path / "ep.onnx")
     else:
-        (got,), _ = _export(model, (x,), how == "dynamo", tmp_path / "model.onnx")
+        (got,), op_types = _export(model, (x,), how == "dynamo", tmp_path / "model.onnx")
+        assert "LeakyRelu" in op_types
     torch.testing.assert_close(got, ref(x).cpu(), **TOL)
     before = launches("_fwd")
     torch.testing.assert_close(model(x), ref(x), **TOL)
