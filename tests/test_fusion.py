@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -100,6 +101,10 @@ def test_nnunet_blocks(launches):
     assert tin.convert_instance_norm(fused, fuse_activation=True) is fused  # nothing more to do
     copied = copy.deepcopy(fused)  # the rewritten forwards follow the copy's own modules
     _check_equivalent(ref, copied, (1, 2, 3, 3, 3), launches, 4)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)  # whole-model pickling keeps the rewritten forwards
+    buffer.seek(0)
+    _check_equivalent(ref, torch.load(buffer, weights_only=False), (1, 2, 3, 3, 3), launches, 4)
     back = tin.revert_instance_norm(fused)
     assert "forward" not in back[0].__dict__ and list(back.state_dict()) == keys
     assert not any(type(m) in (tin.InstanceNorm3d, FusedActivation) for m in back.modules())

@@ -15,6 +15,9 @@ fewer per layer. Two places are rewritten:
   graph and that graph becomes the instance's forward (the class's is untouched, and comes back
   on revert). An activation module called elsewhere too (MONAI's ``UnetResBlock`` applies
   ``self.lrelu`` after ``norm1`` and after the residual add) stays where it is still needed.
+  The rewritten forward is a ``torch.fx.GraphModule``'s, holding the same child modules: it
+  survives ``copy.deepcopy`` and pickling (``torch.save(model)``), but a child replaced on the
+  module afterwards is not seen by it (revert first, replace, convert again).
 
 Fused only when nothing else can see the difference: the norm's output feeds the activation
 alone (a norm output also used by a residual branch is left alone), the norm is called once and
