@@ -51,6 +51,23 @@ def test_compile_fullgraph_matches_eager(backend, launches):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_compile_dynamic_shapes_channels_last(launches):
+    """Under dynamic shapes FakeTensor consults torch's decomposition table, where the ONNX
+    export registers ours (it answers with the op's fake outputs there): layouts, values and the
+    running statistics stay eager's."""
+    torch._dynamo.reset()
+    layer = tin.InstanceNorm2d(3, affine=True, track_running_stats=True, activation="relu")
+    ref = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    compiled = torch.compile(layer.to(DEVICE), fullgraph=True, dynamic=True, backend="inductor")
+    for shape in ((2, 3, 4, 5), (3, 3, 6, 5)):
+        x = torch.randn(shape, device=DEVICE).to(memory_format=torch.channels_last)
+        y = compiled(x)
+        assert y.stride() == x.stride()
+        torch.testing.assert_close(y, F.relu(ref.to(DEVICE)(x)), atol=1e-5, rtol=1e-5)
+    assert launches("_fwd") >= 2
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, atol=1e-5, rtol=1e-5)
+
+
 def test_compile_functional_eval_and_no_grad():
     torch._dynamo.reset()
     rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import launch, ops
+from .eager import TORCH_INSTANCE_NORM
 from .functional import activation_code, check_args, kernels_available, apply_activation
 
 
@@ -46,7 +47,7 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
     _check_per_sample("shift", shift, n, c)
     if not kernels_available(input):
         shape = (-1, c) + (1,) * (input.dim() - 2)
-        y = torch.nn.functional.instance_norm(input, eps=eps)
+        y = TORCH_INSTANCE_NORM(input, eps=eps)
         y = y * scale.reshape(shape).to(y.dtype) + shift.reshape(shape).to(y.dtype)
         return apply_activation(y, activation, negative_slope)
     if input.numel() == 0:

@@ -20,6 +20,7 @@ replacement, shared at the same places.
 
 import torch
 
+from . import fusion
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 __all__ = ["convert_instance_norm", "revert_instance_norm"]
@@ -39,35 +40,44 @@ _HOOK_DICTS = (
 )
 
 
-def convert_instance_norm(module: torch.nn.Module) -> torch.nn.Module:
+def convert_instance_norm(module: torch.nn.Module, fuse_activation: bool = False) -> torch.nn.Module:
     """Replace every ``torch.nn.InstanceNorm1d/2d/3d`` in ``module`` by ``triton_instnorm``'s.
 
     Works in place and returns ``module``; when ``module`` is itself such a layer, returns its
     replacement (as ``convert_sync_batchnorm`` does). Parameters and buffers are the same objects
-    as before, so optimizers need not be rebuilt. The new layers have ``activation=None``.
+    as before, so optimizers need not be rebuilt. The new layers have ``activation=None``, unless
+    ``fuse_activation`` is true: then a ReLU / LeakyReLU / SiLU / exact GELU applied directly to a
+    norm's output, and to nothing else, moves into the layer's ``activation`` (in ``nn.Sequential``
+    children, and through ``torch.fx`` in other modules' forwards; see ``fusion.py``).
 
     Example::
 
-        >>> model = triton_instnorm.convert_instance_norm(model)
+        >>> model = triton_instnorm.convert_instance_norm(model, fuse_activation=True)
     """
-    return _swap_tree(module, _TO_TRITON, {})
+    converted = _swap_tree(module, _TO_TRITON, {})
+    return fusion.fuse_activations(converted) if fuse_activation else converted
 
 
 def revert_instance_norm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every ``triton_instnorm.InstanceNorm1d/2d/3d`` in ``module`` by torch's.
 
     The inverse of :func:`convert_instance_norm`, with the same rules (in place, same Parameter
-    objects, the replacement returned for a layer passed on its own). Raises ``ValueError``, before
-    changing anything, if a layer has a fused ``activation``: torch's layer cannot express it.
+    objects, the replacement returned for a layer passed on its own). Activations that
+    ``fuse_activation=True`` fused are put back where they were (activation modules, the
+    modules' own forwards), so the result computes what the model computed before the conversion,
+    with its ``state_dict`` keys. Raises ``ValueError``, before changing anything, if any other
+    layer has an ``activation`` (one built with ``activation=``, or a fused layer passed without
+    the module that held its activation): torch's layer cannot express it.
     """
+    restorable = {id(m) for m in fusion.fused_norms(module)}
     for name, m in module.named_modules():
-        if type(m) in _TO_TORCH and m.activation is not None:
+        if type(m) in _TO_TORCH and m.activation is not None and id(m) not in restorable:
             where = f"'{name}'" if name else "the module passed"
             raise ValueError(
                 f"cannot revert {where} ({type(m).__name__}, activation={m.activation!r}) to "
                 f"torch.nn.{type(m).__name__}, which has no fused activation: set its activation "
                 f"to None and apply the activation after it, or keep the Triton layer")
-    return _swap_tree(module, _TO_TORCH, {})
+    return _swap_tree(fusion.unfuse_activations(module), _TO_TORCH, {})
 
 
 def _swap_tree(module, classes, memo):

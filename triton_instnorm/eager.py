@@ -2,8 +2,9 @@
 
 Two users, neither of them on the hot path:
 
-- the documented fallback (CPU tensors without ``TRITON_INTERPRET=1``) applies the activation
-  epilogue with ``apply_activation``;
+- the documented fallback (CPU tensors without ``TRITON_INTERPRET=1``) calls PyTorch's own
+  ``instance_norm`` (``TORCH_INSTANCE_NORM``) and applies the activation epilogue with
+  ``apply_activation``;
 - double backward. The first-order gradients always come from the Triton backward kernel; when
   the caller asks for a graph of them (``torch.autograd.grad(..., create_graph=True)``, as a
   WGAN-GP gradient penalty or a Hessian-vector product does), ``first_order_graph`` rebuilds the
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import constants
+
+# PyTorch's own function, taken when this package is imported: the fallbacks and the ONNX
+# composition call it, never whatever ``triton_instnorm.enable()`` installs in its place.
+TORCH_INSTANCE_NORM = F.instance_norm
 
 ACTIVATIONS = {None: constants.ACT_NONE, "relu": constants.ACT_RELU,
                "leaky_relu": constants.ACT_LEAKY_RELU, "silu": constants.ACT_SILU,

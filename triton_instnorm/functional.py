@@ -13,11 +13,10 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import launch, ops
-from .eager import ACTIVATIONS, apply_activation
+from .eager import ACTIVATIONS, TORCH_INSTANCE_NORM, apply_activation
 
 _C10_NAMES = {
     torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
@@ -136,10 +135,12 @@ def instance_norm(
     act = activation_code(activation)
     check_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum)
     if not kernels_available(input):
-        y = F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
-                            momentum, eps)
+        y = TORCH_INSTANCE_NORM(input, running_mean, running_var, weight, bias, use_input_stats,
+                                momentum, eps)
         return apply_activation(y, activation, negative_slope)
-    update = use_input_stats and running_mean is not None
+    # An ONNX graph holds no state: exporting leaves the running-stat update out, as torch's own
+    # instance norm does (and the dynamo exporter cannot translate an in-place custom op).
+    update = use_input_stats and running_mean is not None and not torch.onnx.is_in_onnx_export()
     if input.numel() == 0:
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and any(

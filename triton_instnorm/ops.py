@@ -37,7 +37,7 @@ def forward(
 
 
 @forward.register_fake
-def _(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
+def fake_forward(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
       negative_slope, store_stats):
     y = torch.empty_like(launch.kernel_layout(x))
     rows = x.shape[0] * x.shape[1]
@@ -54,7 +54,7 @@ def update_running_stats(stats: Tensor, running_mean: Tensor, running_var: Tenso
 
 
 @update_running_stats.register_fake
-def _(stats, running_mean, running_var, n, c, hw, momentum):
+def fake_update_running_stats(stats, running_mean, running_var, n, c, hw, momentum):
     return None
 
 
@@ -137,7 +137,7 @@ def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 
 
 @plane_stats.register_fake
-def _(x, eps):
+def fake_plane_stats(x, eps):
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
     return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)

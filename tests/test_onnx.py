@@ -1,0 +1,176 @@
+"""ONNX export with both exporters: onnxruntime against our layers, standard domain only.
+
+The export tests need onnx, onnxruntime and onnxscript (the ``onnx`` extra) and skip without
+them; the tests that the registered decomposition changes nothing outside an export always run.
+"""
+
+import copy
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import triton_instnorm as tin
+
+nn = torch.nn
+OPS = torch.ops.triton_instnorm
+needs_onnx = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
+    reason="needs the onnx extra: onnx, onnxruntime, onnxscript")
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _export(model, args, dynamo, path, **options):
+    """Exports ``model`` (an nn.Module or an ExportedProgram), checks that the graph uses the
+    standard domain only, and returns onnxruntime's outputs and the graph's op types."""
+    import onnx
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        torch.onnx.export(model, args, str(path), dynamo=dynamo, verbose=False, **options)
+    proto = onnx.load(str(path))
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+    assert not proto.functions and {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
+    return outputs, [node.op_type for node in proto.graph.node]
+
+
+def _randomize(layer):
+    with torch.no_grad():
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if name == "running_var":
+                t.uniform_(0.5, 2.0)
+            elif t.is_floating_point():
+                t.normal_()
+    return layer
+
+
+LAYERS = [  # (class, input shape, arguments): every activation, affine or not, 1d/2d/3d
+    ("InstanceNorm1d", (2, 3, 7), dict()),
+    ("InstanceNorm2d", (2, 3, 5, 4), dict(affine=True, activation="relu")),
+    ("InstanceNorm3d", (2, 3, 3, 4, 2),
+     dict(affine=True, bias=False, activation="leaky_relu", negative_slope=0.2)),
+    ("InstanceNorm2d", (2, 3, 5, 4), dict(track_running_stats=True, activation="silu")),
+    ("InstanceNorm1d", (2, 3, 7), dict(affine=True, track_running_stats=True, activation="gelu")),
+    ("InstanceNorm3d", (1, 3, 3, 4, 2), dict(affine=True, activation="gelu")),
+]
+
+
+@needs_onnx
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("name,shape,kwargs", LAYERS)
+def test_layer_exports_to_standard_onnx(name, shape, kwargs, dynamo, tmp_path, launches):
+    """Eval mode: with running statistics (track_running_stats) they normalize the input."""
+    torch.manual_seed(0)
+    layer = _randomize(getattr(tin, name)(3, device=DEVICE, **kwargs)).eval()
+    x = torch.randn(shape, device=DEVICE)
+    (got,), op_types = _export(layer, (x,), dynamo, tmp_path / "layer.onnx")
+    before = launches("_fwd")  # the TorchScript exporter runs the model to trace it
+    want = layer(x)
+    assert launches("_fwd") == before + 1  # the reference is our kernel's output
+    torch.testing.assert_close(got, want.cpu(), **TOL)
+    norm = "BatchNormalization" if layer.track_running_stats else "InstanceNormalization"
+    assert norm in op_types
+
+
+@needs_onnx
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_training_mode_exports_as_torch_does(dynamo, tmp_path):
+    """Each exporter treats a training-mode layer with running statistics as it treats torch's
+    (TorchScript: eval, dynamo: the batch statistics), and exporting updates no statistics."""
+    torch.manual_seed(0)
+    ref = _randomize(nn.InstanceNorm2d(3, affine=True, track_running_stats=True, device=DEVICE))
+    ours = tin.convert_instance_norm(copy.deepcopy(ref))
+    stats = [t.clone() for t in ours.buffers()]
+    x = torch.randn(2, 3, 5, 4, device=DEVICE)
+    (got,), _ = _export(ours, (x,), dynamo, tmp_path / "ours.onnx")
+    (want,), _ = _export(ref, (x,), dynamo, tmp_path / "torch.onnx")
+    torch.testing.assert_close(got, want, **TOL)
+    assert all(torch.equal(a, b) for a, b in zip(ours.buffers(), stats))
+    assert ours.training
+
+
+@needs_onnx
+def test_gelu_before_opset_20_uses_erf(tmp_path):
+    torch.manual_seed(0)
+    layer = tin.InstanceNorm2d(3, activation="gelu", device=DEVICE)
+    x = torch.randn(2, 3, 5, 4, device=DEVICE)
+    (got,), op_types = _export(layer, (x,), False, tmp_path / "gelu.onnx", opset_version=17)
+    assert "Erf" in op_types and "Gelu" not in op_types
+    torch.testing.assert_close(got, layer(x).cpu(), **TOL)
+
+
+def _torch_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.LeakyReLU(0.2), nn.Conv2d(4, 3, 1), nn.InstanceNorm2d(3), nn.SiLU())
+
+
+@needs_onnx
+@pytest.mark.parametrize("how", ["torchscript", "dynamo", "exported_program"])
+def test_converted_model_exports(how, tmp_path, launches):
+    torch.manual_seed(0)
+    ref = _torch_net().to(DEVICE)
+    _randomize(ref[1])
+    ref.eval()
+    model = tin.convert_instance_norm(copy.deepcopy(ref), fuse_activation=True)
+    assert model[1].activation == "leaky_relu" and model[4].activation == "silu"
+    x = torch.randn(2, 2, 6, 5, device=DEVICE)
+    if how == "exported_program":
+        (got,), _ = _export(torch.export.export(model, (x,)), (x,), True, tmp_path / "ep.onnx")
+    else:
+        (got,), op_types = _export(model, (x,), how == "dynamo", tmp_path / "model.onnx")
+        assert "LeakyRelu" in op_types
+    torch.testing.assert_close(got, ref(x).cpu(), **TOL)
+    before = launches("_fwd")
+    torch.testing.assert_close(model(x), ref(x), **TOL)
+    assert launches("_fwd") == before + 2
+
+
+class _Adaptive(nn.Module):
+    def forward(self, content, style, scale, shift):
+        y = tin.adaptive_instance_norm(content, scale, shift, activation="leaky_relu",
+                                       negative_slope=0.3)
+        return y, tin.adain(content, style), tin.adaptive_instance_norm(content, shift, scale)
+
+
+@needs_onnx
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_adaptive_forms_export(dynamo, tmp_path, launches):
+    """(N, C) scale with (1, C) shift and the reverse, and AdaIN (style statistics too)."""
+    torch.manual_seed(0)
+    args = (torch.randn(2, 3, 5, 4, device=DEVICE), torch.randn(2, 3, 4, 6, device=DEVICE) * 3 + 1,
+            torch.randn(2, 3, device=DEVICE), torch.randn(1, 3, device=DEVICE))
+    got, _ = _export(_Adaptive(), args, dynamo, tmp_path / "adaptive.onnx")
+    before = launches("_fwd")
+    want = _Adaptive()(*args)
+    assert launches("_fwd") == before + 4  # three forwards, the style statistics pass
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.cpu(), **TOL)
+
+
+# --- the decomposition registered for the dynamo exporter changes nothing elsewhere ---------------
+
+def test_decomposition_keeps_the_op_under_a_tracer():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    decompositions = {OPS.forward.default: torch._decomp.decomposition_table[OPS.forward.default]}
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    graph = make_fx(lambda t: tin.instance_norm(t, activation="relu"),
+                    decomposition_table=decompositions, tracing_mode="fake")(x)
+    targets = {n.target for n in graph.graph.nodes}
+    assert OPS.forward.default in targets and torch.ops.aten.relu.default not in targets
+
+
+def test_decomposition_on_real_tensors_runs_the_op(launches):
+    decompose = torch._decomp.decomposition_table[OPS.forward.default]
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    y, _ = decompose(x, None, None, None, None, True, 1e-5, 3, 0.01, False)
+    assert launches("_fwd") == 1
+    torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.instance_norm(x)))
