@@ -22,7 +22,7 @@ import tempfile
 if __package__ in (None, ""):  # also allow `python perf/report.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from perf import model, shapes, summary  # noqa: E402  (torch/triton-free modules)
+from perf import model, shapes, summary, traffic_report  # noqa: E402  (torch/triton-free)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "perf", "results")
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     if failures:
         notes.append(f"{len(failures)} measurement(s) failed: " + "; ".join(failures[:5]))
     text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes)
+    text += traffic_report.section()  # bytes moved / minimum and programs, counted on the CPU
     with open(md_path, "w") as f:
         f.write(text)
     peak = args.peak_tflops or model.known_peak_tflops(device_name)

@@ -113,6 +113,7 @@ def test_smoke_summary_and_plots(smoke_run):
     text = md[0].read_text()
     assert "| class | dtype | direction |" in text and "speedup vs eager" in text
     assert "| plane_sweep | bfloat16 | forward+backward |" in text
+    assert "## Memory traffic" in text  # perf/traffic_report.section(), counted on the CPU
     assert "| class | dtype | direction |" in proc.stdout  # the summary is printed too
     assert "[" in proc.stderr and "copy" in proc.stderr  # per-measurement progress lines
 

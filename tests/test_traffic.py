@@ -1,0 +1,340 @@
+"""Bytes loaded and stored, and programs launched, by every kernel path (perf/traffic.py).
+
+Counted through Triton's interpreter, unmasked lanes only, so the numbers are exact. What is
+pinned, from perf/NOTES.md:
+
+- single tile (a plane fits one tile): the forward reads x once and writes y once; the backward
+  reads x and dy once and writes dx once;
+- looped path (longer planes): a statistics sweep, then a normalize sweep: x read twice (x and dy
+  twice in the backward), the output written once;
+- split path (planes split across programs): the same two sweeps, in two launches;
+- the forward also loads one element of x per plane (per chunk and launch when split): the
+  pivot of the shifted sums;
+- channels_last moves the same bytes as contiguous; padding lanes (planes or row blocks that
+  are not a power of two) are never loaded; the statistics and parameters cost O(N*C) bytes,
+  the same whatever the plane size.
+
+Expected counts are written as numel x itemsize x sweeps: a change that adds a pass over the
+data fails here. The shape-class table at the end records today's launch configuration of the
+perf classes at full size (grids without running the kernels) and their bytes / minimum.
+"""
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton_instnorm as tin  # noqa: E402
+from perf import bench, model, traffic, traffic_report  # noqa: E402
+from perf.shapes import SHAPE_CLASSES  # noqa: E402
+from triton_instnorm import heuristics  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not traffic.interpreting(),
+                                reason="traffic is counted through Triton's interpreter only")
+
+PIVOT = 1  # elements of x the forward loads per plane (per chunk and launch when split) as pivot
+SINGLE_TILE_SWEEPS = 1  # reads of x (and dy) when a plane stays in registers
+LOOPED_SWEEPS = 2  # statistics (or c1, c2) sweep, then the normalize (or dx) sweep
+STATS_BUDGET = 64  # bytes per plane the statistics and parameters may move, at most
+LOOP_TILE = 32  # tile_limit that forces the looped path on the small planes below
+SPLIT_TILE, SPLIT_CHUNK = 16, 48  # tiles of 16 elements, chunks of 48: planes split in chunks
+
+
+@contextlib.contextmanager
+def _split():
+    with heuristics.tile_limit(SPLIT_TILE), heuristics.split_planes(SPLIT_CHUNK):
+        yield
+
+
+PATHS = {"single_tile": contextlib.nullcontext, "looped": lambda: heuristics.tile_limit(LOOP_TILE),
+         "split": _split}
+
+
+def _inputs(shape, dtype=torch.float32, memory_format=torch.contiguous_format, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, dy = (torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
+             for _ in range(2))
+    w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(dtype)
+    b = (0.1 * torch.randn(shape[1], generator=g)).to(dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+
+
+def _count(x, w, b, dy, path="single_tile", programs="all"):
+    """(forward Traffic, backward Traffic, y, dx) of one training step on ``path``."""
+    with PATHS[path]():
+        with traffic.count(programs) as fwd:
+            y = tin.instance_norm(x, weight=w, bias=b)
+        with traffic.count(programs) as bwd:
+            dx, _, _ = torch.autograd.grad(y, (x, w, b), dy)
+    return fwd, bwd, y, dx
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _planes(t) -> int:
+    return t.shape[0] * t.shape[1]
+
+
+def _chunks(counted) -> int:
+    return max(launch.grid[1] for launch in counted.launches)
+
+
+def _tensor_traffic(fwd, bwd, x, y, dy, dx) -> dict:
+    """Bytes each direction moves from and to x, y, dy and dx."""
+    return {"forward loads x": fwd.loaded(x), "forward stores y": fwd.stored(y),
+            "backward loads x": bwd.loaded(x), "backward loads dy": bwd.loaded(dy),
+            "backward stores dx": bwd.stored(dx),
+            "stores into x or dy": fwd.stored(x) + bwd.stored(x) + bwd.stored(dy)}
+
+
+def _expected(x, sweeps: int, pivots_per_plane: int) -> dict:
+    """x (and dy) read ``sweeps`` times, the forward's pivots on top; y and dx written once."""
+    tensor = _nbytes(x)
+    return {"forward loads x": sweeps * tensor + pivots_per_plane * _planes(x) * x.element_size(),
+            "forward stores y": tensor, "backward loads x": sweeps * tensor,
+            "backward loads dy": sweeps * tensor, "backward stores dx": tensor,
+            "stores into x or dy": 0}
+
+
+# Shapes whose planes and row blocks are not powers of two: padding lanes would show up.
+SMALL_SHAPES = {"hw100": (2, 3, 10, 10), "hw49_rows20": (4, 5, 7, 7), "3d_hw125": (1, 3, 5, 5, 5)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SMALL_SHAPES.values(), ids=SMALL_SHAPES.keys())
+def test_single_tile_reads_each_element_once(shape, dtype):
+    x, w, b, dy = _inputs(shape, dtype)
+    fwd, bwd, y, dx = _count(x, w, b, dy)
+    assert _chunks(fwd) == 1, fwd.table()
+    assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, SINGLE_TILE_SWEEPS, PIVOT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_looped_path_reads_twice(dtype):
+    x, w, b, dy = _inputs(SMALL_SHAPES["hw100"], dtype)  # 100 = 3 full tiles of 32 + 4 lanes
+    fwd, bwd, y, dx = _count(x, w, b, dy, "looped")
+    assert _chunks(fwd) == 1, fwd.table()
+    assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, LOOPED_SWEEPS, PIVOT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_split_path_reads_twice_in_two_launches(dtype):
+    shape = (2, 3, 100)
+    x, w, b, dy = _inputs(shape, dtype)
+    fwd, bwd, y, dx = _count(x, w, b, dy, "split")
+    chunks = math.ceil(shape[-1] / SPLIT_CHUNK)
+    assert _chunks(fwd) == _chunks(bwd) == chunks, fwd.table()
+    split_launches = 2  # partial sums, then combine and normalize (c1/c2, then dx)
+    pivots = split_launches * chunks * PIVOT
+    assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, LOOPED_SWEEPS, pivots)
+
+
+def _other_bytes(fwd, bwd, x, y, dy, dx):
+    """(forward, backward) bytes moved other than from and to x, y, dy and dx."""
+    return (fwd.moved() - fwd.moved(x) - fwd.moved(y),
+            bwd.moved() - bwd.moved(x) - bwd.moved(dy) - bwd.moved(dx))
+
+
+@pytest.mark.parametrize("path", ["single_tile", "looped"])
+def test_channels_last_moves_the_same_bytes_as_contiguous(path):
+    shape = (2, 4, 9, 9)
+    counts = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x, w, b, dy = _inputs(shape, memory_format=fmt)
+        fwd, bwd, y, dx = _count(x, w, b, dy, path)
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+        counts[fmt] = {**_tensor_traffic(fwd, bwd, x, y, dy, dx),
+                       "forward, all bytes": fwd.moved(), "backward, all bytes": bwd.moved()}
+    assert counts[torch.channels_last] == counts[torch.contiguous_format]
+
+
+@pytest.mark.parametrize("path", ["single_tile", "looped"])
+def test_statistics_traffic_is_per_plane(path):
+    """Bytes other than x, y, dy, dx: the same for planes of 49 and of 100 elements (O(N*C),
+    independent of the plane size), and at most STATS_BUDGET per plane."""
+    others = []
+    for shape in ((2, 3, 7, 7), (2, 3, 10, 10)):
+        x, w, b, dy = _inputs(shape)
+        fwd, bwd, y, dx = _count(x, w, b, dy, path)
+        other = _other_bytes(fwd, bwd, x, y, dy, dx)
+        assert max(other) <= STATS_BUDGET * _planes(x)
+        others.append(other)
+    assert others[0] == others[1]
+
+
+SAMPLED = {  # launches of more than three programs per axis, interior programs alike
+    "single_tile": ((8, 40, 7, 7), torch.contiguous_format),
+    "looped": ((2, 8, 10, 10), torch.contiguous_format),
+    "split": ((2, 2, 200), torch.contiguous_format),
+    "channels_last": ((5, 32, 5, 5), torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLED, ids=SAMPLED.keys())
+def test_sampled_programs_count_what_all_programs_count(case):
+    shape, fmt = SAMPLED[case]
+    path = case if case in PATHS else "single_tile"
+    counts = {}
+    for programs in ("all", "sample", "none"):
+        fwd, bwd, _, _ = _count(*_inputs(shape, memory_format=fmt), path=path, programs=programs)
+        launches = fwd.launches + bwd.launches
+        counts[programs] = [(lc.kernel, lc.grid, lc.bytes_loaded, lc.bytes_stored) for lc in launches]
+        ran = sum(lc.programs_run for lc in launches)
+        total = sum(lc.programs for lc in launches)
+        assert {"all": ran == total, "sample": ran < total, "none": ran == 0}[programs]
+    assert counts["sample"] == counts["all"]
+    assert [c[:2] for c in counts["none"]] == [c[:2] for c in counts["all"]]
+    assert all(c[2:] == (0, 0) for c in counts["none"])
+
+
+def test_report_table_and_section(tmp_path):
+    out = tmp_path / "traffic.md"
+    traffic_report.main(["--smoke", "--classes", "gan_2d", "--dtypes", "bfloat16", "--out", str(out)])
+    text = out.read_text()
+    assert "| 1x4x32x32 | bfloat16 | forward | _fwd 1 | 0.01 | 1.00 |" in text
+    assert "## Memory traffic" in traffic_report.section(str(out))
+
+
+# ------------------------------------------------------------------ perf shape classes, full size
+
+TARGET = 2 * heuristics.ASSUMED_SMS  # 264: two programs per SM of the H100 the host assumes
+SAMPLE_BUDGET = 1 << 19  # elements a sampled count may sweep by default (more: --runslow)
+
+
+class Entry(NamedTuple):
+    shape_class: str
+    shape: tuple
+    programs: tuple  # (forward, backward): programs of the largest launch
+    ratio: tuple  # (forward, backward): bytes moved / minimum (perf/model.py), bfloat16
+    below_target: Optional[str] = None  # why it has < TARGET programs and fewer than its twin
+
+
+# Today's launch configuration. Update a line when a launch change makes its test fail; remove
+# ``below_target`` when an entry reaches TARGET programs (or its contiguous twin's count).
+SHAPE_TABLE = [
+    Entry("style_transfer_2d", (4, 32, 256, 256), (384, 384), (1.50, 1.67)),
+    Entry("style_transfer_2d", (4, 64, 128, 128), (256, 256), (1.50, 1.67),
+          "looped, a plane per program: 256 planes, too short to split in MIN_CHUNKs"),
+    Entry("style_transfer_2d", (4, 128, 64, 64), (512, 512), (1.00, 1.00)),
+    Entry("gan_2d", (1, 64, 256, 256), (256, 256), (1.50, 1.67),
+          "split in chunks of MIN_CHUNK elements: 64 planes x 4 chunks"),
+    Entry("gan_2d", (16, 256, 64, 64), (4096, 4096), (1.00, 1.00)),
+    Entry("nnunet_3d", (2, 32, 128, 128, 128), (320, 320), (1.50, 1.67)),
+    Entry("nnunet_3d", (2, 320, 8, 8, 8), (80, 80), (1.01, 1.01),
+          "single tile packs 8 planes of 512 per program: 80 programs"),
+    Entry("nnunet_3d", (2, 64, 64, 64, 64), (384, 384), (1.50, 1.67)),
+    Entry("tiny_planes", (64, 2048, 7, 7), (2048, 2048), (1.09, 1.09)),
+    Entry("tiny_planes", (256, 512, 4, 4), (512, 512), (1.25, 1.27)),
+    Entry("huge_planes", (1, 4, 1024, 1024), (256, 256), (1.51, 1.67),
+          "split in chunks of MIN_CHUNK elements: 4 planes x 64 chunks"),
+    Entry("huge_planes", (1, 1, 2048, 2048), (256, 256), (1.55, 1.69),
+          "split in chunks of MIN_CHUNK elements: 1 plane x 256 chunks"),
+    Entry("style_transfer_2d_channels_last", (4, 32, 256, 256), (16, 16), (1.50, 1.67),
+          "32 planes per program, 4 x 4 chunks (contiguous: 384)"),
+    Entry("style_transfer_2d_channels_last", (4, 64, 128, 128), (8, 8), (1.50, 1.67),
+          "looped, 32 planes per program: 8 programs (contiguous: 256)"),
+    Entry("style_transfer_2d_channels_last", (4, 128, 64, 64), (16, 16), (1.50, 1.67),
+          "looped, 32 planes per program: 16 programs (contiguous: 512)"),
+    Entry("nnunet_3d_channels_last", (2, 32, 128, 128, 128), (256, 256), (1.52, 1.68),
+          "32 planes per program, 2 x 128 chunks (contiguous: 320)"),
+    Entry("nnunet_3d_channels_last", (2, 320, 8, 8, 8), (20, 20), (1.51, 1.67),
+          "looped, 32 planes per program: 20 programs (contiguous: 80)"),
+    Entry("nnunet_3d_channels_last", (2, 64, 64, 64, 64), (64, 64), (1.50, 1.67),
+          "32 planes per program, 4 x 16 chunks (contiguous: 384)"),
+    Entry("plane_sweep", (1, 262144, 64), (4096, 4096), (1.05, 1.07)),
+    Entry("plane_sweep", (1, 131072, 128), (4096, 4096), (1.03, 1.03)),
+    Entry("plane_sweep", (1, 65536, 256), (4096, 4096), (1.01, 1.02)),
+    Entry("plane_sweep", (1, 32768, 512), (4096, 4096), (1.01, 1.01)),
+    Entry("plane_sweep", (1, 16384, 1024), (4096, 4096), (1.00, 1.00)),
+    Entry("plane_sweep", (1, 8192, 2048), (4096, 4096), (1.00, 1.00)),
+    Entry("plane_sweep", (1, 4096, 4096), (4096, 4096), (1.00, 1.00)),
+    Entry("plane_sweep", (1, 2048, 8192), (2048, 2048), (1.00, 1.00)),
+    Entry("plane_sweep", (1, 1024, 16384), (1024, 1024), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 512, 32768), (512, 512), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 256, 65536), (512, 512), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 128, 131072), (384, 384), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 64, 262144), (320, 320), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 32, 524288), (288, 288), (1.50, 1.67)),
+    Entry("plane_sweep", (1, 16, 1048576), (256, 256), (1.50, 1.67),
+          "chunk rounded up to a multiple of the tile: 16 x 16"),
+    Entry("plane_sweep", (1, 8, 2097152), (256, 256), (1.50, 1.67),
+          "chunk rounded up to a multiple of the tile: 8 x 32"),
+    Entry("plane_sweep", (1, 4, 4194304), (256, 256), (1.50, 1.67),
+          "chunk rounded up to a multiple of the tile: 4 x 64"),
+]
+
+
+def _entry_id(e):
+    return f"{e.shape_class}-{model.shape_to_str(e.shape)}"
+
+
+def _full_size(entry, dtype=torch.bfloat16, zeros=False):
+    """x, w, b, dy at full size: uninitialized (nothing is read when no program runs) or zeros
+    (no plane triggers the overflow rescan, which random data does not either)."""
+    fmt = bench.TORCH_MEMORY_FORMATS[SHAPE_CLASSES[entry.shape_class].memory_format]
+    x, dy = (torch.empty(entry.shape, dtype=dtype, memory_format=fmt) for _ in range(2))
+    if zeros:
+        x.zero_(), dy.zero_()
+    w, b = torch.ones(entry.shape[1], dtype=dtype), torch.zeros(entry.shape[1], dtype=dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+
+
+def _largest(counted) -> int:
+    return max(launch.programs for launch in counted.launches)
+
+
+def _grids(entry):
+    fwd, bwd, _, _ = _count(*_full_size(entry), programs="none")
+    return fwd, bwd
+
+
+def test_table_covers_every_shape_class():
+    listed = {(e.shape_class, e.shape) for e in SHAPE_TABLE}
+    wanted = {(c.name, s) for c in SHAPE_CLASSES.values() for s in c.shapes}
+    assert listed == wanted
+
+
+@pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
+def test_programs_per_launch(entry):
+    fwd, bwd = _grids(entry)
+    assert (_largest(fwd), _largest(bwd)) == entry.programs, (fwd.grids(), bwd.grids())
+
+
+@pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
+def test_bytes_over_minimum(entry, request):
+    fwd, _ = _grids(entry)
+    top = max(fwd.launches, key=lambda launch: launch.programs)
+    sampled = math.prod(min(g, 3) for g in top.grid)
+    if sampled * math.prod(entry.shape) / top.programs > SAMPLE_BUDGET:
+        if not request.config.getoption("--runslow"):
+            pytest.skip("sampled programs sweep more than SAMPLE_BUDGET elements: pass --runslow")
+    fwd, bwd, _, _ = _count(*_full_size(entry, zeros=True), programs="sample")
+    ratios = tuple(round(t.moved() / model.norm_bytes(entry.shape, "bfloat16", d), 2)
+                   for t, d in ((fwd, "forward"), (bwd, "backward")))
+    assert ratios == entry.ratio
+
+
+def _twin(entry):
+    """The contiguous class's entry for the same shape, for a channels_last class."""
+    name = entry.shape_class.replace("_channels_last", "")
+    return next((e for e in SHAPE_TABLE if e.shape_class == name and e.shape == entry.shape
+                 and name != entry.shape_class), None)
+
+
+@pytest.mark.parametrize("entry", [
+    pytest.param(e, id=_entry_id(e), marks=[pytest.mark.xfail(strict=True, reason=e.below_target)]
+                 if e.below_target else []) for e in SHAPE_TABLE])
+def test_occupancy_target(entry):
+    """At least TARGET programs, or for a channels_last class as many as its contiguous twin."""
+    programs = _largest(_grids(entry)[0])
+    twin = _twin(entry)
+    assert programs >= TARGET or (twin is not None and programs >= _largest(_grids(twin)[0]))
