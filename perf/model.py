@@ -23,7 +23,10 @@ ROOF_PROVIDER = "copy"
 PROVIDERS = NORM_PROVIDERS + [ROOF_PROVIDER]
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-STATS_ITEMSIZE = 4  # saved mean / rstd are float32 in every implementation
+# Statistics kept per plane for the backward: what triton_instnorm's forward stores (pivot,
+# inv_scale, mean, var; kernels/constants.py), so that the model counts what the kernels move.
+STATS_PER_PLANE = 4
+STATS_ITEMSIZE = 4  # float32 statistics (float64 input is not benchmarked)
 
 # FLOPs per element of x, counted in the fp32 math every implementation does:
 #   forward : sum for mean (1), centered square + sum for var (3),
@@ -55,8 +58,8 @@ def plane_elements(shape) -> int:
 def norm_bytes(shape, dtype: str, direction: str) -> int:
     """Minimum DRAM traffic of one instance-norm call, in bytes.
 
-    forward : read x, write y                      (+ weight, bias, write mean/rstd)
-    backward: read x and dy, write dx              (+ weight, read mean/rstd,
+    forward : read x, write y                      (+ weight, bias, write the statistics)
+    backward: read x and dy, write dx              (+ weight, read the statistics,
                                                       write dweight, dbias)
     forward+backward: the sum of both.
     The per-channel / per-plane terms are tiny next to the tensor terms but are
@@ -68,7 +71,7 @@ def norm_bytes(shape, dtype: str, direction: str) -> int:
     n, c = shape[0], shape[1]
     tensor = numel(shape) * size
     params = 2 * c * size           # weight + bias (or dweight + dbias)
-    stats = 2 * n * c * STATS_ITEMSIZE  # mean + rstd
+    stats = STATS_PER_PLANE * n * c * STATS_ITEMSIZE
     if direction == "forward":
         return 2 * tensor + params + stats
     if direction == "backward":

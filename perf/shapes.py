@@ -4,7 +4,7 @@ Each class carries its full-size shapes (GPU runs) and a few tiny shapes of
 the same rank (``--smoke``, which runs through Triton's CPU interpreter), so a
 smoke run exercises the same class names, ranks and plot layout as a real run.
 
-To add a class (e.g. a channels_last variant in a later issue) call
+To add a class call
 ``register_shape_class(ShapeClass(...))`` from this file or any module imported
 before ``perf.report.main`` parses ``--classes``.
 """
@@ -90,7 +90,7 @@ register_shape_class(ShapeClass(
     smoke_shapes=((1, 1, 64, 64),),
     description="few very large planes: little parallelism across planes",
 ))
-# Native channels_last (issue 5): same workloads in NHWC / NDHWC, to compare with the
+# Native channels_last: the same workloads in NHWC / NDHWC, to compare with the
 # contiguous classes above (the target is within 10% of their bandwidth).
 register_shape_class(ShapeClass(
     "style_transfer_2d_channels_last",

@@ -171,10 +171,16 @@ def _samples(size: int, programs: str) -> list[tuple[int, int]]:
 
 
 def _tensor_args(args, kwargs) -> list:
+    """The tensors a launch is given, also those inside tuple arguments (the kernels' views)."""
     import torch
 
     found = []
-    for arg in list(args) + list(kwargs.values()):
+    pending = list(args) + list(kwargs.values())
+    while pending:
+        arg = pending.pop()
+        if isinstance(arg, (tuple, list)):
+            pending.extend(arg)
+            continue
         base = arg if isinstance(arg, torch.Tensor) else getattr(arg, "base", None)
         if isinstance(base, torch.Tensor):
             found.append(base)

@@ -1,5 +1,7 @@
 """Adaptive instance norm (per-sample affine) and AdaIN, against eager compositions."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ from conftest import DEVICE
 from _reference import TOL, reference
 
 import triton_instnorm as tin
+from triton_instnorm import heuristics
 from triton_instnorm.functional import apply_activation
 
 
@@ -101,3 +104,28 @@ def test_modules():
     torch.testing.assert_close(tin.AdaIN()(content, style), tin.adain(content, style))
     with pytest.raises(ValueError, match="same N, C"):
         tin.adain(content, _r(2, 4, 6, 6))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "split"])
+def test_style_statistics_backward_is_a_kernel(layout, poison, launches):
+    """d(mean, std)/d style runs the _stats_bwd kernel (no eager arithmetic over the style
+    tensor), in every layout and on split planes, and matches autograd through torch's ops."""
+    g = torch.Generator().manual_seed(21)
+    style = (torch.randn(2, 3, 9, 7, generator=g, dtype=torch.float64) * 3 + 2).to(DEVICE)
+    if layout == "channels_last":
+        style = style.contiguous(memory_format=torch.channels_last)
+    style.requires_grad_()
+    dmean = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    dstd = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    with contextlib.ExitStack() as stack:
+        if layout == "split":  # tiles of 16, chunks of 16: 63-element planes in 4 chunks
+            stack.enter_context(heuristics.tile_limit(16))
+            stack.enter_context(heuristics.split_planes(16))
+        mean, std = tin.instance_stats(style)
+        torch.autograd.backward((mean, std), (dmean, dstd))
+    assert launches("_stats_bwd") == 1
+    assert launches("_fwd_split_stats") == (1 if layout == "split" else 0)
+    ref = style.detach().clone().requires_grad_()
+    var_r, mean_r = torch.var_mean(ref, (2, 3), correction=0)
+    torch.autograd.backward((mean_r, torch.sqrt(var_r + 1e-5)), (dmean, dstd))
+    torch.testing.assert_close(style.grad, ref.grad, **TOL[torch.float64])

@@ -66,7 +66,8 @@ def instance_stats(input: Tensor, eps: float = 1e-5):
         var, mean = torch.var_mean(input.float() if input.dtype != torch.float64 else input, dims,
                                    correction=0)
         return mean, torch.sqrt(var + eps)
-    return ops.plane_stats(input, float(eps))
+    mean, std, _ = ops.plane_stats(input, float(eps))
+    return mean, std
 
 
 def adain(content: Tensor, style: Tensor, eps: float = 1e-5) -> Tensor:

@@ -1,6 +1,6 @@
 """Eager PyTorch compositions of what the kernels compute.
 
-Two users, neither of them on the hot path:
+Users, none of them on the hot path:
 
 - the documented fallback (CPU tensors without ``TRITON_INTERPRET=1``) calls PyTorch's own
   ``instance_norm`` (``TORCH_INSTANCE_NORM``) and applies the activation epilogue with
@@ -77,6 +77,19 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
         z = apply_activation(z, activation, negative_slope)
         grads = iter(torch.autograd.grad(z, inputs, dy.to(acc), create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
+
+
+def stats_grad_graph(dmean, dstd, x, eps):
+    """The gradient through per-plane (mean, std = sqrt(biased var + eps)) outputs, as a
+    differentiable function of dmean, dstd and x (double backward of AdaIN's style statistics)."""
+    acc = dmean.dtype
+    dims = tuple(range(2, x.dim()))
+    shape = x.shape[:2] + (1,) * len(dims)
+    with torch.enable_grad():
+        xs = x.to(acc)
+        var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
+        grad = (dmean.view(shape) + dstd.view(shape) * (xs - mean) / torch.sqrt(var + eps))
+        return (grad / x[0, 0].numel()).to(x.dtype)
 
 
 class KernelValue(torch.autograd.Function):

@@ -19,7 +19,8 @@ import triton
 
 from . import heuristics
 from .kernels import (
-    _bwd, _bwd_split_sums, _fwd, _fwd_split_stats, _sum_partials_over_n, _update_running_stats,
+    _bwd, _bwd_split_sums, _fwd, _fwd_split_stats, _stats_bwd, _sum_partials_over_n,
+    _update_running_stats,
 )
 from .kernels.constants import (
     FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS, NUM_SUMS,
@@ -274,6 +275,21 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
         db = _param_grad(plane_sums[SUM_DZ], bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
     return dx, dw, db
+
+
+def stats_backward(dmean, dstd, x, stats, eps: float):
+    """dx of per-plane (mean, std) outputs (AdaIN's style statistics): one elementwise pass."""
+    x = kernel_layout(x)
+    dx = new_output(x)
+    n = x.shape[0]
+    fold = can_fold(x) and can_fold(dx)
+    px = planes(x, fold)
+    how = plan(px, x)  # elementwise: any split is just more programs, no partials
+    with _device_guard(x):
+        run(_stats_bwd, how.grid, x=planes_view(x, fold), dx=planes_view(dx, fold),
+            dmean=param_view(dmean, n), dstd=param_view(dstd, n), Stats=stats,
+            geometry=geometry(x, px), eps=split_float(eps), SPLIT=how.chunks > 1, **how.tiles())
+    return dx
 
 
 def _per_channel(p, n: int) -> bool:

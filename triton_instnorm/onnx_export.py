@@ -70,9 +70,12 @@ def forward_composition(x, weight, bias, running_mean, running_var, use_input_st
 
 
 def plane_stats_composition(x, eps):
-    var, mean = torch.var_mean(x.to(launch.acc_dtype(x.dtype)), tuple(range(2, x.dim())),
-                               correction=0)
-    return mean, torch.sqrt(var + eps)
+    """``triton_instnorm::plane_stats``; its statistics buffer (read only by the backward) is
+    zeros of its shape, as in the forward's composition."""
+    acc = launch.acc_dtype(x.dtype)
+    var, mean = torch.var_mean(x.to(acc), tuple(range(2, x.dim())), correction=0)
+    stats = x.new_zeros((launch.NUM_STATS, x.shape[0] * x.shape[1]), dtype=acc)
+    return mean, torch.sqrt(var + eps), stats
 
 
 def _is_fake(args):
@@ -177,7 +180,8 @@ def plane_stats_symbolic(g, x, eps):
     centered = g.op("Sub", x, mean)
     var = g.op("GlobalAveragePool", g.op("Mul", centered, centered))
     std = g.op("Sqrt", g.op("Add", var, _constant(g, eps, acc)))
-    return g.op("Flatten", mean, axis_i=1), g.op("Flatten", std, axis_i=1)
+    stats = _constant(g, [], acc)  # read only by the backward
+    return g.op("Flatten", mean, axis_i=1), g.op("Flatten", std, axis_i=1), stats
 
 
 def update_running_stats_symbolic(g, *args):

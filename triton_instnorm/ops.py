@@ -8,6 +8,8 @@ that functionalization keeps their update. In eager mode the ops are thin calls 
     triton_instnorm::forward                 -> (y, stats)
     triton_instnorm::update_running_stats    mutates running_mean, running_var
     triton_instnorm::backward                -> (dx, dweight, dbias)
+    triton_instnorm::plane_stats             -> (mean, std, stats): AdaIN's style statistics
+    triton_instnorm::stats_backward          -> dx through those statistics
 """
 
 from typing import Optional, Tuple
@@ -128,35 +130,48 @@ torch.library.register_autograd("triton_instnorm::forward", _backward, setup_con
 
 
 @torch.library.custom_op("triton_instnorm::plane_stats", mutates_args=())
-def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of _fwd."""
+def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of
+    _fwd, and that pass's statistics buffer (what the backward reads)."""
     n, c = x.shape[0], x.shape[1]
     _, stats = launch.forward(x, None, None, None, None, True, eps, 0, 0.0, True, write_y=False)
     mean, std = _mean_std(stats, eps)
-    return mean.view(n, c), std.view(n, c)
+    return mean.view(n, c), std.view(n, c), stats
 
 
 @plane_stats.register_fake
 def fake_plane_stats(x, eps):
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
-    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+    stats = x.new_empty((constants.NUM_STATS, shape[0] * shape[1]), dtype=acc)
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), stats
+
+
+@torch.library.custom_op("triton_instnorm::stats_backward", mutates_args=())
+def stats_backward(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor, eps: float) -> Tensor:
+    """dx = (dmean + dstd * (x - mean) / std) / HW, by the _stats_bwd kernel."""
+    return launch.stats_backward(dmean, dstd, x, stats, eps)
+
+
+@stats_backward.register_fake
+def fake_stats_backward(dmean, dstd, x, stats, eps):
+    return torch.empty_like(launch.kernel_layout(x))
 
 
 def _stats_setup_context(ctx, inputs, output):
-    x, _ = inputs
-    mean, std = output
-    ctx.save_for_backward(x, mean, std)
+    x, eps = inputs
+    ctx.save_for_backward(x, output[2])
+    ctx.eps = eps
+    ctx.mark_non_differentiable(output[2])
 
 
-def _stats_backward(ctx, dmean, dstd):
-    # d mean / dx = 1 / HW;  d std / dx = (x - mean) / (HW * std)
-    x, mean, std = ctx.saved_tensors
-    hw = x[0, 0].numel()
-    shape = mean.shape + (1,) * (x.dim() - 2)
-    dx = (dmean.view(shape) + dstd.view(shape) * (x.to(mean.dtype) - mean.view(shape))
-          / std.view(shape)) / hw
-    return dx.to(x.dtype), None
+def _stats_backward(ctx, dmean, dstd, _dstats):
+    x, stats = ctx.saved_tensors
+    with torch.no_grad():
+        dx = stats_backward(dmean, dstd, x, stats, ctx.eps)
+    if torch.is_grad_enabled():  # create_graph=True: the kernel's values, the eager graph's derivatives
+        dx = eager.KernelValue.apply(dx, eager.stats_grad_graph(dmean, dstd, x, ctx.eps))
+    return dx, None
 
 
 torch.library.register_autograd("triton_instnorm::plane_stats", _stats_backward,

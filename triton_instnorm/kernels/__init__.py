@@ -50,17 +50,19 @@ From a module to the kernels:
       -> torch.ops.triton_instnorm.forward (ops.py: custom op, autograd)
       -> launch.forward (launch.py: tensors as views, launch configuration from heuristics.py)
       -> [_fwd_split_stats], _fwd (forward.py); the backward: launch.backward -> [_bwd_split_sums],
-         _bwd, _sum_partials_over_n (backward.py); running statistics: _update_running_stats
+         _bwd, _sum_partials_over_n (backward.py); running statistics: _update_running_stats;
+         AdaIN's style statistics: launch.forward (statistics only) and launch.stats_backward
+         -> _stats_bwd
 
 Files, in data-flow order: ``constants.py`` (what the host shares with the kernels),
 ``common.py`` (views, activations, exact division, the shared sweeps), ``forward.py``,
 ``backward.py``.
 """
 
-from .backward import _bwd, _bwd_split_sums, _sum_partials_over_n
+from .backward import _bwd, _bwd_split_sums, _stats_bwd, _sum_partials_over_n
 from .forward import _fwd, _fwd_split_stats, _update_running_stats
 
 __all__ = [
     "_fwd_split_stats", "_fwd", "_update_running_stats",
-    "_bwd_split_sums", "_bwd", "_sum_partials_over_n",
+    "_bwd_split_sums", "_bwd", "_sum_partials_over_n", "_stats_bwd",
 ]

@@ -1,4 +1,5 @@
-"""Backward kernels: the split planes' sums pass, the dx pass, and the fixed-order sum over n.
+"""Backward kernels: the split planes' sums pass, the dx pass, the fixed-order sum over n, and
+the gradient through per-plane statistics (AdaIN's style).
 
 A backward is one ``_bwd`` launch (preceded by ``_bwd_split_sums`` when the planes are split),
 then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is recomputed from x and the
@@ -11,10 +12,31 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ACT_NONE, FROM_PLANE, FROM_TILE, INV_SCALE, MEAN, PIVOT, SUM_DZ,
+    ACT_NONE, FROM_PLANE, FROM_TILE, INV_SCALE, MEAN, PIVOT, SUM_DZ, VAR,
     SUM_DZ_XHAT, _activation_grad, _chunk_partials, _chunk_range, _div, _host_float, _load_param,
-    _partial, _plane_start, _program_channels, _program_planes, _row, _std, _tile, VAR,
+    _partial, _plane_start, _program_channels, _program_planes, _row, _std, _tile,
 )
+
+
+@triton.jit
+def _saved_stats(Stats, num_planes, plane, mask, eps, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(pivot, inv_scale, mean, 1 / std) of each plane, std recomputed as the forward did."""
+    inv_scale = tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0)
+    var = tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=1.0)
+    std = _std(var, inv_scale, _host_float(eps, ACC))  # the forward's std, bit for bit
+    return (tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0), inv_scale,
+            tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
+            _div(tl.full([BLOCK_R], 1.0, ACC), std))
+
+
+@triton.jit
+def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
+    """One tile of x, normalized with the saved statistics (0 on masked lanes)."""
+    x_start, x_stride = x_planes
+    pivot, inv_scale, mean, rstd = stats
+    xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0).to(ACC)
+    x_hat = ((xt - pivot[:, None]) * inv_scale[:, None] - mean[:, None]) * rstd[:, None]
+    return tl.where(tile_mask, x_hat, 0.0)
 
 
 @triton.jit
@@ -22,14 +44,8 @@ def _program_inputs(x, dy, w, b, Stats, geometry, eps, slope, ACC: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     """This program's planes and what their gradients need: (group, row in group, mask, plane,
     x planes, dy planes, (pivot, inv_scale, mean, 1 / std), (scale, shift, negative slope))."""
-    num_planes, C, HW, _ = geometry
     group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    inv_scale = tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0)
-    var = tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=1.0)
-    std = _std(var, inv_scale, _host_float(eps, ACC))  # the forward's std, bit for bit
-    stats = (tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0), inv_scale,
-             tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
-             _div(tl.full([BLOCK_R], 1.0, ACC), std))
+    stats = _saved_stats(Stats, geometry[0], plane, mask, eps, ACC, BLOCK_R)
     affine = (_load_param(w, n, c, mask, 1.0, ACC, BLOCK_R),
               _load_param(b, n, c, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
     return (group, row_in_group, mask, plane, _plane_start(x, group, row_in_group),
@@ -40,18 +56,15 @@ def _program_inputs(x, dy, w, b, Stats, geometry, eps, slope, ACC: tl.constexpr,
 def _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC: tl.constexpr,
                 ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x."""
-    x_start, x_stride = x_planes
     dy_start, dy_stride = dy_planes
-    pivot, inv_scale, mean, rstd = stats
     scale_w, shift_b, negative_slope = affine
-    xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0).to(ACC)
+    x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
     dz = tl.load(dy_start[:, None] + offs[None, :] * dy_stride, mask=tile_mask,
                  other=0.0).to(ACC)
-    x_hat = ((xt - pivot[:, None]) * inv_scale[:, None] - mean[:, None]) * rstd[:, None]
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
         dz = _activation_grad(dz, z, negative_slope, ACTIVATION)
-    return tl.where(tile_mask, x_hat, 0.0), tl.where(tile_mask, dz, 0.0)
+    return x_hat, tl.where(tile_mask, dz, 0.0)
 
 
 @triton.jit
@@ -195,3 +208,36 @@ def _sum_partials_over_n(
         tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=mask)
     if DB is not None:
         tl.store(DB + c, db.to(DB.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stats_bwd(
+    x,  # planes view of the input whose statistics were taken
+    dx,  # planes view of its gradient (written)
+    dmean,  # param view of the gradient of the (N, C) means, or None
+    dstd,  # param view of the gradient of the (N, C) stds, or None
+    Stats,  # (NUM_STATS, N * C) from the statistics pass
+    geometry,  # (N * C, C, HW, rows per group)
+    eps,  # (hi, lo): the statistics pass's
+    BLOCK_R: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    SPLIT: tl.constexpr,  # grid axis 1 walks chunks of the planes
+):
+    """dx = (dmean + dstd * x_hat) / HW: the gradient through each plane's mean and
+    std = sqrt(biased var + eps) (AdaIN's style statistics). Elementwise: x read once."""
+    ACC: tl.constexpr = Stats.dtype.element_ty
+    num_planes, C, HW, _ = geometry
+    group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
+    _, _, start, end, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    stats = _saved_stats(Stats, num_planes, plane, mask, eps, ACC, BLOCK_R)
+    hw = tl.full([BLOCK_R], HW, ACC)
+    grad_mean = _div(_load_param(dmean, n, c, mask, 0.0, ACC, BLOCK_R), hw)
+    grad_std = _div(_load_param(dstd, n, c, mask, 0.0, ACC, BLOCK_R), hw)
+    x_planes = _plane_start(x, group, row_in_group)
+    dx_start, dx_stride = _plane_start(dx, group, row_in_group)
+    for t in range(start, end, BLOCK_HW):
+        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
+        x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
+        grad = grad_mean[:, None] + grad_std[:, None] * x_hat
+        tl.store(dx_start[:, None] + offs[None, :] * dx_stride, grad.to(dx[0].dtype.element_ty),
+                 mask=tile_mask)
