@@ -25,7 +25,6 @@ import functools
 import threading
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
