@@ -19,7 +19,7 @@ import triton
 import triton.testing
 
 import triton_instnorm
-from perf import model
+from perf import model, peers
 from perf.shapes import ShapeClass
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,6 +143,9 @@ def norm_fn(provider: str, case: Case, use_module: bool):
         return _eager, (case.x, case.weight, case.bias)
     if provider == "torch_compile":
         return _compiled(), (case.x, case.weight, case.bias)
+    if provider in peers.PEERS:
+        # Checked once against eager PyTorch; raises peers.Unavailable where it cannot run.
+        return peers.build(provider, case, EPS)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -205,8 +208,16 @@ def _log(msg: str):
     print(f"{elapsed // 60:3d}m{elapsed % 60:02d}s {msg}", file=sys.stderr, flush=True)
 
 
-def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
-    """Measure everything; returns (CSV rows, descriptions of failed measurements)."""
+@dataclass
+class Outcome:
+    rows: list[dict]            # CSV rows
+    failures: list[str]         # descriptions of failed measurements
+    # {provider: {dtype: reason}} for peers that cannot run a dtype here (not failures)
+    unavailable: dict[str, dict[str, str]]
+
+
+def run(cfg: RunConfig) -> Outcome:
+    """Measure everything."""
     global _START
     _START = time.monotonic()
     env = environment(cfg)
@@ -218,7 +229,7 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
                 work.append((shape_class, shape, dtype))
     per_case = 1 + len(cfg.providers) * len(cfg.directions)
     total, done = len(work) * per_case, 0
-    rows, failures = [], []
+    rows, failures, unavailable = [], [], {}
 
     def emit(shape_class, shape, dtype, direction, provider, ms, roof_gbps):
         num_bytes = model.bytes_for(provider, shape, dtype, direction)
@@ -252,6 +263,11 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
         for provider in cfg.providers:
             try:
                 fn, inputs = norm_fn(provider, case, cfg.use_module)
+            except peers.Unavailable as exc:
+                unavailable.setdefault(provider, {})[dtype] = str(exc)
+                done += len(cfg.directions)
+                _log(f"[{done}/{total}] {label} {provider}: unavailable ({exc})")
+                continue
             except Exception as exc:
                 failures.append(f"{label} {provider}: setup failed: {exc}")
                 done += len(cfg.directions)
@@ -272,4 +288,4 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
         del case
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, failures
+    return Outcome(rows, failures, unavailable)

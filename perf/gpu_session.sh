@@ -5,6 +5,11 @@
 #   bash perf/gpu_session.sh tests    # the whole suite on CUDA, CUDA-only slow tests included
 #   bash perf/gpu_session.sh perf-a   # workload classes, contiguous and channels_last (#5)
 #   bash perf/gpu_session.sh perf-b   # plane sweep, then torch.compile on the workload classes
+#   bash perf/gpu_session.sh peers    # FlagGems and Liger-Kernel on the workload classes
+#
+# The GPU machine reaches no package registry: for the peers stage, download the wheels here first
+# (pip download --no-deps -d .whl flag-gems==5.0.2 liger-kernel sqlalchemy PyYAML) and carry
+# .whl/ (git-ignored) with the working tree; the stage installs them without their dependencies.
 #
 # Everything worth keeping is copied to $OUT (the device tool brings it back; at most 8 files):
 # tests.log, env.txt, and after a perf stage <device>.csv / .md and the three plots. Copy the CSV
@@ -16,7 +21,7 @@
 # classes it has no time left for. torch.compile is left out of the wide sweeps: inductor needs
 # tens of seconds per shape and dtype, which does not fit a 30-minute lease for all 29 shapes.
 set -u
-stage=${1:?usage: bash perf/gpu_session.sh tests|perf-a|perf-b}
+stage=${1:?usage: bash perf/gpu_session.sh tests|perf-a|perf-b|peers}
 OUT=${OUT:-/tmp/gpu_session_out}
 BUDGET_S=${BUDGET_S:-560}  # stop starting work after this many seconds
 mkdir -p "$OUT"
@@ -66,6 +71,14 @@ perf-a)
 perf-b)
     report plane_sweep --providers triton_instnorm,torch_eager --dtypes bfloat16,float32
     report style_transfer_2d,gan_2d,nnunet_3d --providers torch_compile --dtypes bfloat16
+    ;;
+peers)
+    if [ -d .whl ]; then
+        $py -m pip install --quiet --no-index --no-deps --find-links .whl \
+            flag-gems liger-kernel sqlalchemy PyYAML 2>&1 | tail -n 3
+    fi
+    report style_transfer_2d,gan_2d,nnunet_3d,nnunet_3d_channels_last,tiny_planes,huge_planes \
+        --providers triton_instnorm,flag_gems,liger_groupnorm
     ;;
 *)
     echo "unknown stage $stage" >&2

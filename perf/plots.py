@@ -15,7 +15,8 @@ from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
 from perf.summary import geomean, speedups  # noqa: E402
 
 COLORS = {"triton_instnorm": "tab:blue", "torch_eager": "tab:orange",
-          "torch_compile": "tab:green", "copy": "0.45"}
+          "torch_compile": "tab:green", "flag_gems": "tab:red", "liger_groupnorm": "tab:purple",
+          "copy": "0.45"}
 DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 PLOT_FILES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
 
@@ -140,14 +141,14 @@ def plot_roofline(rows, path, title, peak_tflops):
 
 
 def plot_speedup(rows, path, title):
-    """triton_instnorm speedup over eager and torch.compile per shape class.
+    """triton_instnorm speedup over each measured baseline (eager, torch.compile, peers) per class.
 
     Bars are geometric means over the class's shapes and dtypes; one panel per
     direction.  Panels say so when a baseline was not measured.
     """
     directions = _present(rows, "direction", model.DIRECTIONS)
     classes = sorted({r["shape_class"] for r in rows}, key=class_order)
-    baselines = [b for b in ("torch_eager", "torch_compile") if any(r["provider"] == b for r in rows)]
+    baselines = [b for b in model.BASELINES if any(r["provider"] == b for r in rows)]
     fig, axes = _grid(1, len(directions), width=max(4.5, 0.55 * len(classes) + 1.5))
     width = 0.8 / max(1, len(baselines))
     for j, direction in enumerate(directions):

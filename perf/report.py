@@ -56,7 +56,9 @@ def parse_args(argv=None):
                    help=f"comma-separated (default {','.join(model.DIRECTIONS)})")
     p.add_argument("--providers", type=_csv_list(model.PROVIDERS), default=None,
                    help="normalization providers (default: all; smoke on CPU: all but torch_compile, "
-                        "whose CPU compiles take minutes). copy, the roof, is always measured.")
+                        "whose CPU compiles take minutes). copy, the roof, is always measured. "
+                        f"Peers ({','.join(model.PEER_PROVIDERS)}) that cannot run here are "
+                        "reported as unavailable with the reason.")
     p.add_argument("--module", action="store_true",
                    help="time triton_instnorm through its InstanceNorm{1,2,3}d modules "
                         "instead of the functional instance_norm")
@@ -113,6 +115,26 @@ def redraw(args) -> int:
     return 0
 
 
+def peer_statuses(requested: list[str], reasons: dict, outcome) -> dict[str, str]:
+    """{peer: "unavailable: <reason>" or "measured: ..."} for the summary's peer table."""
+    out = {}
+    for name in requested:
+        if reasons[name] is not None:
+            out[name] = f"unavailable: {reasons[name]}"
+            continue
+        rows = [r for r in outcome.rows if r["provider"] == name]
+        dtypes = sorted({r["dtype"] for r in rows}, key=model.DTYPES.index)
+        parts = [f"measured: {len(rows)} rows ({', '.join(dtypes) or 'none'})"]
+        by_reason = {}
+        for dtype, reason in outcome.unavailable.get(name, {}).items():
+            by_reason.setdefault(reason, []).append(dtype)
+        parts += [f"unavailable for {', '.join(d)}: {reason}" for reason, d in by_reason.items()]
+        failed = [f for f in outcome.failures if f" {name}:" in f]
+        parts += [f"{len(failed)} failed: {failed[0]}"] if failed else []
+        out[name] = "; ".join(parts)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch  # does not import triton
@@ -129,16 +151,19 @@ def main(argv=None) -> int:
         # Before the first import of triton / triton_instnorm (in perf.bench).
         os.environ["TRITON_INTERPRET"] = "1"
 
-    from perf import bench, plots  # imports torch, triton, triton_instnorm
+    from perf import bench, peers, plots  # imports torch, triton, triton_instnorm
 
     device = torch.device("cuda" if has_cuda else "cpu")
     device_name = torch.cuda.get_device_name() if has_cuda else "CPU (Triton interpreter)"
     providers = args.providers
     if providers is None:
-        providers = list(model.NORM_PROVIDERS)
+        providers = list(model.NORM_PROVIDERS) + list(model.PEER_PROVIDERS)
         if interpret:
             providers.remove("torch_compile")
     providers = [p for p in providers if p != model.ROOF_PROVIDER]
+    requested_peers = [p for p in providers if p in model.PEER_PROVIDERS]
+    peer_reasons = {name: peers.unavailable_reason(name, interpret) for name in requested_peers}
+    providers = [p for p in providers if peer_reasons.get(p) is None]
 
     if args.smoke:
         out_dir = args.out or tempfile.mkdtemp(prefix="instnorm-perf-smoke-")
@@ -158,7 +183,10 @@ def main(argv=None) -> int:
           f"providers {','.join(providers + [model.ROOF_PROVIDER])}"
           f"{' (smoke, Triton interpreter)' if interpret else ' (smoke)' if args.smoke else ''}",
           file=sys.stderr)
-    new_rows, failures = bench.run(cfg)
+    if requested_peers:
+        print(peers.status_line(peer_reasons), file=sys.stderr)
+    outcome = bench.run(cfg)
+    new_rows, failures = outcome.rows, outcome.failures
     rows = summary.write_csv(csv_path, new_rows, merge=not (args.fresh or args.smoke))
 
     notes = [f"torch {torch.__version__}, triton {bench.triton.__version__}",
@@ -170,7 +198,8 @@ def main(argv=None) -> int:
     notes += [f"overall geometric-mean speedup vs {b}: {v:.2f}x" for b, v in overall.items()]
     if failures:
         notes.append(f"{len(failures)} measurement(s) failed: " + "; ".join(failures[:5]))
-    text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes)
+    text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes,
+                            peers=peer_statuses(requested_peers, peer_reasons, outcome))
     with open(md_path, "w") as f:
         f.write(text)
     peak = args.peak_tflops or model.known_peak_tflops(device_name)

@@ -81,11 +81,15 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
-    """One line per (shape class, dtype, direction): geometric means over the class's shapes."""
+def markdown(rows: list[dict], title: str, notes: list[str] = (), peers: dict[str, str] | None = None) -> str:
+    """One line per (shape class, dtype, direction): geometric means over the class's shapes.
+
+    ``peers``: {peer provider: what happened to it} ("measured: ..." or "unavailable: <reason>"),
+    written as its own table so that a peer that could not run is listed, not silently missing.
+    """
     providers = [p for p in model.PROVIDERS if any(r["provider"] == p for r in rows)]
     norm = [p for p in providers if p != model.ROOF_PROVIDER]
-    vs = {b: speedups(rows, b) for b in ("torch_eager", "torch_compile") if b in providers}
+    vs = {b: speedups(rows, b) for b in model.BASELINES if b in providers}
     groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[(r["shape_class"], r["dtype"], r["direction"])][r["provider"]].append(r)
@@ -123,13 +127,16 @@ def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
     lines += ["", "GB/s and % of roof: geometric mean over the class's shapes; "
               "% of roof = achieved GB/s / GB/s of `y.copy_(x)` on the same tensor. "
               "speedup = baseline ms / triton_instnorm ms (geometric mean; > 1 means faster)."]
+    if peers:
+        lines += ["", "## Peer providers", "", "| peer | status |", "|---|---|"]
+        lines += [f"| {name} | {text} |" for name, text in peers.items()]
     return "\n".join(lines) + "\n"
 
 
 def overall_speedups(rows: list[dict]) -> dict:
     """{baseline: geometric-mean speedup of triton_instnorm over all shapes/dtypes/directions}"""
     out = {}
-    for baseline in ("torch_eager", "torch_compile"):
+    for baseline in model.BASELINES:
         ratios = [v for vals in speedups(rows, baseline).values() for v in vals]
         if ratios:
             out[baseline] = geomean(ratios)
