@@ -190,10 +190,11 @@ class RunConfig:
     device_name: str
 
 
-def environment(cfg: RunConfig) -> dict:
+def environment(device_name: str) -> dict:
+    """The columns every CSV row carries: device, versions, date."""
     from datetime import datetime, timezone
     return {
-        "device": cfg.device_name,
+        "device": device_name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -203,7 +204,7 @@ def environment(cfg: RunConfig) -> dict:
 _START = time.monotonic()
 
 
-def _log(msg: str):
+def log(msg: str):
     elapsed = int(time.monotonic() - _START)
     print(f"{elapsed // 60:3d}m{elapsed % 60:02d}s {msg}", file=sys.stderr, flush=True)
 
@@ -220,7 +221,7 @@ def run(cfg: RunConfig) -> Outcome:
     """Measure everything."""
     global _START
     _START = time.monotonic()
-    env = environment(cfg)
+    env = environment(cfg.device_name)
     work = []
     for shape_class in cfg.classes:
         shapes = shape_class.smoke_shapes if cfg.smoke else shape_class.shapes
@@ -249,7 +250,7 @@ def run(cfg: RunConfig) -> Outcome:
         except Exception as exc:  # e.g. out of memory on a smaller GPU
             failures.append(f"{label}: allocation failed: {exc}")
             done += per_case
-            _log(f"[{done}/{total}] {label}: SKIPPED ({type(exc).__name__}: {exc})")
+            log(f"[{done}/{total}] {label}: SKIPPED ({type(exc).__name__}: {exc})")
             continue
         # The roof: one copy measurement per (shape, dtype), written once per
         # requested direction so every (shape, dtype, direction) group is complete.
@@ -258,7 +259,7 @@ def run(cfg: RunConfig) -> Outcome:
         for direction in cfg.directions:
             emit(shape_class, shape, dtype, direction, model.ROOF_PROVIDER, copy_ms, roof)
         done += 1
-        _log(f"[{done}/{total}] {label} copy: {copy_ms:.4f} ms {roof:.1f} GB/s")
+        log(f"[{done}/{total}] {label} copy: {copy_ms:.4f} ms {roof:.1f} GB/s")
 
         for provider in cfg.providers:
             try:
@@ -266,12 +267,12 @@ def run(cfg: RunConfig) -> Outcome:
             except peers.Unavailable as exc:
                 unavailable.setdefault(provider, {})[dtype] = str(exc)
                 done += len(cfg.directions)
-                _log(f"[{done}/{total}] {label} {provider}: unavailable ({exc})")
+                log(f"[{done}/{total}] {label} {provider}: unavailable ({exc})")
                 continue
             except Exception as exc:
                 failures.append(f"{label} {provider}: setup failed: {exc}")
                 done += len(cfg.directions)
-                _log(f"[{done}/{total}] {label} {provider}: FAILED setup ({type(exc).__name__}: {exc})")
+                log(f"[{done}/{total}] {label} {provider}: FAILED setup ({type(exc).__name__}: {exc})")
                 continue
             for direction in cfg.directions:
                 done += 1
@@ -279,11 +280,11 @@ def run(cfg: RunConfig) -> Outcome:
                     ms = time_ms(direction_fn(fn, inputs, case.dy, direction), cfg.device)
                 except Exception as exc:
                     failures.append(f"{label} {direction} {provider}: {type(exc).__name__}: {exc}")
-                    _log(f"[{done}/{total}] {label} {direction} {provider}: FAILED")
-                    _log(traceback.format_exc(limit=3))
+                    log(f"[{done}/{total}] {label} {direction} {provider}: FAILED")
+                    log(traceback.format_exc(limit=3))
                     continue
                 rate = emit(shape_class, shape, dtype, direction, provider, ms, roof)
-                _log(f"[{done}/{total}] {label} {direction} {provider}: "
+                log(f"[{done}/{total}] {label} {direction} {provider}: "
                      f"{ms:.4f} ms {rate:.1f} GB/s {100 * rate / roof:.0f}% of copy")
         del case
         if cfg.device.type == "cuda":

@@ -6,6 +6,7 @@
 #   bash perf/gpu_session.sh perf-a   # workload classes, contiguous and channels_last (#5)
 #   bash perf/gpu_session.sh perf-b   # plane sweep, then torch.compile on the workload classes
 #   bash perf/gpu_session.sh peers    # FlagGems and Liger-Kernel on the workload classes
+#   bash perf/gpu_session.sh models   # training steps of the networks (perf.models), one run each
 #
 # The GPU machine reaches no package registry: for the peers stage, download the wheels here first
 # (pip download --no-deps -d .whl flag-gems==5.0.2 liger-kernel sqlalchemy PyYAML) and carry
@@ -21,7 +22,7 @@
 # classes it has no time left for. torch.compile is left out of the wide sweeps: inductor needs
 # tens of seconds per shape and dtype, which does not fit a 30-minute lease for all 29 shapes.
 set -u
-stage=${1:?usage: bash perf/gpu_session.sh tests|perf-a|perf-b|peers}
+stage=${1:?usage: bash perf/gpu_session.sh tests|perf-a|perf-b|peers|models}
 OUT=${OUT:-/tmp/gpu_session_out}
 BUDGET_S=${BUDGET_S:-560}  # stop starting work after this many seconds
 mkdir -p "$OUT"
@@ -55,6 +56,23 @@ report() {  # report CLASSES [more perf.report args]: one run per class while ti
     tail -n 40 "$OUT/perf.log"
 }
 
+models() {  # models NETWORKS: one perf.models run per network while time is left (each merges its rows)
+    for net in ${1//,/ }; do
+        if [ "$(left)" -lt 90 ]; then
+            echo "SKIPPED $net: under 90 s left" | tee -a "$OUT/models.log"
+            continue
+        fi
+        echo "== $net ($(left) s left)" | tee -a "$OUT/models.log"
+        timeout "$(left)" $py -m perf.models --networks "$net" >>"$OUT/models.log" 2>&1 \
+            || echo "perf.models $net exited $?" | tee -a "$OUT/models.log"
+    done
+    for f in perf/results/models/*.csv perf/results/models/*.md; do
+        [ -e "$f" ] && cp "$f" "$OUT/models_$(basename "$f")"
+    done
+    cp plots/*_models.png "$OUT"/ 2>/dev/null
+    tail -n 40 "$OUT/models.log"
+}
+
 case "$stage" in
 tests)
     # -n 8: the JIT compiles every kernel variant the suite touches; 16 cores share the work
@@ -79,6 +97,11 @@ peers)
     fi
     report style_transfer_2d,gan_2d,nnunet_3d,nnunet_3d_channels_last,tiny_planes,huge_planes \
         --providers triton_instnorm,flag_gems,liger_groupnorm
+    ;;
+models)
+    # The 2-d networks first; the 3-d U-Nets compile longest (copy the models CSV back into
+    # perf/results/models/ before a second call, as for the perf stages).
+    models style_transfer,cyclegan_b1,cyclegan_b4,adain,unet3d,unet3d_channels_last
     ;;
 *)
     echo "unknown stage $stage" >&2

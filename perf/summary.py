@@ -14,11 +14,11 @@ from perf.shapes import class_order
 KEY_COLUMNS = ("shape_class", "shape", "dtype", "direction", "provider")
 
 
-def read_csv(path: str) -> list[dict]:
+def read_csv(path: str, columns: list[str] = model.CSV_COLUMNS) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != model.CSV_COLUMNS:
-            raise ValueError(f"{path}: columns {reader.fieldnames} != {model.CSV_COLUMNS}")
+        if reader.fieldnames != columns:
+            raise ValueError(f"{path}: columns {reader.fieldnames} != {columns}")
         return list(reader)
 
 
@@ -29,21 +29,23 @@ def _sort_key(row: dict):
             model.PROVIDERS.index(row["provider"]) if row["provider"] in model.PROVIDERS else 99)
 
 
-def write_csv(path: str, rows: list[dict], merge: bool) -> list[dict]:
+def write_csv(path: str, rows: list[dict], merge: bool, columns: list[str] = model.CSV_COLUMNS,
+              key_columns=KEY_COLUMNS, sort_key=_sort_key) -> list[dict]:
     """Write rows; with ``merge`` keep earlier rows of this file that were not re-measured.
 
     Merging lets a partial re-run (``--classes gan_2d``) update its rows without
     dropping the rest of the device's table; every row keeps its own
-    torch/triton/date columns, so mixed runs stay traceable.
+    torch/triton/date columns, so mixed runs stay traceable. ``columns``, ``key_columns``
+    and ``sort_key`` default to the bandwidth CSV's (perf.models passes its own).
     """
     if merge and os.path.exists(path):
-        fresh = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
-        old = [r for r in read_csv(path) if tuple(r[k] for k in KEY_COLUMNS) not in fresh]
+        fresh = {tuple(r[k] for k in key_columns) for r in rows}
+        old = [r for r in read_csv(path, columns) if tuple(r[k] for k in key_columns) not in fresh]
         rows = old + rows
-    rows = sorted(rows, key=_sort_key)
+    rows = sorted(rows, key=sort_key)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=model.CSV_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return rows

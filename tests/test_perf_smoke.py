@@ -9,15 +9,13 @@ under pytest's tmp_path, never into the repository's perf/results/ or plots/.
 
 import csv
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _perf_cli import PNG_MAGIC, REPO_ROOT, repo_outputs, run_perf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from perf import model  # noqa: E402  (torch/triton-free)
@@ -44,19 +42,7 @@ def default_peers(dtype):
 
 
 def run_report(*args, timeout=600):
-    env = dict(os.environ, TRITON_INTERPRET="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-m", "perf.report", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def repo_outputs():
-    """Files in the repository's own output folders, to prove the test leaves them alone."""
-    found = {}
-    for folder in (REPO_ROOT / "perf" / "results", REPO_ROOT / "plots"):
-        if folder.is_dir():
-            for f in folder.iterdir():
-                found[f] = f.stat().st_mtime_ns
-    return found
+    return run_perf("report", *args, timeout=timeout)
 
 
 def read_rows(out_dir: Path):
@@ -72,7 +58,7 @@ def check_pngs(plots_dir: Path):
         pngs = list(plots_dir.glob(f"*_{name}"))
         assert len(pngs) == 1, (name, sorted(p.name for p in plots_dir.iterdir()))
         assert pngs[0].stat().st_size > 1000
-        assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pngs[0].read_bytes()[:8] == PNG_MAGIC
 
 
 def check_rows(rows, classes, dtypes, directions, providers, peers_for=lambda dtype: []):
