@@ -23,12 +23,14 @@ On Triton's interpreter (CPU smoke runs):
   name; its ``libentry`` kernel wrapper also walks ``.fn`` down to a compiled
   ``triton.runtime.JITFunction``, which ``TRITON_INTERPRET=1`` replaces by an
   ``InterpretedFunction`` (AttributeError at import). Its wiring is tested with a stand-in module.
-* Liger runs in float32 with two interpreter-only adaptations around its forward launch, both
-  doing what compiled Triton does: float arguments become fp32 scalars (Liger calls
+* Liger runs in float32 and float16 with two interpreter-only adaptations around its forward
+  launch, both doing what compiled Triton does: float arguments become fp32 scalars (Liger calls
   ``eps.to(tl.float32)``, the interpreter passes a Python float), and the libdevice ``rsqrt`` its
   module imports by name becomes ``tl.math.rsqrt`` (the interpreter maps ``tl.math`` only).
-  bfloat16 / float16 are unavailable there: the interpreter has no 16-bit float atomics, and
-  Liger's backward accumulates dweight/dbias with ``tl.atomic_add`` in bfloat16.
+  bfloat16 is unavailable there: Liger's backward accumulates dweight/dbias of bfloat16 inputs
+  with ``tl.atomic_add`` on bfloat16, and the interpreter's atomics have no bfloat16 (numpy has
+  none). For float16 inputs Liger rounds the partial sums to bfloat16 and adds them into float16
+  buffers, which the interpreter can do.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def _build_flag_gems(case, eps: float, interpret: bool):
 
 # --------------------------------------------------------------------------- Liger-Kernel
 
-_HALF_ON_INTERPRETER = ("Triton's interpreter has no 16-bit float atomics; Liger's backward "
-                        "accumulates dweight/dbias with tl.atomic_add in bfloat16")
+_BF16_ON_INTERPRETER = ("Triton's interpreter has no bfloat16 atomics; Liger's backward "
+                        "accumulates dweight/dbias with tl.atomic_add on bfloat16")
 
 
 def _fp32_scalar(convert):
@@ -117,8 +119,8 @@ def _liger_on_interpreter():
 
 
 def _build_liger_groupnorm(case, eps: float, interpret: bool):
-    if interpret and case.x.dtype != torch.float32:
-        raise Unavailable(_HALF_ON_INTERPRETER)
+    if interpret and case.x.dtype == torch.bfloat16:
+        raise Unavailable(_BF16_ON_INTERPRETER)
     from liger_kernel.transformers.group_norm import LigerGroupNorm
 
     channels = case.x.shape[1]
