@@ -19,7 +19,7 @@ import triton
 import triton.testing
 
 import triton_instnorm
-from perf import model
+from perf import model, peers
 from perf.shapes import ShapeClass
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,6 +143,9 @@ def norm_fn(provider: str, case: Case, use_module: bool):
         return _eager, (case.x, case.weight, case.bias)
     if provider == "torch_compile":
         return _compiled(), (case.x, case.weight, case.bias)
+    if provider in peers.PEERS:
+        # Checked once against eager PyTorch; raises peers.Unavailable where it cannot run.
+        return peers.build(provider, case, EPS)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -187,10 +190,11 @@ class RunConfig:
     device_name: str
 
 
-def environment(cfg: RunConfig) -> dict:
+def environment(device_name: str) -> dict:
+    """The columns every CSV row carries: device, versions, date."""
     from datetime import datetime, timezone
     return {
-        "device": cfg.device_name,
+        "device": device_name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -200,16 +204,24 @@ def environment(cfg: RunConfig) -> dict:
 _START = time.monotonic()
 
 
-def _log(msg: str):
+def log(msg: str):
     elapsed = int(time.monotonic() - _START)
     print(f"{elapsed // 60:3d}m{elapsed % 60:02d}s {msg}", file=sys.stderr, flush=True)
 
 
-def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
-    """Measure everything; returns (CSV rows, descriptions of failed measurements)."""
+@dataclass
+class Outcome:
+    rows: list[dict]            # CSV rows
+    failures: list[str]         # descriptions of failed measurements
+    # {provider: {dtype: reason}} for peers that cannot run a dtype here (not failures)
+    unavailable: dict[str, dict[str, str]]
+
+
+def run(cfg: RunConfig) -> Outcome:
+    """Measure everything."""
     global _START
     _START = time.monotonic()
-    env = environment(cfg)
+    env = environment(cfg.device_name)
     work = []
     for shape_class in cfg.classes:
         shapes = shape_class.smoke_shapes if cfg.smoke else shape_class.shapes
@@ -218,7 +230,7 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
                 work.append((shape_class, shape, dtype))
     per_case = 1 + len(cfg.providers) * len(cfg.directions)
     total, done = len(work) * per_case, 0
-    rows, failures = [], []
+    rows, failures, unavailable = [], [], {}
 
     def emit(shape_class, shape, dtype, direction, provider, ms, roof_gbps):
         num_bytes = model.bytes_for(provider, shape, dtype, direction)
@@ -238,7 +250,7 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
         except Exception as exc:  # e.g. out of memory on a smaller GPU
             failures.append(f"{label}: allocation failed: {exc}")
             done += per_case
-            _log(f"[{done}/{total}] {label}: SKIPPED ({type(exc).__name__}: {exc})")
+            log(f"[{done}/{total}] {label}: SKIPPED ({type(exc).__name__}: {exc})")
             continue
         # The roof: one copy measurement per (shape, dtype), written once per
         # requested direction so every (shape, dtype, direction) group is complete.
@@ -247,15 +259,20 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
         for direction in cfg.directions:
             emit(shape_class, shape, dtype, direction, model.ROOF_PROVIDER, copy_ms, roof)
         done += 1
-        _log(f"[{done}/{total}] {label} copy: {copy_ms:.4f} ms {roof:.1f} GB/s")
+        log(f"[{done}/{total}] {label} copy: {copy_ms:.4f} ms {roof:.1f} GB/s")
 
         for provider in cfg.providers:
             try:
                 fn, inputs = norm_fn(provider, case, cfg.use_module)
+            except peers.Unavailable as exc:
+                unavailable.setdefault(provider, {})[dtype] = str(exc)
+                done += len(cfg.directions)
+                log(f"[{done}/{total}] {label} {provider}: unavailable ({exc})")
+                continue
             except Exception as exc:
                 failures.append(f"{label} {provider}: setup failed: {exc}")
                 done += len(cfg.directions)
-                _log(f"[{done}/{total}] {label} {provider}: FAILED setup ({type(exc).__name__}: {exc})")
+                log(f"[{done}/{total}] {label} {provider}: FAILED setup ({type(exc).__name__}: {exc})")
                 continue
             for direction in cfg.directions:
                 done += 1
@@ -263,13 +280,13 @@ def run(cfg: RunConfig) -> tuple[list[dict], list[str]]:
                     ms = time_ms(direction_fn(fn, inputs, case.dy, direction), cfg.device)
                 except Exception as exc:
                     failures.append(f"{label} {direction} {provider}: {type(exc).__name__}: {exc}")
-                    _log(f"[{done}/{total}] {label} {direction} {provider}: FAILED")
-                    _log(traceback.format_exc(limit=3))
+                    log(f"[{done}/{total}] {label} {direction} {provider}: FAILED")
+                    log(traceback.format_exc(limit=3))
                     continue
                 rate = emit(shape_class, shape, dtype, direction, provider, ms, roof)
-                _log(f"[{done}/{total}] {label} {direction} {provider}: "
+                log(f"[{done}/{total}] {label} {direction} {provider}: "
                      f"{ms:.4f} ms {rate:.1f} GB/s {100 * rate / roof:.0f}% of copy")
         del case
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, failures
+    return Outcome(rows, failures, unavailable)

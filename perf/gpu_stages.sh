@@ -6,6 +6,12 @@
 #   bash perf/gpu_stages.sh tests    # the whole suite on CUDA, CUDA-only slow tests included
 #   bash perf/gpu_stages.sh perf-a   # workload classes, contiguous and channels_last
 #   bash perf/gpu_stages.sh perf-b   # plane sweep, then torch.compile on the workload classes
+#   bash perf/gpu_stages.sh peers    # FlagGems and Liger-Kernel on the workload classes
+#   bash perf/gpu_stages.sh models   # training steps of real networks (perf.models), one run each
+#
+# On a machine without a package registry, put the peers' wheels in .whl/ (git-ignored; e.g.
+# pip download --no-deps -d .whl flag-gems==5.0.2 liger-kernel sqlalchemy PyYAML): the peers
+# stage installs them from there without their dependencies.
 #
 # BUDGET_S (default 560): seconds after which a stage starts nothing new.
 # RESULTS_DIR (default gpu-results/): the stage's outputs: env.txt (GPU, driver, torch, triton,
@@ -16,7 +22,7 @@
 # finished, and a later stage adds to the same CSV. torch.compile is left out of the wide sweeps:
 # inductor needs tens of seconds per shape and dtype.
 set -u
-stage=${1:?usage: bash perf/gpu_stages.sh tests|perf-a|perf-b}
+stage=${1:?usage: bash perf/gpu_stages.sh tests|perf-a|perf-b|peers|models}
 results=${RESULTS_DIR:-gpu-results}
 BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$results"
@@ -50,6 +56,23 @@ report() {  # report CLASSES [more perf.report args]: one run per class while ti
     tail -n 40 "$results/perf.log"
 }
 
+models() {  # models NETWORKS: one perf.models run per network while time is left (each merges its rows)
+    for net in ${1//,/ }; do
+        if [ "$(left)" -lt 90 ]; then
+            echo "SKIPPED $net: under 90 s left" | tee -a "$results/models.log"
+            continue
+        fi
+        echo "== $net ($(left) s left)" | tee -a "$results/models.log"
+        timeout "$(left)" $py -m perf.models --networks "$net" >>"$results/models.log" 2>&1 \
+            || echo "perf.models $net exited $?" | tee -a "$results/models.log"
+    done
+    for f in perf/results/models/*.csv perf/results/models/*.md; do
+        [ -e "$f" ] && cp "$f" "$results/models_$(basename "$f")"
+    done
+    cp plots/*_models.png "$results"/ 2>/dev/null
+    tail -n 40 "$results/models.log"
+}
+
 case "$stage" in
 tests)
     # -n 8: the JIT compiles every kernel variant the suite touches; 16 cores share the work
@@ -66,6 +89,18 @@ perf-a)
 perf-b)
     report plane_sweep --providers triton_instnorm,torch_eager --dtypes bfloat16,float32
     report style_transfer_2d,gan_2d,nnunet_3d --providers torch_compile --dtypes bfloat16
+    ;;
+peers)
+    if [ -d .whl ]; then
+        $py -m pip install --quiet --no-index --no-deps --find-links .whl \
+            flag-gems liger-kernel sqlalchemy PyYAML 2>&1 | tail -n 3
+    fi
+    report style_transfer_2d,gan_2d,nnunet_3d,nnunet_3d_channels_last,tiny_planes,huge_planes \
+        --providers triton_instnorm,flag_gems,liger_groupnorm
+    ;;
+models)
+    # The 2-d networks first; the 3-d U-Nets compile longest.
+    models style_transfer,cyclegan_b1,cyclegan_b4,adain,unet3d,unet3d_channels_last
     ;;
 *)
     echo "unknown stage $stage" >&2

@@ -19,8 +19,13 @@ DIRECTIONS = ["forward", "backward", "forward+backward"]
 DTYPES = ["float32", "bfloat16", "float16"]
 # Normalization providers; "copy" is the measured memory roof.
 NORM_PROVIDERS = ["triton_instnorm", "torch_eager", "torch_compile"]
+# Other Triton instance-norm kernels (perf/peers.py): measured when their package imports here,
+# otherwise reported as unavailable with the reason.
+PEER_PROVIDERS = ["flag_gems", "liger_groupnorm"]
 ROOF_PROVIDER = "copy"
-PROVIDERS = NORM_PROVIDERS + [ROOF_PROVIDER]
+PROVIDERS = NORM_PROVIDERS + PEER_PROVIDERS + [ROOF_PROVIDER]
+# What triton_instnorm's speedup is computed against (summary columns, speedup plot).
+BASELINES = ["torch_eager", "torch_compile"] + PEER_PROVIDERS
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Statistics kept per plane for the backward: what triton_instnorm's forward stores (pivot,

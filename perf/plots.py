@@ -15,7 +15,8 @@ from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
 from perf.summary import geomean, speedups  # noqa: E402
 
 COLORS = {"triton_instnorm": "tab:blue", "torch_eager": "tab:orange",
-          "torch_compile": "tab:green", "copy": "0.45"}
+          "torch_compile": "tab:green", "flag_gems": "tab:red", "liger_groupnorm": "tab:purple",
+          "copy": "0.45"}
 DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 PLOT_FILES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
 
@@ -140,14 +141,14 @@ def plot_roofline(rows, path, title, peak_tflops):
 
 
 def plot_speedup(rows, path, title):
-    """triton_instnorm speedup over eager and torch.compile per shape class.
+    """triton_instnorm speedup over each measured baseline (eager, torch.compile, peers) per class.
 
     Bars are geometric means over the class's shapes and dtypes; one panel per
     direction.  Panels say so when a baseline was not measured.
     """
     directions = _present(rows, "direction", model.DIRECTIONS)
     classes = sorted({r["shape_class"] for r in rows}, key=class_order)
-    baselines = [b for b in ("torch_eager", "torch_compile") if any(r["provider"] == b for r in rows)]
+    baselines = [b for b in model.BASELINES if any(r["provider"] == b for r in rows)]
     fig, axes = _grid(1, len(directions), width=max(4.5, 0.55 * len(classes) + 1.5))
     width = 0.8 / max(1, len(baselines))
     for j, direction in enumerate(directions):
@@ -190,3 +191,63 @@ def draw_all(rows, plots_dir, title, prefix, peak_tflops=None) -> list[str]:
     plot_roofline(rows, paths[1], title, peak_tflops)
     plot_speedup(rows, paths[2], title)
     return paths
+
+
+# --------------------------------------------------------------------------- perf.models
+
+MODEL_SERIES_COLORS = {("pytorch", "eager"): "tab:orange", ("pytorch", "compile"): "tab:green",
+                       ("triton_instnorm", "eager"): "tab:blue", ("triton_instnorm", "compile"): "navy",
+                       "eager": "tab:blue", "compile": "navy"}
+
+
+def _grouped_bars(ax, groups, series, value, ylabel, title):
+    """One bar per (group, series); ``value(group, series)`` -> float or None (not measured)."""
+    width = 0.8 / max(1, len(series))
+    measured = False
+    for k, name in enumerate(series):
+        values = [value(g, name) for g in groups]
+        measured = measured or any(values)
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        label = name if isinstance(name, str) else " ".join(name)
+        bars = ax.bar(xs, [v or 0 for v in values], width, color=MODEL_SERIES_COLORS.get(name), label=label)
+        for bar, v in zip(bars, values):
+            if v:
+                ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    if not measured:
+        ax.text(0.5, 0.5, "not measured (no GPU)", transform=ax.transAxes, ha="center")
+
+
+def draw_models(rows, plots_dir, title, prefix) -> str:
+    """``<plots_dir>/<prefix>_models.png``: ms per step, speedup and peak memory per network."""
+    os.makedirs(plots_dir, exist_ok=True)
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    modes = [m for m in ("eager", "compile") if any(r["mode"] == m for r in rows)]
+    by_key = {(r["network"], r["variant"], r["mode"]): r for r in rows}
+
+    def column(name):
+        def value(network, series):
+            text = by_key.get((network, *series), {}).get(name)
+            return float(text) if text else None
+        return value
+
+    series = [(v, m) for m in modes for v in ("pytorch", "triton_instnorm")]
+    fig, axes = _grid(3, 1, width=max(6.0, 1.1 * len(networks) + 2), height=3.4)
+    _grouped_bars(axes[0][0], networks, series, column("ms_per_step"), "ms per training step", "step time")
+    speedup = column("speedup_vs_pytorch")
+    _grouped_bars(axes[1][0], networks, modes, lambda n, m: speedup(n, ("triton_instnorm", m)),
+                  "PyTorch ms / triton_instnorm ms", "speedup (same mode)")
+    axes[1][0].axhline(1.0, color="k", lw=1)
+    _grouped_bars(axes[2][0], networks, series, column("peak_mem_mb"), "MiB", "peak GPU memory")
+    fig.suptitle(f"{title}: training step of instance-norm networks")
+    fig.tight_layout()
+    path = os.path.join(plots_dir, f"{prefix}_models.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

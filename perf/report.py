@@ -56,7 +56,9 @@ def parse_args(argv=None):
                    help=f"comma-separated (default {','.join(model.DIRECTIONS)})")
     p.add_argument("--providers", type=_csv_list(model.PROVIDERS), default=None,
                    help="normalization providers (default: all; smoke on CPU: all but torch_compile, "
-                        "whose CPU compiles take minutes). copy, the roof, is always measured.")
+                        "whose CPU compiles take minutes). copy, the roof, is always measured. "
+                        f"Peers ({','.join(model.PEER_PROVIDERS)}) that cannot run here are "
+                        "reported as unavailable with the reason.")
     p.add_argument("--module", action="store_true",
                    help="time triton_instnorm through its InstanceNorm{1,2,3}d modules "
                         "instead of the functional instance_norm")
@@ -95,16 +97,24 @@ def newest_csv(results_dir: str) -> str | None:
     return max(paths, key=os.path.getmtime, default=None)
 
 
+def stored_rows(results_dir: str, columns: list[str] = model.CSV_COLUMNS):
+    """(path, rows, device) of the newest stored CSV under ``results_dir``; None if there is none."""
+    path = newest_csv(results_dir)
+    if path is None:
+        return None
+    rows = summary.read_csv(path, columns)
+    return path, rows, rows[0]["device"] if rows else os.path.basename(path)[:-4]
+
+
 def redraw(args) -> int:
     """No GPU and no --smoke: one line of output, then plots from the stored CSV."""
     results_dir = args.out or RESULTS_DIR
-    path = newest_csv(results_dir)
-    if path is None:
+    stored = stored_rows(results_dir)
+    if stored is None:
         print(f"No CUDA GPU found and no CSV under {_show(results_dir)}/ yet: nothing to measure or plot.")
         return 0
     from perf import plots
-    rows = summary.read_csv(path)
-    device = rows[0]["device"] if rows else os.path.basename(path)[:-4]
+    path, rows, device = stored
     plots_dir = args.plots or PLOTS_DIR
     print(f"No CUDA GPU found: redrawing {_show(plots_dir)}/ from {_show(path)} "
           f"({len(rows)} rows, measured on {device}).")
@@ -113,39 +123,71 @@ def redraw(args) -> int:
     return 0
 
 
+def peer_statuses(requested: list[str], reasons: dict, outcome) -> dict[str, str]:
+    """{peer: "unavailable: <reason>" or "measured: ..."} for the summary's peer table."""
+    out = {}
+    for name in requested:
+        if reasons[name] is not None:
+            out[name] = f"unavailable: {reasons[name]}"
+            continue
+        rows = [r for r in outcome.rows if r["provider"] == name]
+        dtypes = sorted({r["dtype"] for r in rows}, key=model.DTYPES.index)
+        parts = [f"measured: {len(rows)} rows ({', '.join(dtypes) or 'none'})"]
+        by_reason = {}
+        for dtype, reason in outcome.unavailable.get(name, {}).items():
+            by_reason.setdefault(reason, []).append(dtype)
+        parts += [f"unavailable for {', '.join(d)}: {reason}" for reason, d in by_reason.items()]
+        failed = [f for f in outcome.failures if f" {name}:" in f]
+        parts += [f"{len(failed)} failed: {failed[0]}"] if failed else []
+        out[name] = "; ".join(parts)
+    return out
+
+
+def start_device(command: str):
+    """(device, its name, whether the kernels run through Triton's interpreter).
+
+    Without a GPU, sets TRITON_INTERPRET=1, which triton reads when it is first imported: call
+    this before anything imports triton or triton_instnorm. ``command`` is what to run instead
+    when that is too late."""
+    import torch  # does not import triton
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.get_device_name(), False
+    if "triton_instnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--smoke without a GPU needs TRITON_INTERPRET=1 before triton_instnorm "
+                         f"is imported; run it as a fresh process: {command}")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu"), "CPU (Triton interpreter)", True
+
+
+def output_dirs(args, default_dir: str, smoke_prefix: str):
+    """(directory for CSV and markdown, directory for plots): a new temp dir in smoke runs."""
+    if args.smoke:
+        out_dir = args.out or tempfile.mkdtemp(prefix=smoke_prefix)
+        return out_dir, args.plots or os.path.join(out_dir, "plots")
+    return args.out or default_dir, args.plots or PLOTS_DIR
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch  # does not import triton
 
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda and not args.smoke:
+    if not torch.cuda.is_available() and not args.smoke:
         return redraw(args)
+    device, device_name, interpret = start_device("python -m perf.report --smoke")
+    from perf import bench, peers, plots  # imports torch, triton, triton_instnorm
 
-    interpret = not has_cuda
-    if interpret:
-        if "triton_instnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke without a GPU needs TRITON_INTERPRET=1 before triton_instnorm "
-                             "is imported; run it as a fresh process: python -m perf.report --smoke")
-        # Before the first import of triton / triton_instnorm (in perf.bench).
-        os.environ["TRITON_INTERPRET"] = "1"
-
-    from perf import bench, plots  # imports torch, triton, triton_instnorm
-
-    device = torch.device("cuda" if has_cuda else "cpu")
-    device_name = torch.cuda.get_device_name() if has_cuda else "CPU (Triton interpreter)"
     providers = args.providers
     if providers is None:
-        providers = list(model.NORM_PROVIDERS)
+        providers = list(model.NORM_PROVIDERS) + list(model.PEER_PROVIDERS)
         if interpret:
             providers.remove("torch_compile")
     providers = [p for p in providers if p != model.ROOF_PROVIDER]
+    requested_peers = [p for p in providers if p in model.PEER_PROVIDERS]
+    peer_reasons = {name: peers.unavailable_reason(name, interpret) for name in requested_peers}
+    providers = [p for p in providers if peer_reasons.get(p) is None]
 
-    if args.smoke:
-        out_dir = args.out or tempfile.mkdtemp(prefix="instnorm-perf-smoke-")
-        plots_dir = args.plots or os.path.join(out_dir, "plots")
-    else:
-        out_dir = args.out or RESULTS_DIR
-        plots_dir = args.plots or PLOTS_DIR
+    out_dir, plots_dir = output_dirs(args, RESULTS_DIR, "instnorm-perf-smoke-")
     slug = model.slugify(device_name)
     csv_path = os.path.join(out_dir, f"{slug}.csv")
     md_path = os.path.join(out_dir, f"{slug}.md")
@@ -158,7 +200,10 @@ def main(argv=None) -> int:
           f"providers {','.join(providers + [model.ROOF_PROVIDER])}"
           f"{' (smoke, Triton interpreter)' if interpret else ' (smoke)' if args.smoke else ''}",
           file=sys.stderr)
-    new_rows, failures = bench.run(cfg)
+    if requested_peers:
+        print(peers.status_line(peer_reasons), file=sys.stderr)
+    outcome = bench.run(cfg)
+    new_rows, failures = outcome.rows, outcome.failures
     rows = summary.write_csv(csv_path, new_rows, merge=not (args.fresh or args.smoke))
 
     notes = [f"torch {torch.__version__}, triton {bench.triton.__version__}",
@@ -170,20 +215,25 @@ def main(argv=None) -> int:
     notes += [f"overall geometric-mean speedup vs {b}: {v:.2f}x" for b, v in overall.items()]
     if failures:
         notes.append(f"{len(failures)} measurement(s) failed: " + "; ".join(failures[:5]))
-    text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes)
+    text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes,
+                            peers=peer_statuses(requested_peers, peer_reasons, outcome))
     text += traffic_report.section()  # bytes moved / minimum and programs, counted on the CPU
     with open(md_path, "w") as f:
         f.write(text)
     peak = args.peak_tflops or model.known_peak_tflops(device_name)
     pngs = plots.draw_all(rows, plots_dir, device_name, slug, peak)
 
+    written = [f"{csv_path} ({len(new_rows)} new rows, {len(rows)} total)", md_path, *pngs]
+    return finish(text, written, f"{len(failures)} measurement(s) failed" if failures else "")
+
+
+def finish(text: str, written: list[str], failed: str) -> int:
+    """Print the summary and what was written; the exit code (1 when something failed)."""
     print(text)
-    print(f"wrote {csv_path} ({len(new_rows)} new rows, {len(rows)} total)")
-    print(f"wrote {md_path}")
-    for png in pngs:
-        print(f"wrote {png}")
-    if failures:
-        print(f"{len(failures)} measurement(s) failed; see stderr", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    if failed:
+        print(f"{failed}; see stderr", file=sys.stderr)
         return 1
     return 0
 

@@ -14,11 +14,11 @@ from perf.shapes import class_order
 KEY_COLUMNS = ("shape_class", "shape", "dtype", "direction", "provider")
 
 
-def read_csv(path: str) -> list[dict]:
+def read_csv(path: str, columns: list[str] = model.CSV_COLUMNS) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != model.CSV_COLUMNS:
-            raise ValueError(f"{path}: columns {reader.fieldnames} != {model.CSV_COLUMNS}")
+        if reader.fieldnames != columns:
+            raise ValueError(f"{path}: columns {reader.fieldnames} != {columns}")
         return list(reader)
 
 
@@ -29,21 +29,23 @@ def _sort_key(row: dict):
             model.PROVIDERS.index(row["provider"]) if row["provider"] in model.PROVIDERS else 99)
 
 
-def write_csv(path: str, rows: list[dict], merge: bool) -> list[dict]:
+def write_csv(path: str, rows: list[dict], merge: bool, columns: list[str] = model.CSV_COLUMNS,
+              key_columns=KEY_COLUMNS, sort_key=_sort_key) -> list[dict]:
     """Write rows; with ``merge`` keep earlier rows of this file that were not re-measured.
 
     Merging lets a partial re-run (``--classes gan_2d``) update its rows without
     dropping the rest of the device's table; every row keeps its own
-    torch/triton/date columns, so mixed runs stay traceable.
+    torch/triton/date columns, so mixed runs stay traceable. ``columns``, ``key_columns``
+    and ``sort_key`` default to the bandwidth CSV's (perf.models passes its own).
     """
     if merge and os.path.exists(path):
-        fresh = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
-        old = [r for r in read_csv(path) if tuple(r[k] for k in KEY_COLUMNS) not in fresh]
+        fresh = {tuple(r[k] for k in key_columns) for r in rows}
+        old = [r for r in read_csv(path, columns) if tuple(r[k] for k in key_columns) not in fresh]
         rows = old + rows
-    rows = sorted(rows, key=_sort_key)
+    rows = sorted(rows, key=sort_key)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=model.CSV_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -81,11 +83,15 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
-    """One line per (shape class, dtype, direction): geometric means over the class's shapes."""
+def markdown(rows: list[dict], title: str, notes: list[str] = (), peers: dict[str, str] | None = None) -> str:
+    """One line per (shape class, dtype, direction): geometric means over the class's shapes.
+
+    ``peers``: {peer provider: what happened to it} ("measured: ..." or "unavailable: <reason>"),
+    written as its own table so that a peer that could not run is listed, not silently missing.
+    """
     providers = [p for p in model.PROVIDERS if any(r["provider"] == p for r in rows)]
     norm = [p for p in providers if p != model.ROOF_PROVIDER]
-    vs = {b: speedups(rows, b) for b in ("torch_eager", "torch_compile") if b in providers}
+    vs = {b: speedups(rows, b) for b in model.BASELINES if b in providers}
     groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[(r["shape_class"], r["dtype"], r["direction"])][r["provider"]].append(r)
@@ -123,13 +129,16 @@ def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
     lines += ["", "GB/s and % of roof: geometric mean over the class's shapes; "
               "% of roof = achieved GB/s / GB/s of `y.copy_(x)` on the same tensor. "
               "speedup = baseline ms / triton_instnorm ms (geometric mean; > 1 means faster)."]
+    if peers:
+        lines += ["", "## Peer providers", "", "| peer | status |", "|---|---|"]
+        lines += [f"| {name} | {text} |" for name, text in peers.items()]
     return "\n".join(lines) + "\n"
 
 
 def overall_speedups(rows: list[dict]) -> dict:
     """{baseline: geometric-mean speedup of triton_instnorm over all shapes/dtypes/directions}"""
     out = {}
-    for baseline in ("torch_eager", "torch_compile"):
+    for baseline in model.BASELINES:
         ratios = [v for vals in speedups(rows, baseline).values() for v in vals]
         if ratios:
             out[baseline] = geomean(ratios)

@@ -8,15 +8,14 @@ under pytest's tmp_path, never into the repository's perf/results/ or plots/.
 """
 
 import csv
-import os
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _perf_cli import PNG_MAGIC, REPO_ROOT, repo_outputs, run_perf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from perf import model  # noqa: E402  (torch/triton-free)
@@ -30,22 +29,20 @@ PLOT_NAMES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
 CLASSES = list(SHAPE_CLASSES)
 DTYPES = list(model.DTYPES)
 PROVIDERS = ["triton_instnorm", "torch_eager"]
+INSTALLED = {name: importlib.util.find_spec(module) is not None
+             for name, module in (("flag_gems", "flag_gems"), ("liger_groupnorm", "liger_kernel"))}
+
+
+def default_peers(dtype):
+    """Peers the default smoke run measures: installed ones; on the interpreter only Liger, and
+    not in bfloat16 (FlagGems cannot run there, Liger's backward needs bfloat16 atomics)."""
+    if HAS_GPU:
+        return [name for name, ok in INSTALLED.items() if ok]
+    return ["liger_groupnorm"] if INSTALLED["liger_groupnorm"] and dtype != "bfloat16" else []
 
 
 def run_report(*args, timeout=600):
-    env = dict(os.environ, TRITON_INTERPRET="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-m", "perf.report", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def repo_outputs():
-    """Files in the repository's own output folders, to prove the test leaves them alone."""
-    found = {}
-    for folder in (REPO_ROOT / "perf" / "results", REPO_ROOT / "plots"):
-        if folder.is_dir():
-            for f in folder.iterdir():
-                found[f] = f.stat().st_mtime_ns
-    return found
+    return run_perf("report", *args, timeout=timeout)
 
 
 def read_rows(out_dir: Path):
@@ -61,11 +58,10 @@ def check_pngs(plots_dir: Path):
         pngs = list(plots_dir.glob(f"*_{name}"))
         assert len(pngs) == 1, (name, sorted(p.name for p in plots_dir.iterdir()))
         assert pngs[0].stat().st_size > 1000
-        assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pngs[0].read_bytes()[:8] == PNG_MAGIC
 
 
-def check_rows(rows, classes, dtypes, directions, providers):
-    expected = providers + ["copy"]  # the copy roof is always measured
+def check_rows(rows, classes, dtypes, directions, providers, peers_for=lambda dtype: []):
     groups = {}
     for r in rows:
         assert r["direction"] in model.DIRECTIONS and r["provider"] in model.PROVIDERS
@@ -76,6 +72,7 @@ def check_rows(rows, classes, dtypes, directions, providers):
     assert {k[2] for k in groups} == set(dtypes)
     assert {k[3] for k in groups} == set(directions)
     for key, provs in groups.items():
+        expected = providers + peers_for(key[2]) + ["copy"]  # the copy roof is always measured
         assert sorted(provs) == sorted(expected), key
     for r in rows:
         if r["provider"] == "copy":
@@ -100,7 +97,7 @@ def test_smoke_csv_schema_and_rows(smoke_run):
     assert columns == model.CSV_COLUMNS == [
         "device", "torch", "triton", "date", "shape_class", "shape", "dtype",
         "direction", "provider", "ms", "gbps", "pct_of_roof"]
-    groups = check_rows(rows, CLASSES, DTYPES, model.DIRECTIONS, PROVIDERS)
+    groups = check_rows(rows, CLASSES, DTYPES, model.DIRECTIONS, PROVIDERS, default_peers)
     # plane_sweep contributes several plane sizes, so the bandwidth curve has points.
     assert len({k[1] for k in groups if k[0] == "plane_sweep"}) >= 3
 
@@ -116,6 +113,29 @@ def test_smoke_summary_and_plots(smoke_run):
     assert "## Memory traffic" in text  # perf/traffic_report.section(), counted on the CPU
     assert "| class | dtype | direction |" in proc.stdout  # the summary is printed too
     assert "[" in proc.stderr and "copy" in proc.stderr  # per-measurement progress lines
+
+
+def test_smoke_lists_every_peer(smoke_run):
+    """Each peer: measured rows, or "unavailable: <reason>" in one start line and in the summary."""
+    out, proc = smoke_run
+    start_lines = [line for line in proc.stderr.splitlines() if line.startswith("peer providers: ")]
+    assert len(start_lines) == 1, proc.stderr[-3000:]
+    text = next(out.glob("*.md")).read_text()
+    assert "## Peer providers" in text
+    _, _, rows = read_rows(out)
+    for name in model.PEER_PROVIDERS:
+        measured = [r for r in rows if r["provider"] == name]
+        (cell,) = [line for line in text.splitlines() if line.startswith(f"| {name} | ")]
+        if any(name in default_peers(dtype) for dtype in DTYPES):
+            assert measured and f"{name}: available" in start_lines[0]
+            assert cell.startswith(f"| {name} | measured: {len(measured)} rows")
+        else:
+            assert not measured and f"{name}: unavailable: " in start_lines[0]
+            assert cell.startswith(f"| {name} | unavailable: ") and len(cell) > len(name) + 30
+    if not HAS_GPU and INSTALLED["liger_groupnorm"]:
+        assert "unavailable for bfloat16: Triton's interpreter has no bfloat16 atomics" in text
+    if INSTALLED["liger_groupnorm"]:
+        assert "speedup vs liger_groupnorm" in text
 
 
 @pytest.mark.skipif(HAS_GPU, reason="with a GPU the plain command measures instead of redrawing")
