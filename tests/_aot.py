@@ -56,6 +56,11 @@ def bwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", use_input_stats=True
                 need_db=need_db, layout=layout, tile_limit=tile_limit)
 
 
+def stats_bwd(dtype, shape=(2, 8, 32, 32), *, layout="contiguous"):
+    """``launch.stats_backward``: the gradient through per-plane (mean, std), ``_stats_bwd``."""
+    return dict(op="stats_backward", dtype=dtype, shape=list(shape), layout=layout)
+
+
 def update(dtype, running="fp32", n=2, c=8, hw=1024):
     """``launch.update_running_stats`` (stats buffer in the accumulation dtype of ``dtype``)."""
     return dict(op="update", dtype=dtype, running=running, n=n, c=c, hw=hw)
@@ -198,6 +203,13 @@ def capture(spec):
                 rm = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                 rv = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                 launch.update_running_stats(stats, rm, rv, n, c, spec["hw"], 0.1)
+            elif op == "stats_backward":
+                x = _make_input(spec)
+                n, c = x.shape[0], x.shape[1]
+                acc = launch.acc_dtype(x.dtype)
+                stats = torch.empty((constants.NUM_STATS, n * c), dtype=acc)
+                dmean, dstd = torch.empty((n, c), dtype=acc), torch.empty((n, c), dtype=acc)
+                launch.stats_backward(dmean, dstd, x, stats, 1e-5)
             else:
                 x = _make_input(spec)
                 n, c = x.shape[0], x.shape[1]

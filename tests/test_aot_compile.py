@@ -24,7 +24,7 @@ import re
 import pytest
 
 import _aot
-from _aot import bwd, fwd, update
+from _aot import bwd, fwd, stats_bwd, update
 
 LOOPED = (2, 8, 128, 128)  # HW = 16384 > MAX_SINGLE_TILE: the multi-tile loops
 BIG_TILE = (2, 4, 64, 128)  # HW = 8192 = MAX_SINGLE_TILE: one tile per program, 16 warps
@@ -80,6 +80,10 @@ FAST = [
     # one plane of 7 elements: N, C, rows, rows_per_group, blocks_per_group are all constexpr 1
     fwd("fp32", (1, 1, 7), activation=2),
     bwd("fp32", (1, 1, 7), activation=2),
+    # AdaIN's style statistics: the gradient through per-plane (mean, std)
+    stats_bwd("bf16"),
+    stats_bwd("fp32", CL_SPLIT, layout="channels_last"),
+    stats_bwd("fp64", SPLIT),
     # running statistics update
     update("fp32", "fp32"),
     update("fp64", "fp64"),
