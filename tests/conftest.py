@@ -5,12 +5,16 @@ no GPU is visible (the README's test command also sets it explicitly).
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A private inductor cache: compiled graphs cached on disk by another version of this package
+# (another checkout, an older commit) would otherwise be reused with stale buffer shapes.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_instnorm_inductor_")
 
 import triton_instnorm  # noqa: E402  (after TRITON_INTERPRET)
 from triton_instnorm import launch  # noqa: E402
