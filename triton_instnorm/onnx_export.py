@@ -23,22 +23,24 @@ How each exporter is reached:
   registration for custom ops.
 - Dynamo exporter (``dynamo=True``, also for an ``ExportedProgram`` holding our ops): it has no
   global registry for custom ops (only the per-call ``custom_translation_table``), but before
-  translating it decomposes every op it cannot translate with torch's decomposition table
-  (``torch._decomp.decomposition_table``). We register there a decomposition into the aten ops
-  torch exports for its own instance norm. That table is also read by FakeTensor under dynamic
-  shapes and by ``make_fx`` users, so outside an ONNX export the decomposition changes nothing:
-  under a tracer it declines (the op stays in the graph), on fake tensors it returns the op's
-  own fake outputs, on real tensors it runs the op.
+  translating it decomposes every op it cannot translate with a table it builds for that export
+  (``torch.onnx._internal.exporter._decomp.create_onnx_friendly_decomposition_table``). We wrap
+  that builder so the table also holds our ops' decompositions into the aten ops torch exports
+  for its own instance norm. Nothing is added to torch's global decomposition registry: inductor
+  treats an op with a registered decomposition as a mistake when it falls back to the op (an
+  error when the ``CI`` environment variable is set), and FakeTensor and ``make_fx`` read that
+  registry too. Where the builder is missing (another torch layout), ``dynamo=True`` export of
+  our ops fails with the exporter's own error; the TorchScript exporter still works.
 """
 
+import functools
 import math
 
 import torch
-import torch._decomp
 import torch.nn.functional as F
 from torch.onnx import symbolic_helper
 
-from . import launch, ops
+from . import launch, ops  # noqa: F401  (ops registers the custom ops translated here)
 from .eager import _ACTIVATION_NAMES, TORCH_INSTANCE_NORM, _per_channel_view, apply_activation
 
 _OPS = torch.ops.triton_instnorm
@@ -78,22 +80,29 @@ def plane_stats_composition(x, eps):
     return mean, torch.sqrt(var + eps), stats
 
 
-def _is_fake(args):
-    return any(isinstance(a, torch._subclasses.FakeTensor) for a in args)
+def _with_our_decompositions(create_table):
+    """The dynamo exporter's table builder, with our ops' compositions added (unless the exporter
+    has a translation of its own for one of them)."""
+
+    @functools.wraps(create_table)
+    def create(onnx_registered_ops, *args, **kwargs):
+        table = create_table(onnx_registered_ops, *args, **kwargs)
+        table.update({op: composition for op, composition in _DECOMPOSITIONS.items()
+                      if op not in onnx_registered_ops})
+        return table
+
+    create.wraps_triton_instnorm = True
+    return create
 
 
-def _register_decomposition(op, composition, fake):
-    @torch._decomp.register_decomposition(op)
-    def decompose(*args, **kwargs):
-        if torch.onnx.is_in_onnx_export():
-            return composition(*args, **kwargs)
-        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
-            return NotImplemented  # a tracer asked: keep the op in its graph
-        if _is_fake(args):
-            return fake(*args, **kwargs)  # FakeTensor under dynamic shapes: the op's own metadata
-        return op(*args, **kwargs)
-
-    return decompose
+def _register_decompositions():
+    try:
+        from torch.onnx._internal.exporter import _decomp
+    except ImportError:
+        return
+    create_table = getattr(_decomp, "create_onnx_friendly_decomposition_table", None)
+    if create_table is not None and not getattr(create_table, "wraps_triton_instnorm", False):
+        _decomp.create_onnx_friendly_decomposition_table = _with_our_decompositions(create_table)
 
 
 # --- TorchScript exporter: symbolic functions ----------------------------------------------------
@@ -190,10 +199,9 @@ def update_running_stats_symbolic(g, *args):
 
 # --- registration ---------------------------------------------------------------------------------
 
-for _op, _composition, _fake in ((_OPS.forward.default, forward_composition, ops.fake_forward),
-                                 (_OPS.plane_stats.default, plane_stats_composition,
-                                  ops.fake_plane_stats)):
-    _register_decomposition(_op, _composition, _fake)
+_DECOMPOSITIONS = {_OPS.forward.default: forward_composition,
+                   _OPS.plane_stats.default: plane_stats_composition}
+_register_decompositions()
 
 for _op, _symbolic in ((_OPS.forward.default, forward_symbolic),
                        (_OPS.plane_stats.default, plane_stats_symbolic),
