@@ -68,6 +68,17 @@ def _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC: tl.con
 
 
 @triton.jit
+def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
+    """dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat) for one tile; ``coefficients`` is
+    (dx_scale, mean_dz, mean_dz_xhat) per plane."""
+    dx_start, dx_stride = dx_planes
+    dx_scale, mean_dz, mean_dz_xhat = coefficients
+    grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
+    tl.store(dx_start[:, None] + offs[None, :] * dx_stride, grad.to(dx_start.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
 def _streamed_sums(x_planes, dy_planes, mask, start, end, stats, affine, ACC: tl.constexpr,
                    ACTIVATION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Over [start, end) of each plane, in tiles: (sum(dz * x_hat), sum(dz))."""
@@ -170,19 +181,16 @@ def _bwd(
     else:
         mean_dz_xhat = tl.zeros([BLOCK_R], dtype=ACC)
         mean_dz = tl.zeros([BLOCK_R], dtype=ACC)
-    dx_start, dx_stride = _plane_start(dx, group, row_in_group)
-    if SUMS_FROM == FROM_TILE:
-        grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
-        tl.store(dx_start[:, None] + offs[None, :] * dx_stride, grad.to(dx[0].dtype.element_ty),
-                 mask=tile_mask)
+    dx_planes = _plane_start(dx, group, row_in_group)
+    coefficients = (dx_scale, mean_dz, mean_dz_xhat)
+    if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
+        _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
     else:
         for t in range(start, end, BLOCK_HW):
             offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
             x_hat, dz = _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC,
                                     ACTIVATION)
-            grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
-            tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
-                     grad.to(dx[0].dtype.element_ty), mask=tile_mask)
+            _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
 
 
 @triton.jit

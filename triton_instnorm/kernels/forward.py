@@ -16,6 +16,19 @@ from .common import (
 
 
 @triton.jit
+def _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION: tl.constexpr):
+    """y = act(x_hat * w + b) for one tile, x_hat = (delta * inv_scale - mean) / std with
+    delta = x - pivot; ``norm`` is (inv_scale, mean, std), ``affine`` (w, b, negative slope)."""
+    y_start, y_stride = y_planes
+    inv_scale, mean, std = norm
+    scale_w, shift_b, negative_slope = affine
+    x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
+    out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
+    tl.store(y_start[:, None] + offs[None, :] * y_stride, out.to(y_start.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
 def _fwd_split_stats(
     x,  # planes view of the input
     Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) ACC: SUM, SUM_SQ, SCALE of each chunk
@@ -111,25 +124,18 @@ def _fwd(
 
     # ---- normalize, affine, activation --------------------------------------------------------
     if y is not None:
-        scale_w = _load_param(w, n, c, mask, 1.0, ACC, BLOCK_R)
-        shift_b = _load_param(b, n, c, mask, 0.0, ACC, BLOCK_R)
-        y_start, y_stride = _plane_start(y, group, row_in_group)
-        negative_slope = _host_float(slope, ACC)
+        y_planes = _plane_start(y, group, row_in_group)
+        norm = (inv_scale, mean, std)
+        affine = (_load_param(w, n, c, mask, 1.0, ACC, BLOCK_R),
+                  _load_param(b, n, c, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
-            out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
-            tl.store(y_start[:, None] + offs[None, :] * y_stride, out.to(y[0].dtype.element_ty),
-                     mask=tile_mask)
+            _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION)
         else:
             for t in range(start, end, BLOCK_HW):
                 offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
                 xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                x_hat = _div((xt.to(ACC) - pivot[:, None]) * inv_scale[:, None] - mean[:, None],
-                             std[:, None])
-                out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope,
-                                ACTIVATION)
-                tl.store(y_start[:, None] + offs[None, :] * y_stride,
-                         out.to(y[0].dtype.element_ty), mask=tile_mask)
+                _write_y(y_planes, offs, tile_mask, xt.to(ACC) - pivot[:, None], norm, affine,
+                         ACTIVATION)
 
 
 @triton.jit
