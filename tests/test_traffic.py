@@ -34,6 +34,7 @@ import triton_instnorm as tin  # noqa: E402
 from perf import bench, model, traffic, traffic_report  # noqa: E402
 from perf.shapes import SHAPE_CLASSES  # noqa: E402
 from triton_instnorm import heuristics  # noqa: E402
+from triton_instnorm.kernels import constants  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not traffic.interpreting(),
                                 reason="traffic is counted through Triton's interpreter only")
@@ -294,6 +295,12 @@ def _largest(counted) -> int:
 def _grids(entry):
     fwd, bwd, _, _ = _count(*_full_size(entry), programs="none")
     return fwd, bwd
+
+
+def test_byte_model_counts_the_statistics_the_kernels_store():
+    """perf/model.py cannot import the kernels (it is loaded before TRITON_INTERPRET is set), so
+    its count of statistics per plane is a literal: it must stay the kernels' NUM_STATS."""
+    assert model.STATS_PER_PLANE == constants.NUM_STATS
 
 
 def test_table_covers_every_shape_class():

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.onnx import symbolic_helper
 
 from . import launch, ops  # noqa: F401  (ops registers the custom ops translated here)
+from .kernels import constants
 from .eager import _ACTIVATION_NAMES, TORCH_INSTANCE_NORM, _per_channel_view, apply_activation
 
 _OPS = torch.ops.triton_instnorm
@@ -66,7 +67,7 @@ def forward_composition(x, weight, bias, running_mean, running_var, use_input_st
         y = y * _per_channel_view(weight, x).to(x.dtype)
     if bias is not None and bias.dim() == 2:
         y = y + _per_channel_view(bias, x).to(x.dtype)
-    stats = x.new_zeros((launch.NUM_STATS, x.shape[0] * x.shape[1]) if store_stats else (0,),
+    stats = x.new_zeros((constants.NUM_STATS, x.shape[0] * x.shape[1]) if store_stats else (0,),
                         dtype=launch.acc_dtype(x.dtype))
     return apply_activation(y, activation, negative_slope), stats
 
@@ -76,7 +77,7 @@ def plane_stats_composition(x, eps):
     zeros of its shape, as in the forward's composition."""
     acc = launch.acc_dtype(x.dtype)
     var, mean = torch.var_mean(x.to(acc), tuple(range(2, x.dim())), correction=0)
-    stats = x.new_zeros((launch.NUM_STATS, x.shape[0] * x.shape[1]), dtype=acc)
+    stats = x.new_zeros((constants.NUM_STATS, x.shape[0] * x.shape[1]), dtype=acc)
     return mean, torch.sqrt(var + eps), stats
 
 
