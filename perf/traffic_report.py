@@ -43,7 +43,7 @@ DEFAULT_PROVIDERS = [p for p in model.NORM_PROVIDERS if p not in NOT_TRITON]
 
 
 def describe_launches(counted) -> str:
-    """``_fwd_split_stats 128x3, _fwd_split_normalize 128x3``."""
+    """``_fwd_split_stats 64x6, _fwd_combine 1, _fwd 64x6``."""
     return ", ".join(f"{launch.kernel} {launch.grid_text()}" for launch in counted.launches)
 
 

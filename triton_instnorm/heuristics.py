@@ -15,9 +15,13 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   so that a program still moves >= 8 KiB of bf16 (tiny planes are otherwise launch-bound).
 - Split planes (``split_chunks``): a plane that needs the streaming loop is split across
   programs only when there are too few programs to fill the GPU (fewer than
-  ``PROGRAMS_PER_SM`` x SMs). Splitting costs a second launch and turns the L2-friendly second
-  sweep of the loop into a second DRAM read, so it only pays when SMs would otherwise idle.
-  ``MIN_CHUNK = 16384`` elements keeps >= 32 KiB (bf16) streamed per program per pass.
+  ``PROGRAMS_PER_SM`` x SMs). Splitting costs two more launches (partial sums, then their
+  combine) and turns the L2-friendly second sweep of the loop into a second DRAM read, so it
+  only pays when SMs would otherwise idle. Each chunk adds ~46 bytes per plane (its partial
+  sums written and read back once by the combine pass, the plane's statistics and parameters
+  read by its normalize program): ``MIN_CHUNK = 8192`` elements (two loop tiles, 16 KiB of
+  bf16 per pass) keeps that under 0.2% of the chunk's traffic while letting planes of 2^16
+  elements and more reach 2 programs per SM.
 - Occupancy: several small planes share a program only while there are still
   ``PROGRAMS_PER_SM`` x SMs programs (2 per SM: one can stream while the other reduces).
 - channels_last (rows contiguous, spatial stride C): a tile spans ``BLOCK_R`` channels at each
@@ -46,8 +50,9 @@ CHANNELS_LAST_ROWS = 32
 VECTOR_BYTES = 16  # one 128-bit load per lane
 
 PROGRAMS_PER_SM = 2
-MIN_CHUNK = 16384
+MIN_CHUNK = 8192
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
+COMBINE_TILE = 2048  # partials per combine program
 ASSUMED_SMS = 132  # without a CUDA device (the interpreter): model an H100
 
 _tile_limit = None  # test hook: cap on elements per tile, to force the looped paths
@@ -150,6 +155,14 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
     chunk = max(chunk, triton.cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return triton.cdiv(hw, chunk)
+
+
+def combine_config(num_planes: int, chunks: int):
+    """(BLOCK_R, BLOCK_CHUNKS, num_warps) of a combine pass: the chunks of BLOCK_R planes in one
+    register tile of at most COMBINE_TILE partials (4 warps x 32 lanes x 16 values)."""
+    block_chunks = triton.next_power_of_2(chunks)
+    block_r = max(1, min(triton.next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
+    return block_r, block_chunks, 4
 
 
 def reduce_block(c: int) -> int:

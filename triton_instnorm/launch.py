@@ -19,8 +19,8 @@ import triton
 
 from . import heuristics
 from .kernels import (
-    _bwd, _bwd_split_sums, _fwd, _fwd_split_stats, _stats_bwd, _sum_partials_over_n,
-    _update_running_stats,
+    _bwd, _bwd_combine, _bwd_split_sums, _fwd, _fwd_combine, _fwd_split_stats, _stats_bwd,
+    _sum_partials_over_n, _update_running_stats,
 )
 from .kernels.constants import (
     FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS, NUM_SUMS,
@@ -214,29 +214,40 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     y = new_output(x) if write_y else None
-    stats = new_buffer(x, (NUM_STATS, n * c), acc) if store_stats else None
     fold = can_fold(x) and (y is None or can_fold(y))
     px = planes(x, fold)
     how = plan(px, x)
     shape = geometry(x, px)
-    partials = None
     source = how.source if use_input_stats else FROM_RUNNING
+    # split planes combine their statistics through Stats, kept or not
+    stats = (new_buffer(x, (NUM_STATS, n * c), acc)
+             if store_stats or source == FROM_PARTIALS else None)
     with _device_guard(x):
         if source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
             run(_fwd_split_stats, how.grid, x=planes_view(x, fold), Partials=partials,
-                geometry=shape, **how.tiles())
-        run(_fwd, how.grid,
-            x=planes_view(x, fold), y=None if y is None else planes_view(y, fold),
-            w=param_view(weight, n), b=param_view(bias, n),
-            running=None if use_input_stats else running_view(running_mean, running_var),
-            Stats=stats, Partials=partials, geometry=shape,
-            eps=split_float(eps), slope=split_float(negative_slope),
-            STATS_FROM=source, ACTIVATION=activation,
-            BLOCK_CHUNKS=triton.next_power_of_2(how.chunks), **how.tiles())
+                Stats=stats, geometry=shape, **how.tiles())
+            _combine(_fwd_combine, partials, Stats=stats, HW=px.hw)
+        if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
+            run(_fwd, how.grid,
+                x=planes_view(x, fold), y=None if y is None else planes_view(y, fold),
+                w=param_view(weight, n), b=param_view(bias, n),
+                running=None if use_input_stats else running_view(running_mean, running_var),
+                Stats=stats, geometry=shape, eps=split_float(eps),
+                slope=split_float(negative_slope), STATS_FROM=source, ACTIVATION=activation,
+                **how.tiles())
     if y is None:
         y = x.new_empty((0,))
-    return y, x.new_empty((0,), dtype=acc) if stats is None else stats
+    return y, stats if store_stats else x.new_empty((0,), dtype=acc)
+
+
+def _combine(kernel, partials, **arguments):
+    """A combine pass: the (rows, N * C, chunks) partials of split planes reduced over the chunks
+    into a (rows, N * C) per-plane buffer, BLOCK_R planes per program."""
+    num_planes, chunks = partials.shape[1], partials.shape[2]
+    block_r, block_chunks, warps = heuristics.combine_config(num_planes, chunks)
+    run(kernel, (triton.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes, chunks=chunks, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks,
+        num_warps=warps, **arguments)
 
 
 def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: int,
@@ -262,15 +273,15 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
     how = plan(px, x)
     inputs = dict(x=planes_view(x, fold), dy=planes_view(dy, fold), w=param_view(weight, n),
                   b=param_view(bias, n), Stats=stats, geometry=geometry(x, px),
-                  eps=split_float(eps), slope=split_float(negative_slope), ACTIVATION=activation, **how.tiles())
-    partials = None
+                  eps=split_float(eps), slope=split_float(negative_slope), ACTIVATION=activation,
+                  **how.tiles())
     with _device_guard(x):
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
-        run(_bwd, how.grid, dx=planes_view(dx, fold), Partials=partials, PlaneSums=plane_sums,
-            SUMS_FROM=how.source, USE_INPUT_STATS=use_input_stats,
-            BLOCK_CHUNKS=triton.next_power_of_2(how.chunks), **inputs)
+            _combine(_bwd_combine, partials, PlaneSums=plane_sums)
+        run(_bwd, how.grid, dx=planes_view(dx, fold), PlaneSums=plane_sums,
+            SUMS_FROM=how.source, USE_INPUT_STATS=use_input_stats, **inputs)
         dw = _param_grad(plane_sums[SUM_DZ_XHAT], weight, need_dw, n)
         db = _param_grad(plane_sums[SUM_DZ], bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)

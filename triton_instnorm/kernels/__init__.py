@@ -39,8 +39,9 @@ One kernel per pass. A pass takes its per-plane reductions from one of four sour
 (``STATS_FROM`` / ``SUMS_FROM``): ``FROM_TILE``, a plane that fits one tile, held in registers
 and read once; ``FROM_PLANE``, a longer plane streamed twice by its program; ``FROM_PARTIALS``,
 a plane *split* across programs (grid axis 1 walks its chunks), whose first pass
-(``_fwd_split_stats`` / ``_bwd_split_sums``) wrote per-chunk partial sums that every chunk
-combines in the same fixed order (deterministic); ``FROM_RUNNING``, the given running
+(``_fwd_split_stats`` / ``_bwd_split_sums``) wrote per-chunk partial sums that a combine pass
+(``_fwd_combine`` / ``_bwd_combine``) reduced once per plane in a fixed order (deterministic)
+into ``Stats`` / ``PlaneSums``, which every chunk then reads; ``FROM_RUNNING``, the given running
 statistics. Splitting keeps every SM busy when there are few planes, at the price of a second
 read of x from memory (see perf/NOTES.md).
 
@@ -49,8 +50,8 @@ From a module to the kernels:
     InstanceNorm2d.forward (modules.py) -> instance_norm (functional.py: PyTorch's checks)
       -> torch.ops.triton_instnorm.forward (ops.py: custom op, autograd)
       -> launch.forward (launch.py: tensors as views, launch configuration from heuristics.py)
-      -> [_fwd_split_stats], _fwd (forward.py); the backward: launch.backward -> [_bwd_split_sums],
-         _bwd, _sum_partials_over_n (backward.py); running statistics: _update_running_stats;
+      -> [_fwd_split_stats, _fwd_combine], _fwd (forward.py); the backward: launch.backward
+         -> [_bwd_split_sums, _bwd_combine], _bwd, _sum_partials_over_n (backward.py); running statistics: _update_running_stats;
          AdaIN's style statistics: launch.forward (statistics only) and launch.stats_backward
          -> _stats_bwd
 
@@ -59,10 +60,10 @@ Files, in data-flow order: ``constants.py`` (what the host shares with the kerne
 ``backward.py``.
 """
 
-from .backward import _bwd, _bwd_split_sums, _stats_bwd, _sum_partials_over_n
-from .forward import _fwd, _fwd_split_stats, _update_running_stats
+from .backward import _bwd, _bwd_combine, _bwd_split_sums, _stats_bwd, _sum_partials_over_n
+from .forward import _fwd, _fwd_combine, _fwd_split_stats, _update_running_stats
 
 __all__ = [
-    "_fwd_split_stats", "_fwd", "_update_running_stats",
-    "_bwd_split_sums", "_bwd", "_sum_partials_over_n", "_stats_bwd",
+    "_fwd_split_stats", "_fwd_combine", "_fwd", "_update_running_stats",
+    "_bwd_split_sums", "_bwd_combine", "_bwd", "_sum_partials_over_n", "_stats_bwd",
 ]

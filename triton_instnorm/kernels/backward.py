@@ -1,8 +1,8 @@
 """Backward kernels: the split planes' sums pass, the dx pass, the fixed-order sum over n, and
 the gradient through per-plane statistics (AdaIN's style).
 
-A backward is one ``_bwd`` launch (preceded by ``_bwd_split_sums`` when the planes are split),
-then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is recomputed from x and the
+A backward is one ``_bwd`` launch (preceded by ``_bwd_split_sums`` and ``_bwd_combine`` when the
+planes are split), then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is recomputed from x and the
 saved statistics; dweight / dbias never use atomics, so every run gives bitwise the same
 gradients. Views and geometry are described in ``common.py``; inside a program, a plane's
 ``(start pointers, spatial stride)``, its saved statistics and its affine travel as tuples.
@@ -12,21 +12,18 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ACT_NONE, FROM_PLANE, FROM_TILE, INV_SCALE, MEAN, PIVOT, SUM_DZ, VAR,
-    SUM_DZ_XHAT, _activation_grad, _chunk_partials, _chunk_range, _div, _host_float, _load_param,
-    _partial, _plane_start, _program_channels, _program_planes, _row, _std, _tile,
+    ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
+    _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _partial,
+    _plane_block, _plane_start, _program_channels, _program_planes, _row, _std, _tile,
 )
 
 
 @triton.jit
 def _saved_stats(Stats, num_planes, plane, mask, eps, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """(pivot, inv_scale, mean, 1 / std) of each plane, std recomputed as the forward did."""
-    inv_scale = tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0)
-    var = tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=1.0)
+    pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
     std = _std(var, inv_scale, _host_float(eps, ACC))  # the forward's std, bit for bit
-    return (tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0), inv_scale,
-            tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
-            _div(tl.full([BLOCK_R], 1.0, ACC), std))
+    return pivot, inv_scale, mean, _div(tl.full([BLOCK_R], 1.0, ACC), std)
 
 
 @triton.jit
@@ -109,7 +106,7 @@ def _bwd_split_sums(
     BLOCK_HW: tl.constexpr,  # tile width along a plane
 ):
     """First backward pass over a split plane (grid: row programs x chunks): the chunk's sums,
-    for ``_bwd`` with ``SUMS_FROM == FROM_PARTIALS`` to combine."""
+    for ``_bwd_combine`` to combine."""
     ACC: tl.constexpr = Stats.dtype.element_ty
     num_planes, C, HW, _ = geometry
     _, _, mask, plane, x_planes, dy_planes, stats, affine = _program_inputs(
@@ -123,6 +120,25 @@ def _bwd_split_sums(
 
 
 @triton.jit
+def _bwd_combine(
+    Partials,  # (NUM_SUMS, N * C, chunks) from _bwd_split_sums
+    PlaneSums,  # (NUM_SUMS, N * C) ACC, written: each plane's sums
+    num_planes, chunks,
+    BLOCK_R: tl.constexpr,  # planes per program
+    BLOCK_CHUNKS: tl.constexpr,  # next power of two >= chunks
+):
+    """Each split plane's sums from its chunks' partials, in a fixed order (grid: planes /
+    BLOCK_R), for ``_bwd`` with ``SUMS_FROM == FROM_PARTIALS`` to read."""
+    plane, mask = _plane_block(num_planes, BLOCK_R)
+    sum_dz_xhat = _chunk_partials(Partials, SUM_DZ_XHAT, num_planes, plane, mask, chunks,
+                                  BLOCK_CHUNKS)
+    sum_dz = _chunk_partials(Partials, SUM_DZ, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
+    tl.store(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), tl.sum(sum_dz_xhat, axis=1),
+             mask=mask)
+    tl.store(_row(PlaneSums, SUM_DZ, num_planes, plane), tl.sum(sum_dz, axis=1), mask=mask)
+
+
+@triton.jit
 def _bwd(
     x,  # planes view of the forward's input
     dy,  # planes view of the output's gradient
@@ -130,8 +146,8 @@ def _bwd(
     w,  # param view of the scale, or None
     b,  # param view of the shift (recomputes the pre-activation), or None
     Stats,  # (NUM_STATS, N * C) from the forward
-    Partials,  # (NUM_SUMS, N * C, chunks) from _bwd_split_sums (SUMS_FROM == FROM_PARTIALS)
-    PlaneSums,  # (NUM_SUMS, N * C) ACC, written by chunk 0: the dweight / dbias partials
+    PlaneSums,  # (NUM_SUMS, N * C) ACC: written by chunk 0 (the dweight / dbias partials), or
+                # read with SUMS_FROM == FROM_PARTIALS (written by _bwd_combine)
     geometry,  # (N * C, C, HW, rows per group)
     eps,  # (hi, lo): the forward's
     slope,  # (hi, lo)
@@ -140,7 +156,6 @@ def _bwd(
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_HW: tl.constexpr,  # the whole plane with FROM_TILE
-    BLOCK_CHUNKS: tl.constexpr,  # next power of two >= chunks (FROM_PARTIALS)
 ):
     """dx = rstd * w * (dz - (sum(dz) + x_hat * sum(dz * x_hat)) / HW) over a chunk of BLOCK_R
     planes (grid: row programs x chunks; one chunk unless the planes are split)."""
@@ -148,8 +163,8 @@ def _bwd(
     num_planes, C, HW, _ = geometry
     group, row_in_group, mask, plane, x_planes, dy_planes, stats, affine = _program_inputs(
         x, dy, w, b, Stats, geometry, eps, slope, ACC, BLOCK_R)
-    chunk, chunks, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
-                                                     BLOCK_CHUNKS > 1)
+    _, _, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
+                                           SUMS_FROM == FROM_PARTIALS)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
         offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
@@ -161,12 +176,12 @@ def _bwd(
         sum_dz_xhat, sum_dz = _streamed_sums(x_planes, dy_planes, mask, 0, HW, stats, affine, ACC,
                                              ACTIVATION, BLOCK_R, BLOCK_HW)
     else:  # FROM_PARTIALS
-        sum_dz_xhat = tl.sum(_chunk_partials(Partials, SUM_DZ_XHAT, num_planes, plane, mask, chunks,
-                                             BLOCK_CHUNKS), axis=1)
-        sum_dz = tl.sum(_chunk_partials(Partials, SUM_DZ, num_planes, plane, mask, chunks,
-                                        BLOCK_CHUNKS), axis=1)
-    tl.store(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=first)
-    tl.store(_row(PlaneSums, SUM_DZ, num_planes, plane), sum_dz, mask=first)
+        sum_dz_xhat = tl.load(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask,
+                              other=0.0)
+        sum_dz = tl.load(_row(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
+    if SUMS_FROM != FROM_PARTIALS:
+        tl.store(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=first)
+        tl.store(_row(PlaneSums, SUM_DZ, num_planes, plane), sum_dz, mask=first)
 
     # dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat); with given statistics the mean and
     # variance are constants of x and both correction terms vanish.

@@ -124,6 +124,14 @@ def _program_planes(geometry, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _plane_block(num_planes, BLOCK_R: tl.constexpr):
+    """(plane, mask) of a program over BLOCK_R consecutive planes, for the passes that read only
+    per-plane buffers (the combine passes of split planes)."""
+    plane = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return plane, plane < num_planes
+
+
+@triton.jit
 def _plane_start(view, group, row_in_group):
     """(pointer to element 0 of each plane, spatial stride) of a planes view."""
     pointer, group_stride, row_stride, spatial_stride = view
@@ -191,6 +199,15 @@ def _row(Buffer, name, num_planes, plane):
 
 
 @triton.jit
+def _load_stats(Stats, num_planes, plane, mask):
+    """(pivot, inv_scale, mean, var) of each plane from a Stats buffer."""
+    return (tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0),
+            tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0),
+            tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
+            tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=1.0))
+
+
+@triton.jit
 def _partial(Partials, name, num_planes, plane, chunk, chunks):
     """Pointers to row ``name`` of a split plane's (rows, N * C, chunks) partials."""
     return Partials + (name * tl.cast(num_planes, tl.int64) + plane) * chunks + chunk
@@ -199,7 +216,7 @@ def _partial(Partials, name, num_planes, plane, chunk, chunks):
 @triton.jit
 def _chunk_partials(Partials, name, num_planes, plane, mask, chunks, BLOCK_CHUNKS: tl.constexpr):
     """Row ``name`` of every chunk of each plane, a [BLOCK_R, BLOCK_CHUNKS] tile (0 past the last
-    chunk). Every chunk's program reduces it with the same tree: they all agree bit for bit."""
+    chunk), for a combine pass to reduce in one fixed tree (deterministic)."""
     ks = tl.arange(0, BLOCK_CHUNKS)
     tile_mask = mask[:, None] & (ks[None, :] < chunks)
     pointers = _partial(Partials, name, num_planes, plane[:, None], ks[None, :], chunks)

@@ -1,7 +1,9 @@
-"""Forward kernels: the split planes' statistics pass, the normalize pass, the running-stat update.
+"""Forward kernels: the split planes' statistics and combine passes, the normalize pass, the
+running-stat update.
 
-A forward is one ``_fwd`` launch, preceded by ``_fwd_split_stats`` when long planes are split
-across programs to fill the GPU. Views and geometry are described in ``common.py``.
+A forward is one ``_fwd`` launch, preceded by ``_fwd_split_stats`` and ``_fwd_combine`` when long
+planes are split across programs to fill the GPU. Views and geometry are described in
+``common.py``.
 """
 
 import triton
@@ -10,8 +12,8 @@ import triton.language as tl
 from .common import (
     FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, INV_SCALE, MEAN, PIVOT, SCALE, SUM,
     SUM_SQ, VAR, _activate, _chunk_partials, _chunk_range, _div, _host_float, _inverse_scale,
-    _load_param, _load_running, _partial, _plane_start, _program_channels, _program_planes, _row,
-    _safe_shifted_sums, _std, _tile,
+    _load_param, _load_running, _load_stats, _partial, _plane_block, _plane_start,
+    _program_channels, _program_planes, _row, _safe_shifted_sums, _std, _tile,
 )
 
 
@@ -32,16 +34,17 @@ def _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION: tl.cons
 def _fwd_split_stats(
     x,  # planes view of the input
     Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) ACC: SUM, SUM_SQ, SCALE of each chunk
+    Stats,  # (NUM_STATS, N * C) ACC: the PIVOT row is written here, by each plane's chunk 0
     geometry,  # (N * C, C, HW, rows per group)
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
 ):
     """First pass over a split plane (grid: row programs x chunks): the chunk's pivot-shifted
-    sums, for ``_fwd`` with ``STATS_FROM == FROM_PARTIALS`` to combine."""
+    sums, for ``_fwd_combine`` to combine."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
     group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    chunk, chunks, start, end, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
+    chunk, chunks, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
     x_start, x_stride = _plane_start(x, group, row_in_group)
     pivot = tl.load(x_start, mask=mask, other=0.0).to(ACC)  # the same pivot in every chunk
     sum_a, sum_sq, inv_scale = _safe_shifted_sums(x_start, x_stride, mask, start, end, pivot, ACC,
@@ -50,6 +53,36 @@ def _fwd_split_stats(
     tl.store(_partial(Partials, SUM_SQ, num_planes, plane, chunk, chunks), sum_sq, mask=mask)
     tl.store(_partial(Partials, SCALE, num_planes, plane, chunk, chunks), 1.0 / inv_scale,
              mask=mask)
+    tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=first)
+
+
+@triton.jit
+def _fwd_combine(
+    Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) from _fwd_split_stats
+    Stats,  # (NUM_STATS, N * C) ACC: INV_SCALE, MEAN and VAR are written here
+    num_planes, HW, chunks,
+    BLOCK_R: tl.constexpr,  # planes per program
+    BLOCK_CHUNKS: tl.constexpr,  # next power of two >= chunks
+):
+    """Each split plane's statistics from its chunks' partials, combined once in a fixed order
+    (grid: planes / BLOCK_R): the normalize pass then reads 4 values per plane, not the partials
+    of every chunk."""
+    ACC: tl.constexpr = Stats.dtype.element_ty
+    plane, mask = _plane_block(num_planes, BLOCK_R)
+    sums = _chunk_partials(Partials, SUM, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
+    sums_sq = _chunk_partials(Partials, SUM_SQ, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
+    scales = _chunk_partials(Partials, SCALE, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
+    # Bring every chunk to the largest chunk scale s: a = d / s for all of them.
+    scale = tl.where(mask, tl.max(scales, axis=1), 1.0)
+    ratio = scales / scale[:, None]
+    hw = tl.full([BLOCK_R], HW, ACC)
+    mean = _div(tl.sum(sums * ratio, axis=1), hw)
+    # clamp rounding below 0; a NaN variance stays NaN (as on the single-tile path)
+    var = tl.maximum(_div(tl.sum(sums_sq * ratio * ratio, axis=1), hw) - mean * mean, 0.0,
+                     propagate_nan=tl.PropagateNan.ALL)
+    tl.store(_row(Stats, INV_SCALE, num_planes, plane), 1.0 / scale, mask=mask)
+    tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=mask)
+    tl.store(_row(Stats, VAR, num_planes, plane), var, mask=mask)
 
 
 @triton.jit
@@ -59,8 +92,8 @@ def _fwd(
     w,  # param view of the scale of plane (n, c) (n stride 0: per channel); None: 1
     b,  # param view of the shift; None: 0
     running,  # running view, read when STATS_FROM == FROM_RUNNING, else None
-    Stats,  # (NUM_STATS, N * C) ACC, written by each plane's chunk-0 program; None: not kept
-    Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) from _fwd_split_stats, or None
+    Stats,  # (NUM_STATS, N * C) ACC: written by each plane's chunk-0 program, or None (not
+            # kept); read with STATS_FROM == FROM_PARTIALS (written by _fwd_combine)
     geometry,  # (N * C, C, HW, rows per group)
     eps,  # (hi, lo) float32 pair
     slope,  # leaky_relu's negative slope, (hi, lo)
@@ -68,7 +101,6 @@ def _fwd(
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane (the whole plane with FROM_TILE)
-    BLOCK_CHUNKS: tl.constexpr,  # next power of two >= chunks (FROM_PARTIALS)
 ):
     """Statistics, normalize, affine and activation of a chunk of BLOCK_R planes (grid: row
     programs x chunks; one chunk unless the planes are split).
@@ -77,8 +109,8 @@ def _fwd(
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
     group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    chunk, chunks, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
-                                                     BLOCK_CHUNKS > 1)
+    _, _, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
+                                           STATS_FROM == FROM_PARTIALS)
     x_start, x_stride = _plane_start(x, group, row_in_group)
     hw = tl.full([BLOCK_R], HW, ACC)
 
@@ -87,6 +119,8 @@ def _fwd(
         pivot, var = _load_running(running, c, mask, ACC)
         inv_scale = tl.full([BLOCK_R], 1.0, ACC)
         mean = tl.zeros([BLOCK_R], dtype=ACC)
+    elif STATS_FROM == FROM_PARTIALS:
+        pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
     else:
         pivot = tl.load(x_start, mask=mask, other=0.0).to(ACC)
     if STATS_FROM == FROM_TILE:
@@ -104,23 +138,13 @@ def _fwd(
         mean = _div(sum_a, hw)
         # clamp rounding below 0; a NaN variance stays NaN (as on the single-tile path)
         var = tl.maximum(_div(sum_sq, hw) - mean * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    elif STATS_FROM == FROM_PARTIALS:
-        sums = _chunk_partials(Partials, SUM, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-        sums_sq = _chunk_partials(Partials, SUM_SQ, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-        scales = _chunk_partials(Partials, SCALE, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-        # Bring every chunk to the largest chunk scale s: a = d / s for all of them.
-        scale = tl.where(mask, tl.max(scales, axis=1), 1.0)
-        ratio = scales / scale[:, None]
-        mean = _div(tl.sum(sums * ratio, axis=1), hw)
-        var = tl.maximum(_div(tl.sum(sums_sq * ratio * ratio, axis=1), hw) - mean * mean, 0.0,
-                         propagate_nan=tl.PropagateNan.ALL)
-        inv_scale = 1.0 / scale
     std = _std(var, inv_scale, _host_float(eps, ACC))
-    if Stats is not None:
-        tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=first)
-        tl.store(_row(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=first)
-        tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=first)
-        tl.store(_row(Stats, VAR, num_planes, plane), var, mask=first)
+    if STATS_FROM != FROM_PARTIALS:
+        if Stats is not None:
+            tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=first)
+            tl.store(_row(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=first)
+            tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=first)
+            tl.store(_row(Stats, VAR, num_planes, plane), var, mask=first)
 
     # ---- normalize, affine, activation --------------------------------------------------------
     if y is not None:
