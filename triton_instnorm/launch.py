@@ -246,8 +246,8 @@ def _combine(kernel, partials, **arguments):
     into a (rows, N * C) per-plane buffer, BLOCK_R planes per program."""
     num_planes, chunks = partials.shape[1], partials.shape[2]
     block_r, block_chunks, warps = heuristics.combine_config(num_planes, chunks)
-    run(kernel, (triton.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes, chunks=chunks, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks,
-        num_warps=warps, **arguments)
+    run(kernel, (triton.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes,
+        chunks=chunks, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks, num_warps=warps, **arguments)
 
 
 def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: int,

@@ -24,7 +24,7 @@ ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU = range(5)
 
 FROM_TILE = 0  # computed from a plane that fits one tile: held in registers, read once
 FROM_PLANE = 1  # computed from the plane streamed in tiles: the plane is read twice
-FROM_PARTIALS = 2  # combined from the per-chunk partials of a split plane's first pass
+FROM_PARTIALS = 2  # a split plane: its chunks' partials, combined once by a combine pass
 FROM_RUNNING = 3  # given: the running statistics (forward in eval mode)
 
 # Stats rows
