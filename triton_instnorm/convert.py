@@ -46,9 +46,9 @@ def convert_instance_norm(module: torch.nn.Module, fuse_activation: bool = False
     Works in place and returns ``module``; when ``module`` is itself such a layer, returns its
     replacement (as ``convert_sync_batchnorm`` does). Parameters and buffers are the same objects
     as before, so optimizers need not be rebuilt. The new layers have ``activation=None``, unless
-    ``fuse_activation`` is true: then a ReLU / LeakyReLU / SiLU / exact GELU applied directly to a
-    norm's output, and to nothing else, moves into the layer's ``activation`` (in ``nn.Sequential``
-    children, and through ``torch.fx`` in other modules' forwards; see ``fusion.py``).
+    ``fuse_activation`` is true: then a ReLU / LeakyReLU / SiLU / exact GELU module applied to a
+    norm's output, and only to norms' outputs, moves into the layer's ``activation`` and its slot
+    becomes an identity; forwards are not rewritten (see ``fusion.py``).
 
     Example::
 
@@ -62,10 +62,9 @@ def revert_instance_norm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every ``triton_instnorm.InstanceNorm1d/2d/3d`` in ``module`` by torch's.
 
     The inverse of :func:`convert_instance_norm`, with the same rules (in place, same Parameter
-    objects, the replacement returned for a layer passed on its own). Activations that
-    ``fuse_activation=True`` fused are put back where they were (activation modules, the
-    modules' own forwards), so the result computes what the model computed before the conversion,
-    with its ``state_dict`` keys. Raises ``ValueError``, before changing anything, if any other
+    objects, the replacement returned for a layer passed on its own). Activation modules that
+    ``fuse_activation=True`` fused are put back where they were, so the result computes what the
+    model computed before the conversion, with its ``state_dict`` keys. Raises ``ValueError``, before changing anything, if any other
     layer has an ``activation`` (one built with ``activation=``, or a fused layer passed without
     the module that held its activation): torch's layer cannot express it.
     """

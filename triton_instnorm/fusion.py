@@ -1,60 +1,54 @@
 """Activation fusion on conversion: ``convert_instance_norm(model, fuse_activation=True)``.
 
-A ReLU, LeakyReLU (its negative_slope carried), SiLU or GELU (exact erf form only) applied
-directly to an instance norm's output moves into our layer's ``activation=``, where the forward
-kernel applies it and the backward recomputes it: one launch and one activation-sized tensor
-fewer per layer. Two places are rewritten:
+A ReLU, LeakyReLU (negative_slope carried), SiLU or exact-erf GELU *module* applied to an instance
+norm's output moves into our layer's ``activation=``: the forward kernel applies it, the backward
+recomputes it, one launch and one activation-sized tensor fewer. The norm gets ``activation=``;
+the activation module, wherever it is registered, is replaced by ``FusedActivation``, an
+``nn.Identity`` that keeps the original for ``revert_instance_norm``. No forward is replaced:
+every module's code runs as written (grad mode and autocast regions, attributes it sets, hooks on
+other modules, ``load_state_dict(assign=True)``, ``.to()``). ``state_dict`` keys do not change.
 
-- ``nn.Sequential`` (and subclasses that keep its forward): ``[..., norm, act, ...]`` becomes
-  ``[..., norm(activation=...), FusedActivation, ...]``; ``FusedActivation`` is an
-  ``nn.Identity`` that keeps the original module for ``revert_instance_norm``. Activation modules
-  hold no parameters or buffers, so ``state_dict`` keys do not change.
-- Any other module whose forward applies a norm child then an activation (a child module or
-  ``F.relu`` / ``F.leaky_relu`` / ``F.silu`` / ``F.gelu`` / ``torch.relu``): its forward is
-  traced with ``torch.fx`` (children as leaves), the activation call is removed from the traced
-  graph and that graph becomes the instance's forward (the class's is untouched, and comes back
-  on revert). An activation module called elsewhere too (MONAI's ``UnetResBlock`` applies
-  ``self.lrelu`` after ``norm1`` and after the residual add) stays where it is still needed.
-  The rewritten forward is a ``torch.fx.GraphModule``'s, holding the same child modules: it
-  survives ``copy.deepcopy`` and pickling (``torch.save(model)``), but a child replaced on the
-  module afterwards is not seen by it (revert first, replace, convert again).
+What fusion changes: the fused norm's own output is the activated one. Iterating or indexing an
+``nn.Sequential`` (``seq[:2](x)``), calling the norm or the activation module outside the model's
+forwards, and forward hooks registered later on the norm see the activated tensor (or an
+identity); ``named_modules`` shows a ``FusedActivation``.
 
-Fused only when nothing else can see the difference: the norm's output feeds the activation
-alone (a norm output also used by a residual branch is left alone), the norm is called once and
-appears once in the model, neither module has hooks, and the forward traces the same in
-training and eval mode with plain positional arguments (code branching on ``self.training`` or
-on optional arguments would be frozen by tracing). ``inplace=True`` activations fuse like the
-others: their input has no other user, so nobody observes the in-place write. A module that
-cannot be traced is left unfused.
+When it fuses, from the calls the model's forwards make (``forward_calls.py`` says how they are
+found, and which forwards are trusted): a norm fuses when each of its calls feeds its output, and
+nothing else, to a one-argument call of an activation module, and that module is replaced only if
+each of its calls takes a fused norm's output. One module may serve several norms (MONAI's
+``UnetBasicBlock`` applies ``self.lrelu`` after ``norm1`` and ``norm2``), but nothing else
+(``UnetResBlock`` applies it to the residual sum too: nothing fuses there). A module registered or
+called at several places is fine: every call counts. Neither module may have hooks or its own
+``__call__``/instance ``forward``, and no global module hook may exist.
+
+Left unfused: functional activations (``F.relu(self.norm(x))``), a norm output used twice or
+stored, and the norms and activations that a forward which does not trace straight (it branches,
+fails to trace) may call. Changes made to the model after conversion are not seen: revert, change,
+convert again.
 """
 
-import inspect
+from torch import nn
+from torch.nn.modules import module as _module_globals
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.operator_schemas import normalize_function
-
+from .forward_calls import plain_call, survey
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
-__all__ = ["FusedActivation", "fuse_activations", "unfuse_activations", "fused_norms"]
+__all__ = ["FusedActivation", "fuse_activations", "fused_norms", "unfuse_activations"]
 
 _NORMS = (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
-_TORCH_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.silu: "silu",
-              F.gelu: "gelu"}
-_FUSED_FORWARD = "_triton_instnorm_fused_norms"  # instance attribute of a rewritten module
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class FusedActivation(nn.Identity):
-    """Stands where an activation was fused into the instance norm before it; ``original`` is that
-    activation module and ``norm`` the layer that now applies it (neither is registered as a child:
-    ``state_dict`` and ``named_modules`` stay as before the fusion, less the activation)."""
+    """Stands where an activation module was; ``original`` is that module and ``norms`` the layers
+    that now apply it (neither is registered as a child: ``state_dict`` and ``named_modules`` stay
+    as before the fusion, less the activation)."""
 
-    def __init__(self, original: nn.Module, norm: nn.Module) -> None:
+    def __init__(self, original: nn.Module, norms) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)
-        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "norms", tuple(norms))
 
     def extra_repr(self) -> str:
         return f"fused into the preceding norm: {self.original!r}"
@@ -73,142 +67,76 @@ def _module_activation(m):
     return None
 
 
-def _call_activation(node, modules):
-    """(name, negative_slope) when ``node`` applies a fusable activation to its first argument."""
-    if node.op == "call_module":
-        m = modules[node.target]
-        return None if _has_hooks(m) or len(node.args) != 1 or node.kwargs else _module_activation(m)
-    if node.op != "call_function" or node.target not in _FUNCTIONS:
-        return None
-    normalized = normalize_function(node.target, node.args, node.kwargs,
-                                    normalize_to_only_use_kwargs=True)
-    if normalized is None:
-        return None
-    # Whether in place or not, the result is the same: the norm's output has no other user.
-    kwargs = {k: v for k, v in normalized.kwargs.items() if k not in ("input", "inplace")}
-    slope = kwargs.pop("negative_slope", 0.01)
-    if kwargs.pop("approximate", "none") != "none" or kwargs or not isinstance(slope, (int, float)):
-        return None
-    return _FUNCTIONS[node.target], float(slope)
+def _untouched(m):
+    """A call of ``m`` is its class's forward alone: no hooks either."""
+    return plain_call(m) and not any(getattr(m, name, None) for name in _HOOKS)
 
 
-def _has_hooks(m):
-    return any(getattr(m, name, None) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
-
-
-def _candidates(root):
-    """Our layers with no activation, no hooks, appearing once in ``root``."""
-    counts = {}
-    for _, m in root.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    return {id(m) for m in root.modules()
-            if type(m) in _NORMS and m.activation is None and counts[id(m)] == 1 and not _has_hooks(m)}
-
-
-def _fuse_into(norm, activation):
-    norm.activation, norm.negative_slope = activation
-
-
-def _fuse_sequential(seq, candidates):
-    children = list(seq._modules.items())
-    for (_, norm), (name, act) in zip(children, children[1:]):
-        activation = _module_activation(act)
-        if id(norm) in candidates and activation is not None and not _has_hooks(act):
-            _fuse_into(norm, activation)
-            candidates.discard(id(norm))
-            seq._modules[name] = FusedActivation(act, norm)
-
-
-class _ChildrenAsLeaves(fx.Tracer):
-    """Traces a module's own forward only: every child (our norms included) is a leaf."""
-
-    def is_leaf_module(self, m, qualified_name):
-        return "." not in qualified_name or super().is_leaf_module(m, qualified_name)
-
-
-def _trace(module):
-    """``module``'s forward as a graph, or None where tracing could change its behaviour."""
-    params = inspect.signature(type(module).forward).parameters.values()
-    if "forward" in module.__dict__ or any(
-            p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is not p.empty
-            for p in params):
-        return None
-    was_training = module.training
-    try:
-        graphs = []
-        for training in (True, False):
-            module.training = training  # this module's flag only: that is what its forward reads
-            graphs.append(_ChildrenAsLeaves().trace(module))
-        return graphs[0] if str(graphs[0]) == str(graphs[1]) else None
-    except Exception:  # noqa: BLE001 - anything untraceable stays as it is
-        return None
-    finally:
-        module.training = was_training
-
-
-def _fuse_traced(module, candidates):
-    if not any(id(child) in candidates for child in module.children()):
-        return
-    graph = _trace(module)
-    if graph is None:
-        return
-    modules = dict(module.named_modules())
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    fused = []
-    for node in list(graph.nodes):
-        norm = modules.get(node.target) if node.op == "call_module" else None
-        if norm is None or id(norm) not in candidates or calls[node.target] != 1:
-            continue
-        if len(node.users) != 1:
-            continue  # the norm's output is used elsewhere too (a residual branch, say)
-        user = next(iter(node.users))
-        activation = _call_activation(user, modules) if user.args[:1] == (node,) else None
-        if activation is None:
-            continue
-        _fuse_into(norm, activation)
-        candidates.discard(id(norm))
-        user.replace_all_uses_with(node)
-        graph.erase_node(user)
-        fused.append(norm)
-    if fused:
-        module.forward = fx.GraphModule(module, graph).forward
-        object.__setattr__(module, _FUSED_FORWARD, fused)
+def _solve(calls, norms, activations):
+    """The norms to fuse, each with its activation module, and the activation modules to replace.
+    Starts from every candidate and drops those whose calls break a rule, until none does."""
+    by_module, consumer = {}, {}
+    for call in calls:
+        by_module.setdefault(id(call.module), []).append(call)
+        if call.source is not None:
+            consumer[call.source] = call
+    norms = {k for k in norms if k in by_module}
+    activations = {k for k in activations if k in by_module}
+    while True:
+        chosen = {}
+        for k in norms:
+            users = [consumer.get(call) for call in by_module[k]]
+            if all(u is not None and id(u.module) in activations for u in users):
+                kinds = {_module_activation(u.module) for u in users}
+                if len(kinds) == 1:
+                    chosen[k] = kinds.pop()
+        kept = {k for k in activations if all(
+            call.source is not None and id(call.source.module) in chosen for call in by_module[k])}
+        if chosen.keys() == norms and kept == activations:
+            return chosen, kept, by_module
+        norms, activations = set(chosen), kept
 
 
 def fuse_activations(root: nn.Module) -> nn.Module:
-    """Fuse activations into our layers throughout ``root`` (see the module docstring)."""
-    candidates = _candidates(root)
-    for m in list(root.modules()):
-        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
-            _fuse_sequential(m, candidates)
-    for m in list(root.modules()):
-        if not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict) + _NORMS + _TORCH_NORMS):
-            _fuse_traced(m, candidates)
+    """Fuse activation modules into our layers throughout ``root`` (see the module docstring)."""
+    if any(getattr(_module_globals, f"_global{name}", None) for name in _HOOKS):
+        return root  # a global module hook sees every norm's output
+    modules = {id(m): m for m in root.modules()}
+    norms = {k for k, m in modules.items()
+             if type(m) in _NORMS and m.activation is None and _untouched(m)}
+    activations = {k for k, m in modules.items() if _module_activation(m) is not None
+                   and _untouched(m) and not (m._parameters or m._buffers or m._modules)}
+    if not norms or not activations:
+        return root
+    calls, blocked = survey(root, norms | activations)
+    chosen, kept, by_module = _solve(calls, norms - blocked, activations - blocked)
+    for k, activation in chosen.items():
+        modules[k].activation, modules[k].negative_slope = activation
+    replacement = {k: FusedActivation(modules[k], {
+        id(call.source.module): call.source.module for call in by_module[k]}.values())
+        for k in kept}
+    for m in modules.values():
+        for name, child in m._modules.items():
+            if child is not None and id(child) in replacement:
+                m._modules[name] = replacement[id(child)]
     return root
 
 
 def fused_norms(root: nn.Module):
     """The layers whose activation a conversion fused, found from the places it rewrote."""
-    norms = []
+    found = {}
     for m in root.modules():
-        norms += getattr(m, _FUSED_FORWARD, [])
-        norms += [child.norm for child in m.children() if type(child) is FusedActivation]
-    return norms
+        if type(m) is FusedActivation:
+            found.update((id(n), n) for n in m.norms)
+    return list(found.values())
 
 
 def unfuse_activations(root: nn.Module) -> nn.Module:
-    """Undo ``fuse_activations``: activation modules and class forwards back, norms plain."""
+    """Undo ``fuse_activations``: activation modules back, norms plain."""
     for m in root.modules():
-        if _FUSED_FORWARD in m.__dict__:
-            for norm in m.__dict__.pop(_FUSED_FORWARD):
-                norm.activation = None
-            del m.forward
         for name, child in list(m._modules.items()):
             if type(child) is FusedActivation:
-                child.norm.activation = None
+                for norm in child.norms:
+                    norm.activation = None
                 m._modules[name] = child.original
     return root

@@ -1,0 +1,319 @@
+"""Which modules a model's forwards call, and on what: what activation fusion decides from.
+
+A ``Call`` is one call of a module in some forward; its ``source`` is the call whose output is its
+only argument, when that output goes nowhere else. ``survey`` finds them:
+
+- ``nn.Sequential`` (its own ``forward``): each child's output feeds the next child only.
+- A forward that is straight-line code (no ``if``, ternary, ``and``/``or``, ``while``, ``try``,
+  ``match``, filtered comprehension, own method or ``super()``; the functions it calls are taken
+  as traced) is traced with ``torch.fx``, every submodule a leaf, in training and in eval mode
+  (identical graphs required), on a throw-away copy of its module tree: tensors on the meta device,
+  no hooks, and forwards on the norms and activations that fail when called without
+  ``Module.__call__``. Nothing is left on the model. An output the forward stores on a module is
+  one more user. A forward that cannot call any candidate is not traced.
+- Any other forward (it branches, fails to trace, its module cannot be copied, or it has its own
+  ``__call__`` or instance ``forward``) is taken to call its own children, directly or through
+  ``ModuleList``/``ModuleDict``: the candidates among those are ``blocked``. If its source shows it
+  reaching further (``self.block.act``, ``self.seq[1]``, a submodule held in a name and used other
+  than by calling it, ``self`` handed on, its own methods) or cannot be read, its whole subtree is
+  blocked.
+
+Not seen: modules reached through unregistered references or globals, and tensors stored outside
+the model.
+"""
+
+import ast
+import contextlib
+import copy
+import functools
+import inspect
+import itertools
+import textwrap
+
+import torch
+from torch import fx, nn
+
+__all__ = ["Call", "plain_call", "survey"]
+
+_BRANCHES = tuple(getattr(ast, name) for name in (
+    "If", "IfExp", "BoolOp", "While", "Try", "TryStar", "Match") if hasattr(ast, name))
+
+
+class Call:
+    """One call of ``module`` in a forward (see the module docstring for ``source``)."""
+
+    def __init__(self, module):
+        self.module, self.source = module, None
+
+
+def plain_call(m):
+    """Calling ``m`` runs its class's ``forward`` (no ``__call__`` or instance ``forward`` of its
+    own)."""
+    return "forward" not in m.__dict__ and type(m).__call__ is nn.Module.__call__
+
+
+def _is_container(m):
+    """ModuleList, ModuleDict and the like: no forward, so they call nothing themselves."""
+    return type(m).forward is nn.Module.forward and plain_call(m)
+
+
+def _is_sequential(m):
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and type(m).__iter__ is nn.Sequential.__iter__ and plain_call(m))
+
+
+# --- reading a forward's source -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _parse(forward):
+    func = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward)))).body[0]
+    return func, {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
+
+
+def _read_forward(module, relevant):
+    """(straight, reaches_in) for ``module``'s own forward. ``straight``: it can take one path only
+    (see the module docstring). ``reaches_in``: it may call a relevant module that is not its child
+    nor an element of a container child. Unreadable source: (False, True)."""
+    try:
+        func, parents = _parse(type(module).forward)
+        this = (func.args.posonlyargs + func.args.args)[0].arg
+    except Exception:  # noqa: BLE001 - no source (built in, generated, lambda): assume the worst
+        return False, True
+    straight = not any(isinstance(n, _BRANCHES) or isinstance(n, ast.comprehension) and n.ifs
+                       for n in ast.walk(func))
+    reaches_in, module_nodes = False, {}
+    for node in ast.walk(func):
+        if isinstance(node, ast.Name) and node.id == "super":
+            straight, reaches_in = False, True
+        elif isinstance(node, ast.Name) and node.id == this:
+            outcome = _follow(module, node, parents, relevant, module_nodes)
+            straight &= outcome != "escapes"
+            reaches_in |= outcome in ("escapes", "in")
+    # A name holding a submodule (``conv = self.conv``, ``for block in self.blocks``,
+    # ``zip(self.norms, self.acts)``) may only be called: anything else (``block.act``,
+    # ``block[1]``, handing it to a function) may reach past the child unseen.
+    bound = set()
+    for node in ast.walk(func):
+        if isinstance(node, (ast.For, ast.comprehension)) and _yields_modules(
+                node.iter, module_nodes):
+            bound |= _names(node.target)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr)) and node.value and any(
+                n in module_nodes for n in _elements(node.value)):
+            bound |= set().union(*map(_names, getattr(node, "targets", [])),
+                                 _names(getattr(node, "target", None)))
+    reaches_in |= any(
+        isinstance(n, ast.Name) and n.id in bound and isinstance(n.ctx, ast.Load)
+        and not (isinstance(parents.get(n), ast.Call) and parents[n].func is n)
+        for n in ast.walk(func))
+    return straight, reaches_in
+
+
+def _yields_modules(expr, module_nodes):
+    """Iterating ``expr`` gives submodules: a module, or zip/enumerate/reversed of one."""
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in (
+            "zip", "enumerate", "reversed"):
+        return any(_yields_modules(a, module_nodes) for a in expr.args)
+    return expr in module_nodes
+
+
+def _names(target):
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)} if target else set()
+
+
+def _elements(value):
+    return [value] if not isinstance(value, (ast.Tuple, ast.List)) else [
+        n for v in value.elts for n in _elements(v)]
+
+
+def _follow(module, node, parents, relevant, module_nodes):
+    """Where the expression ``self...`` starting at ``node`` leads: 'data', 'child' (a child or
+    a container element), 'in' (past a child) or 'escapes' (``self`` itself handed on, or one of
+    its own methods or properties run)."""
+    obj, elements, cur = module, False, node
+    while True:
+        up = parents.get(cur)
+        if isinstance(up, ast.Subscript) and up.value is cur and obj is not module:
+            if not (elements or _is_container(obj)):
+                return "in" if relevant(obj) else "data"  # ``self.seq[1]``: past a child
+            elements, cur = True, up
+            module_nodes[up] = "element"
+            continue
+        if not (isinstance(up, ast.Attribute) and up.value is cur):
+            return "escapes" if cur is node else "child"
+        if elements:
+            return "in"  # an attribute of a container's element
+        if up.attr in obj._modules:
+            sub = obj._modules[up.attr]
+            if obj is not module and not _is_container(obj):
+                return "in" if sub is not None and relevant(sub) else "data"
+            if sub is None:
+                return "data"
+            obj, cur = sub, up
+            module_nodes[up] = "container" if _is_container(sub) else "module"
+            continue
+        if up.attr in obj.__dict__ or up.attr in obj._parameters or up.attr in obj._buffers:
+            return "data"
+        static = inspect.getattr_static(type(obj), up.attr, None)
+        if static is None or not (callable(static) or hasattr(static, "__get__")):
+            return "data"  # a class-level constant, or nothing (AttributeError when run)
+        if obj is module:
+            return "escapes"  # its own method or property: code this reading does not see
+        return "in" if relevant(obj) else "data"
+
+
+# --- tracing a forward on a throw-away copy -------------------------------------------------------
+
+class _Bypassed:
+    """The forward of the copy's norms and activations: a call that skips ``Module.__call__``
+    (``self.act.forward(y)``) is invisible to fx, so it makes the trace fail."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("a norm or activation module's forward called directly")
+
+
+class _OwnForward(fx.Tracer):
+    """Records one module's own forward: every submodule is a leaf, buffers are proxies."""
+
+    proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m, qualified_name):
+        return True
+
+
+def _meta(t):
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+def _metas(root):
+    """{id(tensor): its meta copy} for ``root``'s parameters and buffers, made once per model."""
+    metas = {}
+    for t in itertools.chain(root.parameters(), root.buffers()):
+        with contextlib.suppress(Exception):  # else copied, or failing, when a trace needs it
+            metas[id(t)] = _meta(t)
+    return metas
+
+
+def _copy_value(v, memo):
+    if isinstance(v, torch.Tensor):
+        if id(v) not in memo:
+            memo[id(v)] = _meta(v)
+        return memo[id(v)]
+    if type(v) in (list, tuple, set, frozenset):
+        return type(v)(_copy_value(x, memo) for x in v)
+    if type(v) is dict:
+        return {k: _copy_value(x, memo) for k, x in v.items()}
+    return copy.deepcopy(v, memo)
+
+
+def _shadow(root, probed, metas):
+    """A copy of ``root``'s tree to trace: same classes and attributes, tensors on the meta device
+    (``metas`` holds those of the model's parameters and buffers), no hooks, ``_Bypassed``
+    forwards on the modules in ``probed``; and {id(copy): original}."""
+    memo, originals = dict(metas), {}
+    for m in root.modules():
+        memo[id(m)] = object.__new__(type(m))
+        originals[id(memo[id(m)])] = m
+    for m in root.modules():
+        state = {}
+        for key, value in m.__dict__.items():
+            if key in ("_modules", "_parameters", "_buffers"):
+                state[key] = type(value)((k, _copy_value(v, memo) if v is not None else None)
+                                         for k, v in value.items())
+            elif "hook" in key and isinstance(value, dict):
+                state[key] = type(value)()
+            else:
+                state[key] = _copy_value(value, memo)
+        if id(m) in probed:
+            state["forward"] = _Bypassed()
+        memo[id(m)].__dict__.update(state)
+    return memo[id(root)], originals
+
+
+def _stored_nodes(value, depth=3):
+    """fx nodes whose proxies ``value`` holds (a forward stored them: invisible users)."""
+    if isinstance(value, fx.Proxy):
+        yield value.node
+    elif depth and isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _stored_nodes(v, depth - 1)
+    elif depth and isinstance(value, dict):
+        for v in itertools.chain(value.keys(), value.values()):
+            yield from _stored_nodes(v, depth - 1)
+    elif depth and not isinstance(value, (nn.Module, torch.Tensor, type)):
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict):
+            yield from _stored_nodes(state, depth - 1)
+
+
+def _traced_calls(module, probed, metas):
+    """The calls of ``module``'s forward, the same in training and eval mode, else None."""
+    try:
+        (graph, calls), (other, _) = (_trace(module, probed, metas, t) for t in (True, False))
+    except Exception:  # noqa: BLE001 - anything untraceable stays as it is
+        return None
+    return calls if graph == other else None
+
+
+def _trace(module, probed, metas, training):
+    """(the graph as text, its calls) of ``module``'s forward, traced on a copy."""
+    shadow, originals = _shadow(module, probed, metas)
+    for m in shadow.modules():
+        m.training = training
+    graph = _OwnForward().trace(shadow)
+    stored = {n for m in shadow.modules() for k, v in m.__dict__.items()
+              if k not in ("_modules", "_parameters", "_buffers") for n in _stored_nodes(v)}
+    calls = {node: Call(originals[id(shadow.get_submodule(node.target))])
+             for node in graph.nodes if node.op == "call_module"}
+    for node, call in calls.items():
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if source in calls and len(source.users) == 1 and source not in stored:
+            call.source = calls[source]
+    return str(graph), list(calls.values())
+
+
+# --- the survey -----------------------------------------------------------------------------------
+
+def survey(root, candidates):
+    """Every call of a candidate the model's forwards make, and the candidates that must stay as
+    they are because an untraced forward may call them."""
+    relevant_memo = {}
+
+    def relevant(m):
+        if id(m) not in relevant_memo:
+            relevant_memo[id(m)] = id(m) in candidates  # also ends a cycle, should one exist
+            relevant_memo[id(m)] = id(m) in candidates or any(
+                relevant(c) for c in m._modules.values() if c is not None)
+        return relevant_memo[id(m)]
+
+    calls, blocked, metas = [], set(), None
+    for m in root.modules():
+        has_children = any(c is not None for c in m._modules.values())
+        if not has_children or _is_container(m) or not relevant(m):
+            continue
+        if _is_sequential(m):
+            chain = [Call(c) for c in m._modules.values() if c is not None]
+            for previous, call in itertools.pairwise(chain):
+                call.source = previous
+            calls += chain
+            continue
+        straight, reaches_in = _read_forward(m, relevant) if plain_call(m) else (False, True)
+        reach = None if reaches_in else {id(sub) for sub in _direct_reach(m)}
+        if reach is not None and not reach & candidates:
+            continue  # it can call none of them: no need to trace it
+        if straight and metas is None:
+            metas = _metas(root)
+        traced = _traced_calls(m, candidates, metas) if straight else None
+        if traced is not None:
+            calls += traced
+        else:
+            blocked |= reach if reach is not None else {id(sub) for sub in m.modules()}
+    return calls, blocked
+
+
+def _direct_reach(m):
+    for child in m._modules.values():
+        if child is not None:
+            yield child
+            if _is_container(child):
+                yield from _direct_reach(child)
