@@ -104,7 +104,9 @@ def test_nan_and_inf_stay_in_their_plane():
 @pytest.mark.parametrize("spatial", [(4, 5), (7, 7), (3,), (37, 3)])
 def test_constant_planes(dtype, spatial):
     # Several plane sizes: dx == 0 needs sum(dy) / HW == dy exactly, which an approximate division
-    # misses by an ulp for some HW (on a GPU; the interpreter always divides exactly).
+    # misses by an ulp for some HW (on a GPU; the interpreter always divides exactly). Compiled
+    # code also fuses a * b + c (FMA), which the interpreter never does: y = fma(0, w, b) and
+    # dx = dx_scale * fma(-0, c1 / HW, 0) stay exact (kernels/moments.py, _tile_stats).
     x = torch.full((2, 3) + spatial, 7.25, dtype=dtype, device=DEVICE).requires_grad_()
     w = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
     b = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -127,6 +129,8 @@ def test_constant_planes(dtype, spatial):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_two_element_planes_eps0_are_exactly_pm1(dtype):
+    """x_hat = +-(d / 2) / sqrt(fl((d / 2)^2)), exactly +-1 by correctly rounded division and
+    square root, with or without FMA contraction (kernels/moments.py, _tile_stats)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(500, 3, 2, generator=g).to(dtype).to(DEVICE)
     x = x[(x[..., 0] != x[..., 1]).all(1)]

@@ -105,3 +105,24 @@ def test_empty_batch_and_empty_planes_match_torch():
         assert y.shape == y_t.shape
         torch.testing.assert_close(rm, rm_t, equal_nan=True)
         torch.testing.assert_close(rv, rv_t, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype, outlier", [(torch.float32, 1e21), (torch.float64, 1e155)])
+def test_update_of_a_variance_near_the_top_of_the_range(dtype, outlier):
+    """One outlier in 4096 elements: the plane's deltas are scaled (inv_scale = 1 / outlier), its
+    unbiased variance ~ outlier^2 / 4096 is finite but close to the dtype's largest value. The
+    update must not lose it: not by dividing by inv_scale^2 (subnormal here, 0 from an outlier of
+    ~4e22 in float32), nor by multiplying the variance by HW or summing it over n before
+    averaging."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 64, 64, generator=g, dtype=dtype)
+    x[:, :, 17, 5] = outlier
+    x = x.to(DEVICE)
+    rm, rv = torch.zeros(2, dtype=dtype, device=DEVICE), torch.ones(2, dtype=dtype, device=DEVICE)
+    tin.instance_norm(x, rm, rv, momentum=0.5)
+    x64 = x.double()
+    want_m = 0.5 * x64.mean((2, 3)).mean(0)
+    want_v = 0.5 + 0.5 * (x64 / outlier).var((2, 3)).mean(0) * outlier * outlier  # no overflow
+    assert torch.isfinite(rv).all()
+    torch.testing.assert_close(rm.double(), want_m, atol=0, rtol=1e-5)
+    torch.testing.assert_close(rv.double(), want_v, atol=0, rtol=1e-5)

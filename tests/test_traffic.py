@@ -147,6 +147,66 @@ def test_split_path_reads_twice_in_two_launches(dtype):
     assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, LOOPED_SWEEPS, pivots)
 
 
+@contextlib.contextmanager
+def _tile_starts(t):
+    """The element offset in ``t`` of each block load from ``t`` (more than one lane), in order."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    original = builder.create_masked_load
+    base, size = t.data_ptr(), _nbytes(t)
+    starts = []
+
+    def load(ptrs, mask, *rest):
+        addresses = np.asarray(ptrs.data)
+        addresses = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
+        inside = addresses[(addresses >= base) & (addresses < base + size)]
+        if inside.size > 1:
+            starts.append((int(inside.min()) - base) // t.element_size())
+        return original(ptrs, mask, *rest)
+
+    builder.create_masked_load = load
+    try:
+        yield starts
+    finally:
+        del builder.create_masked_load  # the class's method shows through again
+
+
+def test_looped_second_sweep_runs_backwards():
+    """A plane streamed twice by its program: the normalize (dx) sweep starts with the tile the
+    statistics (sums) sweep read last, the likeliest still in L2."""
+    x, w, b, dy = _inputs((1, 1, 100))  # tiles at 0, 32, 64 and 96
+    sweeps = [0, 32, 64, 96, 96, 64, 32, 0]
+    with _looped(), _tile_starts(x) as forward:
+        y = tin.instance_norm(x, weight=w, bias=b)
+    with _looped(), _tile_starts(x) as backward:
+        torch.autograd.grad(y, (x, w, b), dy)
+    assert forward == backward == sweeps
+
+
+EVAL_SPLIT = {  # planes the heuristics split; before each chunk's program normalized its plane
+    "small": ((2, 3, 100), _split),  # 3 chunks
+    "huge_planes": ((1, 4, 1024, 1024), contextlib.nullcontext),  # 86 chunks
+    "channels_last": ((4, 32, 64, 64), contextlib.nullcontext),  # 16-byte channel groups, split
+}
+
+
+@pytest.mark.parametrize("case", EVAL_SPLIT, ids=EVAL_SPLIT.keys())
+def test_eval_on_split_planes_writes_each_element_once(case):
+    """Given running statistics the forward is elementwise: on planes the heuristics split, each
+    chunk's program normalizes its chunk only, so x is read once and y written once."""
+    shape, path = EVAL_SPLIT[case]
+    fmt = torch.channels_last if case == "channels_last" else torch.contiguous_format
+    x, w, b, _ = _inputs(shape, torch.bfloat16, memory_format=fmt)
+    running = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
+    with torch.no_grad(), path(), traffic.count("all" if case == "small" else "sample") as fwd:
+        y = tin.instance_norm(x, *running, weight=w, bias=b, use_input_stats=False)
+    assert [launch.kernel for launch in fwd.launches] == ["_fwd"]
+    assert _chunks(fwd) > 1, fwd.table()
+    assert (fwd.loaded(x), fwd.stored(y)) == (_nbytes(x), _nbytes(y))
+
+
 # Bytes per plane each more chunk may add: its partial sums written and read once, and each of
 # its programs reading the plane's statistics and parameters (float32: 48 forward, 72 backward).
 CHUNK_BUDGET = 80

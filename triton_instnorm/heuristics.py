@@ -2,7 +2,8 @@
 
 Each kernel program owns ``BLOCK_R`` planes and walks them in tiles of ``BLOCK_HW`` elements.
 A plane that fits one tile (``SINGLE_TILE``) is read from DRAM once and kept in registers; a
-longer plane is streamed twice (statistics, then normalize), the second sweep mostly from L2.
+longer plane is streamed twice (statistics, then normalize), the second sweep backwards so that
+it starts with the tiles most likely still in L2.
 
 The thresholds below are first estimates from the register budget and the memory system, not
 yet GPU measurements (perf/NOTES.md lists what is still to measure):

@@ -226,8 +226,9 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
         if source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
             run(_fwd_split_stats, how.grid, x=planes_view(x, fold), Partials=partials,
-                Stats=stats, geometry=shape, **how.tiles())
-            _combine(_fwd_combine, partials, Stats=stats, HW=px.hw)
+                geometry=shape, **how.tiles())
+            _combine(_fwd_combine, partials, Stats=stats, HW=px.hw,
+                     BLOCK_HW=how.config.BLOCK_HW)
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
             run(_fwd, how.grid,
                 x=planes_view(x, fold), y=None if y is None else planes_view(y, fold),
@@ -273,15 +274,15 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
     how = plan(px, x)
     inputs = dict(x=planes_view(x, fold), dy=planes_view(dy, fold), w=param_view(weight, n),
                   b=param_view(bias, n), Stats=stats, geometry=geometry(x, px),
-                  eps=split_float(eps), slope=split_float(negative_slope), ACTIVATION=activation,
-                  **how.tiles())
+                  eps=split_float(eps), slope=split_float(negative_slope),
+                  USE_INPUT_STATS=use_input_stats, ACTIVATION=activation, **how.tiles())
     with _device_guard(x):
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
             _combine(_bwd_combine, partials, PlaneSums=plane_sums)
         run(_bwd, how.grid, dx=planes_view(dx, fold), PlaneSums=plane_sums,
-            SUMS_FROM=how.source, USE_INPUT_STATS=use_input_stats, **inputs)
+            SUMS_FROM=how.source, **inputs)
         dw = _param_grad(plane_sums[SUM_DZ_XHAT], weight, need_dw, n)
         db = _param_grad(plane_sums[SUM_DZ], bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)

@@ -8,17 +8,30 @@ Every (n, c) pair owns one *plane* of ``HW`` elements (the flattened spatial dim
     y = act(z)                            (identity, relu, leaky_relu, silu or exact gelu)
 
 Statistics are computed in the accumulation dtype ``ACC`` (float32, float64 for float64 input)
-around a *pivot* ``K = x[plane, 0]``: with ``d = x - K`` the sums of ``d`` and ``d^2`` do not
-cancel catastrophically when the mean is large relative to the spread (``1e4 + 1e-2 * randn``
-keeps ~1e-7 relative error, where plain sum / sum-of-squares loses everything). Planes that fit
-one tile are reduced exactly in registers (two passes over registers, one read of DRAM); longer
-planes accumulate per-lane shifted sums ``S1 = sum(d)``, ``S2 = sum(d^2)`` over tiles and use
-``var = S2/n - (S1/n)^2``, accurate because ``K`` lies inside the plane's range. When
-``max|d|`` exceeds 2^40 the deltas are scaled, ``a = d * inv_scale`` with ``inv_scale =
-1/max|d|``, so that ``a^2`` cannot overflow float32 (spreads up to ~1e38 stay finite; the sweep is
-redone scaled, which ordinary data never triggers); otherwise ``inv_scale = 1`` and ``a = d``.
+by reductions that never take a difference of large sums, so they hold wherever the data sit: a
+mean large against the spread (``1e4 + 1e-2 * randn`` keeps ~1e-7 relative error, where plain
+sum / sum-of-squares loses everything), an outlier anywhere, parts of a plane far apart.
+Values are taken relative to a value ``K`` near the data, ``a = (x - K) * INV_SCALE`` (``x - K``
+exact for data near K):
 
-Per plane the forward keeps, in a (NUM_STATS, N*C) ``Stats`` buffer (ACC dtype; rows named in
+- a plane that fits one tile is held in registers and read once: ``K = x[plane, 0]``, then the
+  corrected two-pass algorithm (mean, deviations from it, whose sum corrects the mean and M2).
+  Where x[plane, 0] lies more than 2 standard deviations from the mean (an outlier), K moves to
+  the mean rounded to ACC, its rest exact by TwoSum, so that ``x - K`` rounds like ``x - mean``;
+  elsewhere K stays x[plane, 0] bit for bit (2-element and constant planes stay exact);
+- a longer plane is streamed in tiles: the first tile moves the reference from x[plane, 0] to
+  its own mean, each tile's mean and M2 are taken exactly in registers (two passes over the
+  registers, no extra memory traffic) and merged in tile order with Chan's parallel formula
+  (count, mean, M2; M2 summed compensated); K ends at the mean rounded to ACC;
+- a split plane's chunks do the same and hand the combine pass their mean as hi + lo and their
+  RMS deviation; the combine merges the chunks by Chan's formula in its corrected two-pass form,
+  in a fixed order (deterministic), and K is the chunk-weighted mean.
+
+When the spread exceeds 2^40 the deltas are scaled (``INV_SCALE`` ~ 1 / spread) so that ``a^2``
+cannot overflow float32 (spreads up to ~1e38 stay finite; the sweep is redone scaled, which
+ordinary data never triggers); otherwise ``INV_SCALE = 1`` and ``a = x - K``.
+
+Per plane the forward keeps, in a (NUM_STATS, N * C) ``Stats`` buffer (ACC dtype; rows named in
 ``constants.py``):
 
     PIVOT K, INV_SCALE, MEAN = E[a], VAR = Var[a]          (std = sqrt(VAR + eps * INV_SCALE^2))
@@ -26,7 +39,10 @@ Per plane the forward keeps, in a (NUM_STATS, N*C) ``Stats`` buffer (ACC dtype; 
                                                        true rstd = INV_SCALE / std)
 
 The normalization divides (correctly rounded) instead of multiplying by a reciprocal: that is
-what keeps 2-element planes with ``eps=0`` at exactly +-1 (``x * (1/x)`` is not always 1).
+what keeps 2-element planes with ``eps=0`` at exactly +-1 (``x * (1/x)`` is not always 1). A
+plane whose statistics give ``var + eps == 0`` (a constant plane with ``eps=0``) takes torch's
+rule ``rstd = 0`` (std = +inf): y is exactly the shift, dx = 0, dweight gets 0 from it. Given
+running statistics (eval) are used as they are, as torch does.
 
 Backward, with ``dz = dy * act'(z)`` recomputed from x (the pre-activation is never stored):
 
@@ -42,8 +58,10 @@ a plane *split* across programs (grid axis 1 walks its chunks), whose first pass
 (``_fwd_split_stats`` / ``_bwd_split_sums``) wrote per-chunk partial sums that a combine pass
 (``_fwd_combine`` / ``_bwd_combine``) reduced once per plane in a fixed order (deterministic)
 into ``Stats`` / ``PlaneSums``, which every chunk then reads; ``FROM_RUNNING``, the given running
-statistics. Splitting keeps every SM busy when there are few planes, at the price of a second
-read of x from memory (see perf/NOTES.md).
+statistics; its chunks then simply share the elementwise normalize pass. Splitting keeps every
+SM busy when there are few planes, at the price of a second read of x from memory (see
+perf/NOTES.md). A plane streamed twice by one program sweeps the second time backwards: the
+tiles the first sweep read last are the likeliest to be in L2 still.
 
 From a module to the kernels:
 
@@ -51,13 +69,14 @@ From a module to the kernels:
       -> torch.ops.triton_instnorm.forward (ops.py: custom op, autograd)
       -> launch.forward (launch.py: tensors as views, launch configuration from heuristics.py)
       -> [_fwd_split_stats, _fwd_combine], _fwd (forward.py); the backward: launch.backward
-         -> [_bwd_split_sums, _bwd_combine], _bwd, _sum_partials_over_n (backward.py); running statistics: _update_running_stats;
+         -> [_bwd_split_sums, _bwd_combine], _bwd, _sum_partials_over_n (backward.py);
+         running statistics: _update_running_stats;
          AdaIN's style statistics: launch.forward (statistics only) and launch.stats_backward
          -> _stats_bwd
 
 Files, in data-flow order: ``constants.py`` (what the host shares with the kernels),
-``common.py`` (views, activations, exact division, the shared sweeps), ``forward.py``,
-``backward.py``.
+``common.py`` (views, activations, exact division, tiles and chunks), ``moments.py`` (the
+statistics), ``forward.py``, ``backward.py``.
 """
 
 from .backward import _bwd, _bwd_combine, _bwd_split_sums, _stats_bwd, _sum_partials_over_n

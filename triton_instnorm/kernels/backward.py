@@ -2,10 +2,11 @@
 the gradient through per-plane statistics (AdaIN's style).
 
 A backward is one ``_bwd`` launch (preceded by ``_bwd_split_sums`` and ``_bwd_combine`` when the
-planes are split), then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is recomputed from x and the
-saved statistics; dweight / dbias never use atomics, so every run gives bitwise the same
-gradients. Views and geometry are described in ``common.py``; inside a program, a plane's
-``(start pointers, spatial stride)``, its saved statistics and its affine travel as tuples.
+planes are split), then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is
+recomputed from x and the saved statistics; dweight / dbias never use atomics, so every run gives
+bitwise the same gradients. Views and geometry are described in ``common.py``; inside a program,
+a plane's ``(start pointers, spatial stride)``, its saved statistics and its affine travel as
+tuples.
 """
 
 import triton
@@ -14,15 +15,17 @@ import triton.language as tl
 from .common import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
     _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _partial,
-    _plane_block, _plane_start, _program_channels, _program_planes, _row, _std, _tile,
+    _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row, _std,
+    _swept_tile, _tile,
 )
 
 
 @triton.jit
-def _saved_stats(Stats, num_planes, plane, mask, eps, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """(pivot, inv_scale, mean, 1 / std) of each plane, std recomputed as the forward did."""
     pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
-    std = _std(var, inv_scale, _host_float(eps, ACC))  # the forward's std, bit for bit
+    std = _std(var, inv_scale, _host_float(eps, ACC), INPUT_STATS)  # the forward's, bit for bit
     return pivot, inv_scale, mean, _div(tl.full([BLOCK_R], 1.0, ACC), std)
 
 
@@ -37,22 +40,23 @@ def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
 
 
 @triton.jit
-def _program_inputs(x, dy, w, b, Stats, geometry, eps, slope, ACC: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
-    """This program's planes and what their gradients need: (group, row in group, mask, plane,
-    x planes, dy planes, (pivot, inv_scale, mean, 1 / std), (scale, shift, negative slope))."""
-    group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    stats = _saved_stats(Stats, geometry[0], plane, mask, eps, ACC, BLOCK_R)
-    affine = (_load_param(w, n, c, mask, 1.0, ACC, BLOCK_R),
-              _load_param(b, n, c, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
-    return (group, row_in_group, mask, plane, _plane_start(x, group, row_in_group),
-            _plane_start(dy, group, row_in_group), stats, affine)
+def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STATS: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What the gradients of this program's ``planes = (rows, plane, mask)`` read: (x planes,
+    dy planes, saved statistics (pivot, inv_scale, mean, 1 / std), affine (scale, shift,
+    negative slope))."""
+    rows, plane, mask = planes
+    nc = _plane_nc(plane, geometry[1])
+    stats = _saved_stats(Stats, geometry[0], plane, mask, eps, INPUT_STATS, ACC, BLOCK_R)
+    affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
+              _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
+    return _plane_start(x, rows), _plane_start(dy, rows), stats, affine
 
 
 @triton.jit
-def _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC: tl.constexpr,
-                ACTIVATION: tl.constexpr):
+def _tile_grads(inputs, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x."""
+    x_planes, dy_planes, stats, affine = inputs
     dy_start, dy_stride = dy_planes
     scale_w, shift_b, negative_slope = affine
     x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
@@ -67,7 +71,9 @@ def _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC: tl.con
 @triton.jit
 def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
     """dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat) for one tile; ``coefficients`` is
-    (dx_scale, mean_dz, mean_dz_xhat) per plane."""
+    (dx_scale, mean_dz, mean_dz_xhat) per plane. Compiled, the product is fused into the
+    difference, fma(-x_hat, mean_dz_xhat, dz - mean_dz): a constant plane (x_hat = 0) under a
+    uniform dy (mean_dz == dz, correctly rounded) still gets exactly 0."""
     dx_start, dx_stride = dx_planes
     dx_scale, mean_dz, mean_dz_xhat = coefficients
     grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
@@ -76,15 +82,15 @@ def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
 
 
 @triton.jit
-def _streamed_sums(x_planes, dy_planes, mask, start, end, stats, affine, ACC: tl.constexpr,
-                   ACTIVATION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Over [start, end) of each plane, in tiles: (sum(dz * x_hat), sum(dz))."""
+def _streamed_sums(inputs, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Over ``span = (start, end)`` of each plane, in tiles: (sum(dz * x_hat), sum(dz))."""
+    start, end = span
     sum_dz_xhat = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     sum_dz = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
         offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat, dz = _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC,
-                                ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
         sum_dz_xhat += dz * x_hat
         sum_dz += dz
     return tl.sum(sum_dz_xhat, axis=1), tl.sum(sum_dz, axis=1)
@@ -101,6 +107,7 @@ def _bwd_split_sums(
     geometry,  # (N * C, C, HW, rows per group)
     eps,  # (hi, lo) float32 pair: the forward's
     slope,  # leaky_relu's negative slope, (hi, lo)
+    USE_INPUT_STATS: tl.constexpr,  # False: the statistics were given (running statistics)
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
@@ -109,14 +116,13 @@ def _bwd_split_sums(
     for ``_bwd_combine`` to combine."""
     ACC: tl.constexpr = Stats.dtype.element_ty
     num_planes, C, HW, _ = geometry
-    _, _, mask, plane, x_planes, dy_planes, stats, affine = _program_inputs(
-        x, dy, w, b, Stats, geometry, eps, slope, ACC, BLOCK_R)
-    chunk, chunks, start, end, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
-    sum_dz_xhat, sum_dz = _streamed_sums(x_planes, dy_planes, mask, start, end, stats, affine, ACC,
-                                         ACTIVATION, BLOCK_R, BLOCK_HW)
-    tl.store(_partial(Partials, SUM_DZ_XHAT, num_planes, plane, chunk, chunks), sum_dz_xhat,
-             mask=mask)
-    tl.store(_partial(Partials, SUM_DZ, num_planes, plane, chunk, chunks), sum_dz, mask=mask)
+    rows, plane, mask = _program_planes(geometry, BLOCK_R)
+    inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
+                             USE_INPUT_STATS, ACC, BLOCK_R)
+    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
+    sum_dz_xhat, sum_dz = _streamed_sums(inputs, mask, span, ACC, ACTIVATION, BLOCK_R, BLOCK_HW)
+    tl.store(_partial(Partials, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=mask)
+    tl.store(_partial(Partials, SUM_DZ, num_planes, plane), sum_dz, mask=mask)
 
 
 @triton.jit
@@ -160,21 +166,23 @@ def _bwd(
     """dx = rstd * w * (dz - (sum(dz) + x_hat * sum(dz * x_hat)) / HW) over a chunk of BLOCK_R
     planes (grid: row programs x chunks; one chunk unless the planes are split)."""
     ACC: tl.constexpr = Stats.dtype.element_ty
+    # The dx sweep after a sums sweep walks the tiles backwards: the ones read last are the
+    # likeliest to be in L2 still.
+    REVERSE: tl.constexpr = SUMS_FROM == FROM_PLANE
     num_planes, C, HW, _ = geometry
-    group, row_in_group, mask, plane, x_planes, dy_planes, stats, affine = _program_inputs(
-        x, dy, w, b, Stats, geometry, eps, slope, ACC, BLOCK_R)
-    _, _, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
-                                           SUMS_FROM == FROM_PARTIALS)
+    rows, plane, mask = _program_planes(geometry, BLOCK_R)
+    inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
+                             USE_INPUT_STATS, ACC, BLOCK_R)
+    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
         offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        x_hat, dz = _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC,
-                                ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
         sum_dz_xhat = tl.sum(dz * x_hat, axis=1)
         sum_dz = tl.sum(dz, axis=1)
     elif SUMS_FROM == FROM_PLANE:
-        sum_dz_xhat, sum_dz = _streamed_sums(x_planes, dy_planes, mask, 0, HW, stats, affine, ACC,
-                                             ACTIVATION, BLOCK_R, BLOCK_HW)
+        sum_dz_xhat, sum_dz = _streamed_sums(inputs, mask, span, ACC, ACTIVATION, BLOCK_R,
+                                             BLOCK_HW)
     else:  # FROM_PARTIALS
         sum_dz_xhat = tl.load(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask,
                               other=0.0)
@@ -185,6 +193,7 @@ def _bwd(
 
     # dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat); with given statistics the mean and
     # variance are constants of x and both correction terms vanish.
+    _, _, stats, affine = inputs
     _, inv_scale, _, rstd = stats
     dx_scale = rstd * inv_scale * affine[0]
     if USE_INPUT_STATS:
@@ -196,15 +205,15 @@ def _bwd(
     else:
         mean_dz_xhat = tl.zeros([BLOCK_R], dtype=ACC)
         mean_dz = tl.zeros([BLOCK_R], dtype=ACC)
-    dx_planes = _plane_start(dx, group, row_in_group)
+    dx_planes = _plane_start(dx, rows)
     coefficients = (dx_scale, mean_dz, mean_dz_xhat)
     if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
         _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
     else:
-        for t in range(start, end, BLOCK_HW):
-            offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-            x_hat, dz = _tile_grads(x_planes, dy_planes, offs, tile_mask, stats, affine, ACC,
-                                    ACTIVATION)
+        for t in range(span[0], span[1], BLOCK_HW):
+            offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
+                                    BLOCK_HW)
+            x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
             _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
 
 
@@ -250,14 +259,17 @@ def _stats_bwd(
     std = sqrt(biased var + eps) (AdaIN's style statistics). Elementwise: x read once."""
     ACC: tl.constexpr = Stats.dtype.element_ty
     num_planes, C, HW, _ = geometry
-    group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    _, _, start, end, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
-    stats = _saved_stats(Stats, num_planes, plane, mask, eps, ACC, BLOCK_R)
+    rows, plane, mask = _program_planes(geometry, BLOCK_R)
+    nc = _plane_nc(plane, C)
+    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    # the gradient of sqrt(var + eps) as autograd takes it: no invstd rule at var + eps == 0
+    stats = _saved_stats(Stats, num_planes, plane, mask, eps, False, ACC, BLOCK_R)
     hw = tl.full([BLOCK_R], HW, ACC)
-    grad_mean = _div(_load_param(dmean, n, c, mask, 0.0, ACC, BLOCK_R), hw)
-    grad_std = _div(_load_param(dstd, n, c, mask, 0.0, ACC, BLOCK_R), hw)
-    x_planes = _plane_start(x, group, row_in_group)
-    dx_start, dx_stride = _plane_start(dx, group, row_in_group)
+    grad_mean = _div(_load_param(dmean, nc, mask, 0.0, ACC, BLOCK_R), hw)
+    grad_std = _div(_load_param(dstd, nc, mask, 0.0, ACC, BLOCK_R), hw)
+    x_planes = _plane_start(x, rows)
+    dx_start, dx_stride = _plane_start(dx, rows)
+    start, end = span
     for t in range(start, end, BLOCK_HW):
         offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
         x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)

@@ -34,17 +34,13 @@ PIVOT = tl.constexpr(k.PIVOT)
 INV_SCALE = tl.constexpr(k.INV_SCALE)
 MEAN = tl.constexpr(k.MEAN)
 VAR = tl.constexpr(k.VAR)
-SUM = tl.constexpr(k.SUM)
-SUM_SQ = tl.constexpr(k.SUM_SQ)
-SCALE = tl.constexpr(k.SCALE)
+CHUNK_HI = tl.constexpr(k.CHUNK_HI)
+CHUNK_LO = tl.constexpr(k.CHUNK_LO)
+CHUNK_RMS = tl.constexpr(k.CHUNK_RMS)
 SUM_DZ_XHAT = tl.constexpr(k.SUM_DZ_XHAT)
 SUM_DZ = tl.constexpr(k.SUM_DZ)
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2), in the exact GELU's erf
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # the standard normal density at 0
-
-# max |x - pivot| above this switches on the overflow-safe scaling of the deltas: below it,
-# d^2 summed over 2^24 elements stays far inside float32's range.
-BIG_DELTA = tl.constexpr(1099511627776.0)  # 2**40
 
 
 @triton.jit
@@ -79,10 +75,12 @@ def _activation_grad(dy, z, slope, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _div(x, y):
-    """Correctly rounded x / y (Triton's float32 `/` is not IEEE): keeps x / x == 1."""
+    """Correctly rounded x / y (Triton's float32 `/` is not IEEE): keeps x / x == 1. Either
+    operand may be a scalar."""
     if x.dtype == tl.float64:
         return x / y
     else:
+        x, y = tl.broadcast(x, y)
         return tl.math.div_rn(x, y)
 
 
@@ -95,10 +93,15 @@ def _sqrt(x):
 
 
 @triton.jit
-def _std(var, inv_scale, eps):
+def _std(var, inv_scale, eps, INPUT_STATS: tl.constexpr):
     """sqrt(var of a + eps * inv_scale^2): one expression for the forward and the backward, so
-    that both get the same bits."""
-    return _sqrt(var + eps * inv_scale * inv_scale)
+    that both get the same bits. With ``INPUT_STATS`` (statistics of the input, not given ones),
+    +inf where that is 0 (var == 0 with eps == 0: a constant plane): then 1 / std = 0, which is
+    torch's invstd rule, so x_hat = 0, y = the shift and dx = 0 instead of 0 / 0."""
+    std = _sqrt(var + eps * inv_scale * inv_scale)
+    if INPUT_STATS:
+        std = tl.where(std == 0, float("inf"), std)
+    return std
 
 
 @triton.jit
@@ -110,8 +113,9 @@ def _host_float(pair, ACC: tl.constexpr):
 
 @triton.jit
 def _program_planes(geometry, BLOCK_R: tl.constexpr):
-    """The BLOCK_R planes of this program (grid axis 0): (group, row in group, mask, plane
-    = n * C + c, n, c), all 64-bit so that offsets never wrap on tensors of 2^31 elements."""
+    """The BLOCK_R planes of this program (grid axis 0): (rows, plane = n * C + c, mask) with
+    rows = (group, row in group), what ``_plane_start`` takes; all 64-bit so that offsets never
+    wrap on tensors of 2^31 elements."""
     num_planes, C, HW, rows_per_group = geometry
     pid = tl.program_id(0)
     blocks_per_group = tl.cdiv(rows_per_group, BLOCK_R)
@@ -119,8 +123,13 @@ def _program_planes(geometry, BLOCK_R: tl.constexpr):
     mask = row_in_group < rows_per_group
     group = (pid // blocks_per_group).to(tl.int64)
     row_in_group = row_in_group.to(tl.int64)
-    plane = group * rows_per_group + row_in_group
-    return group, row_in_group, mask, plane, plane // C, plane % C
+    return (group, row_in_group), group * rows_per_group + row_in_group, mask
+
+
+@triton.jit
+def _plane_nc(plane, C):
+    """(n, c) of each plane: what a param view is indexed by."""
+    return plane // C, plane % C
 
 
 @triton.jit
@@ -132,29 +141,45 @@ def _plane_block(num_planes, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _plane_start(view, group, row_in_group):
+def _plane_start(view, rows):
     """(pointer to element 0 of each plane, spatial stride) of a planes view."""
     pointer, group_stride, row_stride, spatial_stride = view
+    group, row_in_group = rows
     return pointer + group * group_stride + row_in_group * row_stride, spatial_stride
 
 
 @triton.jit
+def _chunk_len(HW, chunks, BLOCK_HW: tl.constexpr):
+    """Elements of a plane in each of its ``chunks`` chunks (the last may have fewer): whole
+    tiles, derived the same way by every pass and the combine."""
+    return tl.cdiv(tl.cdiv(HW, chunks), BLOCK_HW).to(tl.int64) * BLOCK_HW  # no wrap
+
+
+@triton.jit
+def _chunk_sizes(HW, chunks, ACC: tl.constexpr, BLOCK_HW: tl.constexpr,
+                 BLOCK_CHUNKS: tl.constexpr):
+    """(elements, elements / HW) of each chunk of a plane, [1, BLOCK_CHUNKS] in ACC: chunk_len,
+    fewer in the last chunk, 0 past it."""
+    chunk_len = _chunk_len(HW, chunks, BLOCK_HW)
+    ks = tl.arange(0, BLOCK_CHUNKS).to(tl.int64)
+    counts = tl.minimum(tl.maximum(HW - ks * chunk_len, 0), chunk_len).to(ACC)
+    return counts[None, :], _div(counts, tl.full([BLOCK_CHUNKS], HW, ACC))[None, :]
+
+
+@triton.jit
 def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's chunk of its planes, grid axis 1 walking the chunks: (chunk, chunks, start,
-    end, first), ``first`` masking the planes for which this is chunk 0, the program that writes
-    per-plane results. Chunks are tile multiples, derived here the same way in every pass.
-    Without ``SPLIT`` (one chunk, known at compile time) the range is the whole plane, in 32
-    bits."""
-    chunk = tl.program_id(1)
-    chunks = tl.num_programs(1)
+    """This program's chunk of its planes, grid axis 1 walking the chunks: ((start, end), first),
+    ``first`` masking the planes for which this is chunk 0, the program that writes per-plane
+    results. Without ``SPLIT`` (one chunk, known at compile time) the range is the whole plane,
+    in 32 bits."""
     if not SPLIT:
-        return chunk, chunks, 0, HW, mask
+        return (0, HW), mask
     else:
-        chunk_len = tl.cdiv(tl.cdiv(HW, chunks), BLOCK_HW).to(tl.int64) * BLOCK_HW  # no wrap
+        chunk = tl.program_id(1)
+        chunk_len = _chunk_len(HW, tl.num_programs(1), BLOCK_HW)
         start = chunk * chunk_len
-        end = tl.minimum(start + chunk_len, HW)
         first = mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)
-        return chunk, chunks, start, end, first
+        return (start, tl.minimum(start + chunk_len, HW)), first
 
 
 @triton.jit
@@ -166,6 +191,20 @@ def _tile(t, mask, end, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
+def _swept_tile(t, span, REVERSE: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The tile a sweep of ``span = (start, end)`` reads at step ``t`` of ``range(start, end,
+    BLOCK_HW)``: t itself, or with ``REVERSE`` its mirror, so that the sweep walks from the last
+    tile to the first. (A negative range step would hide from the compiler that tiles start at
+    multiples of BLOCK_HW, and with it the vectorized loads and stores.)"""
+    if REVERSE:
+        start, end = span
+        last = start + ((end - 1 - start) // BLOCK_HW).to(tl.int64) * BLOCK_HW
+        return last - (t - start)
+    else:
+        return t
+
+
+@triton.jit
 def _program_channels(N, C, BLOCK_C: tl.constexpr):
     """The channels of a per-channel program over (N, C) buffers: (c, mask, plane of n = 0,
     N * C); planes are then stepped by C in int64 (n * C in int32 wraps from 2^31 planes)."""
@@ -174,12 +213,14 @@ def _program_channels(N, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _load_param(view, n, c, mask, default, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The value of each plane's (n, c) in a param view; ``default`` when the view is None."""
+def _load_param(view, nc, mask, default, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The value at each plane's ``nc = (n, c)`` in a param view; ``default`` when the view is
+    None."""
     if view is None:
         return tl.full([BLOCK_R], default, ACC)
     else:
         pointer, n_stride, c_stride = view
+        n, c = nc
         return tl.load(pointer + n * n_stride + c * c_stride, mask=mask, other=default).to(ACC)
 
 
@@ -208,9 +249,21 @@ def _load_stats(Stats, num_planes, plane, mask):
 
 
 @triton.jit
-def _partial(Partials, name, num_planes, plane, chunk, chunks):
-    """Pointers to row ``name`` of a split plane's (rows, N * C, chunks) partials."""
-    return Partials + (name * tl.cast(num_planes, tl.int64) + plane) * chunks + chunk
+def _store_stats(Stats, num_planes, plane, mask, stats):
+    """Writes (pivot, inv_scale, mean, var) of each plane into a Stats buffer."""
+    pivot, inv_scale, mean, var = stats
+    tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=mask)
+    tl.store(_row(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=mask)
+    tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=mask)
+    tl.store(_row(Stats, VAR, num_planes, plane), var, mask=mask)
+
+
+@triton.jit
+def _partial(Partials, name, num_planes, plane):
+    """Pointers to row ``name`` of this program's chunk (grid axis 1) of a split plane's
+    (rows, N * C, chunks) partials."""
+    chunks = tl.num_programs(1)
+    return Partials + (name * tl.cast(num_planes, tl.int64) + plane) * chunks + tl.program_id(1)
 
 
 @triton.jit
@@ -219,45 +272,5 @@ def _chunk_partials(Partials, name, num_planes, plane, mask, chunks, BLOCK_CHUNK
     chunk), for a combine pass to reduce in one fixed tree (deterministic)."""
     ks = tl.arange(0, BLOCK_CHUNKS)
     tile_mask = mask[:, None] & (ks[None, :] < chunks)
-    pointers = _partial(Partials, name, num_planes, plane[:, None], ks[None, :], chunks)
-    return tl.load(pointers, mask=tile_mask, other=0.0)
-
-
-@triton.jit
-def _shifted_sums(x_start, x_stride, mask, start, end, pivot, inv_scale, ACC: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Over [start, end) of each plane: sum(a), sum(a^2) with a = (x - pivot) * inv_scale, and
-    max |x - pivot| (to detect the rare planes whose squares could overflow)."""
-    sum_a = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
-    sum_sq = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
-    max_delta = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
-    for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-        delta = tl.where(tile_mask, xt.to(ACC) - pivot[:, None], 0.0)
-        a = delta * inv_scale[:, None]
-        sum_a += a
-        sum_sq += a * a
-        max_delta = tl.maximum(max_delta, tl.abs(delta))
-    return tl.sum(sum_a, axis=1), tl.sum(sum_sq, axis=1), tl.max(max_delta, axis=1)
-
-
-@triton.jit
-def _safe_shifted_sums(x_start, x_stride, mask, start, end, pivot, ACC: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """_shifted_sums with the overflow guard: (sum a, sum a^2, inv_scale). Ordinary data takes
-    one sweep; a plane with max |x - pivot| > 2^40 is swept again with its deltas scaled."""
-    inv_scale = tl.full([BLOCK_R], 1.0, ACC)
-    sum_a, sum_sq, max_delta = _shifted_sums(x_start, x_stride, mask, start, end, pivot,
-                                             inv_scale, ACC, BLOCK_R, BLOCK_HW)
-    if tl.max(tl.where(mask, max_delta, 0.0), axis=0) > BIG_DELTA:
-        inv_scale = _inverse_scale(max_delta, ACC)
-        sum_a, sum_sq, max_delta = _shifted_sums(x_start, x_stride, mask, start, end, pivot,
-                                                 inv_scale, ACC, BLOCK_R, BLOCK_HW)
-    return sum_a, sum_sq, inv_scale
-
-
-@triton.jit
-def _inverse_scale(max_delta, ACC: tl.constexpr):
-    """1 / max|d| where d^2 could overflow, else exactly 1 (the math then runs unscaled)."""
-    return tl.where(max_delta > BIG_DELTA, 1.0 / tl.maximum(max_delta, BIG_DELTA), 1.0).to(ACC)
+    rows = (name * tl.cast(num_planes, tl.int64) + plane) * chunks
+    return tl.load(Partials + rows[:, None] + ks[None, :], mask=tile_mask, other=0.0)

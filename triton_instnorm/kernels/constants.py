@@ -8,16 +8,18 @@ Plain integers, so the host can import them without triton; ``common.py`` wraps 
 backward), the ``STATS_FROM`` / ``SUMS_FROM`` constexprs.
 
 ``Stats``, shape (NUM_STATS, N * C), accumulation dtype: what the forward keeps per plane for the
-backward and the running-statistics update (the math is in the package docstring). The backward
-recomputes ``std = sqrt(VAR + eps * INV_SCALE^2)`` exactly as the forward did, so four values
-per plane are all that is stored.
+backward and the running-statistics update (the math is in the package docstring): the mean is
+``PIVOT + MEAN / INV_SCALE``, an unevaluated sum, the variance ``VAR / INV_SCALE^2``. The
+backward recomputes ``std = sqrt(VAR + eps * INV_SCALE^2)`` exactly as the forward did, so four
+values per plane are all that is stored.
 
 ``PlaneSums``, shape (NUM_SUMS, N * C), accumulation dtype: the backward's per-plane sums,
 which are also the per-(n, c) partials of dweight and dbias.
 
 Split planes (grid axis 1 walks chunks of each plane) also exchange per-chunk partials laid out
-(rows, N * C, chunks): the forward's are ``SUM``, ``SUM_SQ``, ``SCALE`` (NUM_FWD_PARTIALS rows),
-the backward's are ``SUM_DZ_XHAT``, ``SUM_DZ`` (NUM_SUMS rows).
+(rows, N * C, chunks): the forward's are ``CHUNK_HI``, ``CHUNK_LO``, ``CHUNK_RMS``
+(NUM_FWD_PARTIALS rows; a chunk's element count follows from HW and the chunk count), the
+backward's are ``SUM_DZ_XHAT``, ``SUM_DZ`` (NUM_SUMS rows).
 """
 
 ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU = range(5)
@@ -28,16 +30,16 @@ FROM_PARTIALS = 2  # a split plane: its chunks' partials, combined once by a com
 FROM_RUNNING = 3  # given: the running statistics (forward in eval mode)
 
 # Stats rows
-PIVOT = 0  # K = x[plane, 0]: deltas d = x - K are what the sums accumulate
-INV_SCALE = 1  # a = d * INV_SCALE: 1 unless max|d| > 2^40 (then 1 / max|d|)
-MEAN = 2  # mean of a
+PIVOT = 0  # K, near the plane's data: x[plane, 0], or the mean rounded to ACC (docstring)
+INV_SCALE = 1  # a = (x - K) * INV_SCALE: 1 unless the spread of x exceeds 2^40 (then ~1/spread)
+MEAN = 2  # mean of a (the rest of the mean when K is the rounded mean)
 VAR = 3  # biased variance of a
 NUM_STATS = 4
 
 # Forward split partials, per chunk
-SUM = 0  # sum of a over the chunk
-SUM_SQ = 1  # sum of a^2
-SCALE = 2  # 1 / INV_SCALE used for this chunk's a
+CHUNK_HI = 0  # the chunk's mean of x, rounded
+CHUNK_LO = 1  # the rest of it: mean = CHUNK_HI + CHUNK_LO
+CHUNK_RMS = 2  # its RMS deviation sqrt(sum((x - mean)^2) / count)
 NUM_FWD_PARTIALS = 3
 
 # PlaneSums rows; also the backward split partials, per chunk

@@ -10,20 +10,25 @@ import triton
 import triton.language as tl
 
 from .common import (
-    FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, INV_SCALE, MEAN, PIVOT, SCALE, SUM,
-    SUM_SQ, VAR, _activate, _chunk_partials, _chunk_range, _div, _host_float, _inverse_scale,
-    _load_param, _load_running, _load_stats, _partial, _plane_block, _plane_start,
-    _program_channels, _program_planes, _row, _safe_shifted_sums, _std, _tile,
+    CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
+    _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
+    _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
+    _program_channels, _program_planes, _std, _store_stats, _swept_tile, _tile,
+)
+from .moments import (
+    _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
 )
 
 
 @triton.jit
-def _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION: tl.constexpr):
-    """y = act(x_hat * w + b) for one tile, x_hat = (delta * inv_scale - mean) / std with
-    delta = x - pivot; ``norm`` is (inv_scale, mean, std), ``affine`` (w, b, negative slope)."""
+def _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constexpr):
+    """y = act(x_hat * w + b) for one tile ``xt`` of x, x_hat = ((x - pivot) * inv_scale -
+    mean) / std; ``norm`` is (pivot, inv_scale, mean, std), ``affine`` (w, b, negative
+    slope)."""
     y_start, y_stride = y_planes
-    inv_scale, mean, std = norm
+    pivot, inv_scale, mean, std = norm
     scale_w, shift_b, negative_slope = affine
+    delta = xt.to(pivot.dtype) - pivot[:, None]
     x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
     out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
     tl.store(y_start[:, None] + offs[None, :] * y_stride, out.to(y_start.dtype.element_ty),
@@ -33,56 +38,48 @@ def _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION: tl.cons
 @triton.jit
 def _fwd_split_stats(
     x,  # planes view of the input
-    Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) ACC: SUM, SUM_SQ, SCALE of each chunk
-    Stats,  # (NUM_STATS, N * C) ACC: the PIVOT row is written here, by each plane's chunk 0
+    Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) ACC: CHUNK_HI, CHUNK_LO, CHUNK_RMS
     geometry,  # (N * C, C, HW, rows per group)
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
 ):
-    """First pass over a split plane (grid: row programs x chunks): the chunk's pivot-shifted
-    sums, for ``_fwd_combine`` to combine."""
+    """First pass over a split plane (grid: row programs x chunks): the chunk's mean and RMS
+    deviation, for ``_fwd_combine`` to combine."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
-    group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    chunk, chunks, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
-    x_start, x_stride = _plane_start(x, group, row_in_group)
-    pivot = tl.load(x_start, mask=mask, other=0.0).to(ACC)  # the same pivot in every chunk
-    sum_a, sum_sq, inv_scale = _safe_shifted_sums(x_start, x_stride, mask, start, end, pivot, ACC,
-                                                  BLOCK_R, BLOCK_HW)
-    tl.store(_partial(Partials, SUM, num_planes, plane, chunk, chunks), sum_a, mask=mask)
-    tl.store(_partial(Partials, SUM_SQ, num_planes, plane, chunk, chunks), sum_sq, mask=mask)
-    tl.store(_partial(Partials, SCALE, num_planes, plane, chunk, chunks), 1.0 / inv_scale,
-             mask=mask)
-    tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=first)
+    rows, plane, mask = _program_planes(geometry, BLOCK_R)
+    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
+    x_planes = _plane_start(x, rows)
+    center, mean, m2, inv_scale = _safe_streamed_moments(
+        x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
+    count = tl.full([BLOCK_R], span[1] - span[0], ACC)
+    hi, lo, rms = _chunk_summary(center, mean, m2, count, inv_scale)
+    tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
+    tl.store(_partial(Partials, CHUNK_LO, num_planes, plane), lo, mask=mask)
+    tl.store(_partial(Partials, CHUNK_RMS, num_planes, plane), rms, mask=mask)
 
 
 @triton.jit
 def _fwd_combine(
     Partials,  # (NUM_FWD_PARTIALS, N * C, chunks) from _fwd_split_stats
-    Stats,  # (NUM_STATS, N * C) ACC: INV_SCALE, MEAN and VAR are written here
+    Stats,  # (NUM_STATS, N * C) ACC, written
     num_planes, HW, chunks,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_CHUNKS: tl.constexpr,  # next power of two >= chunks
+    BLOCK_HW: tl.constexpr,  # the split pass's tile width (chunks are whole tiles)
 ):
-    """Each split plane's statistics from its chunks' partials, combined once in a fixed order
+    """Each split plane's statistics from its chunks' summaries, combined once in a fixed order
     (grid: planes / BLOCK_R): the normalize pass then reads 4 values per plane, not the partials
     of every chunk."""
     ACC: tl.constexpr = Stats.dtype.element_ty
     plane, mask = _plane_block(num_planes, BLOCK_R)
-    sums = _chunk_partials(Partials, SUM, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-    sums_sq = _chunk_partials(Partials, SUM_SQ, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-    scales = _chunk_partials(Partials, SCALE, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-    # Bring every chunk to the largest chunk scale s: a = d / s for all of them.
-    scale = tl.where(mask, tl.max(scales, axis=1), 1.0)
-    ratio = scales / scale[:, None]
-    hw = tl.full([BLOCK_R], HW, ACC)
-    mean = _div(tl.sum(sums * ratio, axis=1), hw)
-    # clamp rounding below 0; a NaN variance stays NaN (as on the single-tile path)
-    var = tl.maximum(_div(tl.sum(sums_sq * ratio * ratio, axis=1), hw) - mean * mean, 0.0,
-                     propagate_nan=tl.PropagateNan.ALL)
-    tl.store(_row(Stats, INV_SCALE, num_planes, plane), 1.0 / scale, mask=mask)
-    tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=mask)
-    tl.store(_row(Stats, VAR, num_planes, plane), var, mask=mask)
+    summaries = (_chunk_partials(Partials, CHUNK_HI, num_planes, plane, mask, chunks, BLOCK_CHUNKS),
+                 _chunk_partials(Partials, CHUNK_LO, num_planes, plane, mask, chunks, BLOCK_CHUNKS),
+                 _chunk_partials(Partials, CHUNK_RMS, num_planes, plane, mask, chunks,
+                                 BLOCK_CHUNKS))
+    stats = _combine_chunks(summaries, _chunk_sizes(HW, chunks, ACC, BLOCK_HW, BLOCK_CHUNKS),
+                            tl.full([BLOCK_R], HW, ACC), ACC)
+    _store_stats(Stats, num_planes, plane, mask, stats)
 
 
 @triton.jit
@@ -107,59 +104,58 @@ def _fwd(
 
     x_hat = ((x - pivot) * inv_scale - mean) / std, the statistics taken as STATS_FROM says."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
+    # Chunks need partials only for statistics; the eval pass is elementwise, so a split grid
+    # just gives each program its chunk.
+    SPLIT: tl.constexpr = (STATS_FROM == FROM_PARTIALS) | (STATS_FROM == FROM_RUNNING)
+    # The normalize sweep after a statistics sweep walks the tiles backwards: the ones read last
+    # are the likeliest to be in L2 still.
+    REVERSE: tl.constexpr = STATS_FROM == FROM_PLANE
     num_planes, C, HW, _ = geometry
-    group, row_in_group, mask, plane, n, c = _program_planes(geometry, BLOCK_R)
-    _, _, start, end, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R,
-                                           STATS_FROM == FROM_PARTIALS)
-    x_start, x_stride = _plane_start(x, group, row_in_group)
+    rows, plane, mask = _program_planes(geometry, BLOCK_R)
+    nc = _plane_nc(plane, C)
+    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    x_planes = _plane_start(x, rows)
     hw = tl.full([BLOCK_R], HW, ACC)
 
-    # ---- statistics ---------------------------------------------------------------------------
+    # ---- statistics: (pivot, inv_scale, mean of a, var of a), a = (x - pivot) * inv_scale ----
     if STATS_FROM == FROM_RUNNING:
-        pivot, var = _load_running(running, c, mask, ACC)
-        inv_scale = tl.full([BLOCK_R], 1.0, ACC)
-        mean = tl.zeros([BLOCK_R], dtype=ACC)
+        running_mean, running_var = _load_running(running, nc[1], mask, ACC)
+        stats = (running_mean, tl.full([BLOCK_R], 1.0, ACC), tl.zeros([BLOCK_R], dtype=ACC),
+                 running_var)
     elif STATS_FROM == FROM_PARTIALS:
-        pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
-    else:
-        pivot = tl.load(x_start, mask=mask, other=0.0).to(ACC)
-    if STATS_FROM == FROM_TILE:
+        stats = _load_stats(Stats, num_planes, plane, mask)
+    elif STATS_FROM == FROM_TILE:  # x read once, kept in registers for y
+        pivot = _load_pivot(x_planes, mask, ACC)
         offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-        delta = tl.where(tile_mask, xt.to(ACC) - pivot[:, None], 0.0)
-        inv_scale = _inverse_scale(tl.max(tl.abs(delta), axis=1), ACC)
-        a = delta * inv_scale[:, None]
-        mean = _div(tl.sum(a, axis=1), hw)  # correctly rounded: 2-element planes stay exact
-        centered = tl.where(tile_mask, a - mean[:, None], 0.0)
-        var = _div(tl.sum(centered * centered, axis=1), hw)  # exact two-pass, in registers
-    elif STATS_FROM == FROM_PLANE:
-        sum_a, sum_sq, inv_scale = _safe_shifted_sums(x_start, x_stride, mask, 0, HW, pivot, ACC,
-                                                      BLOCK_R, BLOCK_HW)
-        mean = _div(sum_a, hw)
-        # clamp rounding below 0; a NaN variance stays NaN (as on the single-tile path)
-        var = tl.maximum(_div(sum_sq, hw) - mean * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    std = _std(var, inv_scale, _host_float(eps, ACC))
-    if STATS_FROM != FROM_PARTIALS:
-        if Stats is not None:
-            tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=first)
-            tl.store(_row(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=first)
-            tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=first)
-            tl.store(_row(Stats, VAR, num_planes, plane), var, mask=first)
+        xt = tl.load(x_planes[0][:, None] + offs[None, :] * x_planes[1], mask=tile_mask,
+                     other=0.0)
+        stats = _tile_stats(tl.where(tile_mask, xt.to(ACC) - pivot[:, None], 0.0), tile_mask,
+                            pivot, hw, ACC)
+    else:  # FROM_PLANE: the statistics sweep
+        center, mean, m2, inv_scale = _safe_streamed_moments(
+            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
+        stats = (center, inv_scale, mean, _div(m2, hw))
+    if Stats is not None:
+        if STATS_FROM != FROM_PARTIALS:
+            _store_stats(Stats, num_planes, plane, first, stats)
+    pivot, inv_scale, mean, var = stats
+    std = _std(var, inv_scale, _host_float(eps, ACC), STATS_FROM != FROM_RUNNING)
 
     # ---- normalize, affine, activation --------------------------------------------------------
     if y is not None:
-        y_planes = _plane_start(y, group, row_in_group)
-        norm = (inv_scale, mean, std)
-        affine = (_load_param(w, n, c, mask, 1.0, ACC, BLOCK_R),
-                  _load_param(b, n, c, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
+        y_planes = _plane_start(y, rows)
+        norm = (pivot, inv_scale, mean, std)
+        affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
+                  _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            _write_y(y_planes, offs, tile_mask, delta, norm, affine, ACTIVATION)
+            _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
         else:
-            for t in range(start, end, BLOCK_HW):
-                offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
+            x_start, x_stride = x_planes
+            for t in range(span[0], span[1], BLOCK_HW):
+                offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
+                                        BLOCK_HW)
                 xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                _write_y(y_planes, offs, tile_mask, xt.to(ACC) - pivot[:, None], norm, affine,
-                         ACTIVATION)
+                _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
 
 
 @triton.jit
@@ -173,20 +169,21 @@ def _update_running_stats(
     """running = (1 - m) * running + m * mean over n of (mean_nc, unbiased var_nc), as torch."""
     ACC: tl.constexpr = Stats.dtype.element_ty
     c, mask, plane, num_planes = _program_channels(N, C, BLOCK_C)
-    mean_sum = tl.zeros([BLOCK_C], dtype=ACC)
-    var_sum = tl.zeros([BLOCK_C], dtype=ACC)
+    # Averaged term by term: a sum over n of variances near the top of the range would overflow.
+    mean_avg = tl.zeros([BLOCK_C], dtype=ACC)
+    var_avg = tl.zeros([BLOCK_C], dtype=ACC)
     for n in range(0, N):  # fixed order: deterministic
-        pivot = tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0)
-        inv_scale = tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0)
-        mean = tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0)
-        var = tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=0.0)
-        mean_sum += pivot + mean / inv_scale
-        var_sum += var / (inv_scale * inv_scale)
+        pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
+        mean_avg += (pivot + mean / inv_scale) / N
+        # Divided twice: inv_scale^2 leaves float32's normal range from a spread of ~1e19 (and
+        # is 0 from ~4e22) while the variance itself can still be finite.
+        var_avg += var / inv_scale / inv_scale / N
         plane += C
     m = _host_float(momentum, ACC)
+    hw = tl.full([BLOCK_C], HW, ACC)
     running_mean, running_var = _load_running(running, c, mask, ACC)
-    running_mean = (1.0 - m) * running_mean + m * (mean_sum / N)
-    running_var = (1.0 - m) * running_var + m * (var_sum * HW / (HW - 1) / N)  # unbiased, as torch
+    running_mean = (1.0 - m) * running_mean + m * mean_avg
+    running_var = (1.0 - m) * running_var + m * (var_avg * (hw / (hw - 1.0)))  # unbiased, as torch
     mean_pointer, mean_stride, var_pointer, var_stride = running
     tl.store(mean_pointer + c * mean_stride, running_mean.to(mean_pointer.dtype.element_ty),
              mask=mask)

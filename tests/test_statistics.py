@@ -1,0 +1,139 @@
+"""Statistics that hold for any data: planes that defeat a shifted sum-of-squares, on every kernel
+path, forward and backward; torch's rule for a zero variance with eps=0.
+
+Each result is held to torch's own error against a float64 reference: at most ERROR_RATIO times
+it, or ULPS units of the result's dtype at its largest element (the floor covers results where
+torch, which accumulates float32 statistics in float64 on the CPU, is exact to the last bit).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from _reference import TOL, assert_close
+
+import triton_instnorm as tin
+from triton_instnorm import heuristics
+
+ERROR_RATIO = 4
+ULPS = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _path(name):
+    """(1, 4, 16, 16): planes of 256 elements: in one tile, looped in 8 tiles (channels_last: 32),
+    or split in 4 chunks."""
+    stack = contextlib.ExitStack()
+    if name in ("looped", "split"):
+        stack.enter_context(heuristics.tile_limit(32))
+        stack.enter_context(heuristics.split_planes(64 if name == "split" else 1 << 30))
+    return stack
+
+
+def _adversarial(kind, shape, dtype):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    planes = x.view(shape[0], shape[1], -1)
+    if kind == "outlier_first":  # x[plane, 0], the first value every path looks at
+        planes[..., 0] = 1e4
+    elif kind == "outlier_last":
+        planes[..., -1] = 1e4
+    elif kind == "halves_1e4_apart":
+        planes[..., planes.shape[-1] // 2:] += 1e4
+    return x.to(dtype)
+
+
+def _reference_grads(x, w, b, dy):
+    """(y, dx, dw, db) in float64 from the definition."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    x64, w64, b64 = leaves
+    var, mean = torch.var_mean(x64, dim=(2, 3), correction=0, keepdim=True)
+    y = (x64 - mean) / torch.sqrt(var + 1e-5) * w64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1)
+    y.backward(dy.double())
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _grads(fn, x, w, b, dy):
+    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+              for t in (x, w, b)]
+    y = fn(leaves[0], weight=leaves[1], bias=leaves[2])
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _assert_near_torch(ours, torchs, refs, dtype):
+    for name, got, theirs, ref in zip(("y", "dx", "dweight", "dbias"), ours, torchs, refs):
+        error = (got.double() - ref).abs().max().item()
+        torch_error = (theirs.double() - ref).abs().max().item()
+        floor = ULPS * torch.finfo(dtype).eps * ref.abs().max().item()
+        assert error <= max(ERROR_RATIO * torch_error, floor), (name, error, torch_error, floor)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("path", ["single_tile", "looped", "split"])
+@pytest.mark.parametrize("kind", ["outlier_first", "outlier_last", "halves_1e4_apart"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_adversarial_planes_match_torch(dtype, kind, path, layout, launches):
+    shape = (1, 4, 16, 16)
+    g = torch.Generator().manual_seed(12)
+    x = _adversarial(kind, shape, dtype).to(DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.rand(4, generator=g) + 0.5).to(dtype).to(DEVICE)
+    b = torch.randn(4, generator=g).to(dtype).to(DEVICE)
+    dy = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    with _path(path):
+        ours = _grads(tin.instance_norm, x, w, b, dy)
+    assert launches("_fwd_split_stats") == (1 if path == "split" else 0)
+    _assert_near_torch(ours, _grads(F.instance_norm, x, w, b, dy), _reference_grads(x, w, b, dy),
+                       dtype)
+
+
+def test_outlier_first_in_a_256x256_plane():
+    """One 65536-element float32 plane with an outlier at index 0, launched as the heuristics
+    choose (split across programs)."""
+    x = _adversarial("outlier_first", (1, 1, 256, 256), torch.float32).to(DEVICE)
+    w, b = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    _assert_near_torch(_grads(tin.instance_norm, x, w, b, dy), _grads(F.instance_norm, x, w, b, dy),
+                       _reference_grads(x, w, b, dy), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("path", ["single_tile", "looped", "split"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_eps0_constant_planes_take_torchs_rule(dtype, path, layout, poison):
+    """var == 0 with eps == 0: torch's invstd = 0, so y is exactly the shift, dx exactly 0 and
+    dweight gets nothing from the plane, where 1 / sqrt(0) would make all three NaN. The other
+    planes of the batch and the running statistics are as torch has them."""
+    shape = (2, 3, 16, 16)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(shape, generator=g).to(dtype)
+    x[0, 0], x[1, 2] = 7.25, -3.0
+    x = x.to(DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.tensor([1.5, -0.75, 2.0], dtype=dtype, device=DEVICE)
+    b = torch.randn(3, generator=g).to(dtype).to(DEVICE)
+    dy = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    running = {name: (torch.zeros(3, dtype=acc, device=DEVICE), torch.ones(3, dtype=acc,
+                                                                          device=DEVICE))
+               for name in ("ours", "torch")}
+
+    def run(fn, name):
+        return _grads(lambda x, weight, bias: fn(x, *running[name], weight, bias, eps=0.0),
+                      x, w, b, dy)
+
+    with _path(path):
+        ours = run(tin.instance_norm, "ours")
+    theirs = run(F.instance_norm, "torch")
+    y, dx = ours[0], ours[1]
+    for n, c in ((0, 0), (1, 2)):
+        assert torch.equal(y[n, c], torch.full_like(y[n, c], b[c].item()))
+        assert torch.equal(dx[n, c], torch.zeros_like(dx[n, c]))
+    for got, want in zip(ours + list(running["ours"]), theirs + list(running["torch"])):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, dtype, atol=4 * TOL[dtype]["atol"], rtol=4 * TOL[dtype]["rtol"])
