@@ -60,8 +60,6 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 
-import triton
-
 from .device import DEFAULT_EMULATED, EMULATED, Device
 
 MAX_SINGLE_TILE = 8192  # elements per CTA held in registers
@@ -119,6 +117,16 @@ def split_planes(chunk_elements: int):
     return _override(chunk=chunk_elements)
 
 
+# Host integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions in
+# Triton 3.6 and 3.9, and each call costs ~10 us on the host.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _capped(limit: int) -> int:
     return limit if HOOKS.tile_limit is None else min(limit, HOOKS.tile_limit)
 
@@ -148,7 +156,7 @@ def _occupancy_rows(planes: int, sm_count: int) -> int:
 
 def cluster_ctas(tile_elements: int, clusters: bool) -> int:
     """CTAs of the cluster that holds a tile too big for one CTA; 0 when none can."""
-    ctas = triton.cdiv(tile_elements, MAX_SINGLE_TILE)
+    ctas = cdiv(tile_elements, MAX_SINGLE_TILE)
     if not clusters or ctas > MAX_CLUSTER_CTAS or _capped(tile_elements) < tile_elements:
         return 0  # (a test's tile limit below the tile: no cluster either)
     return ctas
@@ -166,8 +174,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
     single_cap = _capped(MAX_SINGLE_TILE)
     loop_cap = _capped(LOOP_TILE)
     small_cap = _capped(SMALL_PLANE_TILE)
-    rows_p2 = triton.next_power_of_2(max(rows_per_group, 1))
-    hw_p2 = triton.next_power_of_2(max(hw, 1))
+    rows_p2 = next_power_of_2(max(rows_per_group, 1))
+    hw_p2 = next_power_of_2(max(hw, 1))
     occupancy = _occupancy_rows(groups * rows_per_group, gpu.sms)
 
     def warps(tile):
@@ -209,20 +217,20 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         target = PROGRAMS_PER_SM * sm_count
         if row_programs >= target:
             return 1
-        want = triton.cdiv(target, row_programs)
+        want = cdiv(target, row_programs)
         chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
-    chunk = max(chunk, triton.cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
-    return triton.cdiv(hw, chunk)
+    chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
+    return cdiv(hw, chunk)
 
 
 def combine_config(num_planes: int, chunks: int, warp_size: int = 32):
     """(BLOCK_R, BLOCK_CHUNKS, num_warps) of a combine pass: the chunks of BLOCK_R planes in one
     register tile of at most COMBINE_TILE partials (128 lanes x 16 values)."""
-    block_chunks = triton.next_power_of_2(chunks)
-    block_r = max(1, min(triton.next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
+    block_chunks = next_power_of_2(chunks)
+    block_r = max(1, min(next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
     return block_r, block_chunks, _warps(COMBINE_TILE, warp_size)
 
 
 def reduce_block(c: int) -> int:
     """Channels per program of the tiny (N, C) reductions (running stats, dweight/dbias)."""
-    return min(1024, triton.next_power_of_2(max(c, 1)))
+    return min(1024, next_power_of_2(max(c, 1)))

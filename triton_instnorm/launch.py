@@ -178,7 +178,7 @@ def plan(p: Planes, t: torch.Tensor) -> Launch:
                                      rows_contiguous=(p.row_stride == 1 and p.hw > 1),
                                      itemsize=t.element_size(), gpu=gpu,
                                      clusters=device.cluster_launch(gpu, real=t.is_cuda))
-    row_programs = p.groups * triton.cdiv(p.rows_per_group, config.BLOCK_R)
+    row_programs = p.groups * heuristics.cdiv(p.rows_per_group, config.BLOCK_R)
     chunks = heuristics.split_chunks(p.hw, row_programs, config, gpu.sms)
     if chunks > 1:
         source = FROM_PARTIALS
