@@ -1,10 +1,12 @@
-"""Planes held in a cluster of CTAs (``TRITON_INSTNORM_CLUSTERS=1``) on an emulated H100.
+"""Planes held in a cluster of CTAs (``TRITON_INSTNORM_CLUSTERS=1``).
 
-The interpreter runs each program as one block and ignores ``num_ctas``, so these tests prove the
-launch decisions (which planes take a cluster, with how many CTAs, and that the launch passes
-``num_ctas``) and the kernels' tile math at the cluster tile sizes: values and gradients against
-float64 and eager PyTorch, every dtype, at the threshold sizes and one past them. That the
-tiles compile to cluster reductions is checked by tests/test_aot_compile.py.
+On the CPU the launches are planned for an emulated H100 and the interpreter runs each program
+as one block, ignoring ``num_ctas``: these tests then prove the launch decisions (which planes
+take a cluster, with how many CTAs, and that the launch passes ``num_ctas``) and the kernels' tile
+math at the cluster tile sizes: values and gradients against float64 and eager PyTorch, every
+dtype, at the threshold sizes and one past them. On an sm_90+ GPU the same tests run the cluster
+kernels themselves. That the tiles compile to cluster reductions is checked by
+tests/test_aot_devices.py.
 """
 
 import math
@@ -18,13 +20,14 @@ from _reference import TOL, grad_tol, reference
 import triton_instnorm as tin
 from triton_instnorm import device, heuristics, launch
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="emulated device decisions: CPU interpreter only")
-
-LOWERS = device.triton_version() >= device.FIRST_CLUSTER_TRITON
+# Planned for the emulated H100 (CPU tensors): whether the installed Triton lowers clusters.
+LOWERS = device.clusters_supported(device.EMULATED["h100"], real=False)
+# Run on DEVICE: whether its GPU (the emulated H100 on the CPU) takes cluster launches.
 needs_lowering = pytest.mark.skipif(
-    not LOWERS, reason=f"Triton {device.triton.__version__} cannot lower cluster reductions: "
-    "no device takes the cluster path with it")
+    not device.clusters_supported(device.describe(torch.empty(0, device=DEVICE)),
+                                  real=DEVICE != "cpu"),
+    reason=f"no cluster launches on {DEVICE} with Triton {device.triton.__version__} (cross-CTA "
+    "reductions need Triton >= 3.8 and sm_90+)")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 ONE_CTA = heuristics.MAX_SINGLE_TILE
@@ -107,7 +110,7 @@ LADDER = {ONE_CTA: 1, ONE_CTA + 1: 2, 2 * ONE_CTA: 2, 2 * ONE_CTA + 1: 4, 4 * ON
           4 * ONE_CTA + 1: 8, LARGEST: 8, LARGEST + 1: 1}
 
 
-@needs_lowering
+@pytest.mark.skipif(not LOWERS, reason="no cluster launches with this Triton")
 @pytest.mark.parametrize("hw", LADDER, ids=str)
 def test_cluster_ladder(clusters, hw):
     x = torch.empty((2, 3, hw), dtype=torch.bfloat16)

@@ -114,11 +114,14 @@ def triton_version(version: str | None = None) -> tuple:
 
 
 def cluster_launch(dev: Device, real: bool) -> bool:
-    """Plans may launch clusters on ``dev``: requested, supported by the hardware, lowered by
-    the installed Triton (and, for a ``real`` device, confirmed by the compile probe)."""
-    if not (clusters_requested() and dev.clusters):
-        return False
-    if triton_version() < FIRST_CLUSTER_TRITON:
+    """Plans may launch clusters on ``dev``: asked for, and ``clusters_supported``."""
+    return clusters_requested() and clusters_supported(dev, real)
+
+
+def clusters_supported(dev: Device, real: bool) -> bool:
+    """The hardware has clusters and the installed Triton lowers cluster reductions (for a
+    ``real`` device, not the interpreter: confirmed by a compile probe)."""
+    if not dev.clusters or triton_version() < FIRST_CLUSTER_TRITON:
         return False
     return not real or _interpreting() or _probe(dev.capability)
 
