@@ -129,8 +129,8 @@ def markdown(rows: list[dict], providers: list[str], notes: list[str]) -> str:
     lines += [f"- {n}" for n in notes] + [""]
     lines += _by_class(rows, providers)
     lines += [f"programs / SM: programs of the largest launch / {gpu.sms} (the fewest over the "
-              "class's shapes). bytes / min: bytes loaded and stored by all launches of a call / the "
-              "minimum of perf/model.py (`norm_bytes`), geometric mean over the shapes.", "",
+              "class's shapes). bytes / min: bytes loaded and stored by all launches of a call / "
+              "the minimum of perf/model.py (`norm_bytes`), geometric mean over the shapes.", "",
               PER_SHAPE, "", "reads of x (dy): bytes loaded from x (dy) / its size (1.00: every "
               "element once; the forward also loads one pivot element per plane).", ""]
     header = ["shape", "dtype", "direction", f"{ours} launches (grid)", "programs / SM",

@@ -38,16 +38,16 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   held on chip and read once when its tile is spread over a cluster of ``num_ctas`` CTAs, each
   holding ``MAX_SINGLE_TILE`` elements with 16 warps: every thread keeps the registers of the
   single-CTA tile, and the reductions cross the CTAs through distributed shared memory (64 bytes
-  per CTA, 128 for float64). ``MAX_CLUSTER_CTAS = 8``, the portable cluster size (16 CTAs need the non-portable
-  opt-in and a GPC with 16 free SMs, which can leave SMs idle): planes up to 8 x 8192 = 65,536
-  elements are read once. The same ladder for every dtype and both directions, because the tile
-  is held in the accumulation dtype whatever the input's (a kernel holding the input in its own
-  dtype halves its ladder for float32): compiled for sm_90 and sm_100, the cluster variants take
-  40-80 registers per thread for 2- and 4-byte inputs, as many as their single-CTA tiles, and
-  spill nothing; float64 takes 80-128 and its gelu backward spills at the 128-register cap, as
-  its single-CTA tile already does (tests/test_aot_compile.py). Not for channels_last: Triton's CTA
-  planner spreads the tile's channel axis over the CTAs, so each CTA reads one channel with
-  2-byte loads strided by C instead of 16-byte channel groups.
+  per CTA, 128 for float64). ``MAX_CLUSTER_CTAS = 8``, the portable cluster size (16 CTAs need
+  the non-portable opt-in and a GPC with 16 free SMs, which can leave SMs idle): planes up to
+  8 x 8192 = 65,536 elements are read once. The same ladder for every dtype and both directions,
+  because the tile is held in the accumulation dtype whatever the input's (a kernel holding the
+  input in its own dtype halves its ladder for float32): compiled for sm_90 and sm_100, the
+  cluster variants take 40-80 registers per thread for 2- and 4-byte inputs, as many as their
+  single-CTA tiles, and spill nothing; float64 takes 80-128 and its gelu backward spills at the
+  128-register cap, as its single-CTA tile already does (tests/test_aot_devices.py). Not for
+  channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
+  reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
 - Warps (``_warps``): at most ``LANE_ELEMENTS = 16`` elements per lane and live tile, between
   ``MIN_LANES = 128`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
   64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp, and a 1024-element
