@@ -63,6 +63,7 @@ class Launch:
     kernel: str
     constexprs: dict
     grid: tuple = (1, 1, 1)
+    ctas: int = 1  # CTAs per program (``num_ctas``: a cluster; the interpreter runs one)
     programs_run: int = 0
     loaded: dict = field(default_factory=lambda: defaultdict(int))
     stored: dict = field(default_factory=lambda: defaultdict(int))
@@ -263,7 +264,8 @@ def _grid_call(executor, *args, **kwargs):
 
     if not _ACTIVE or _CURRENT:
         return _HOOKS["GridExecutor.__call__"](executor, *args, **kwargs)
-    launch = Launch(kernel=executor.fn.__name__, constexprs=_constexprs(executor, args, kwargs))
+    launch = Launch(kernel=executor.fn.__name__, constexprs=_constexprs(executor, args, kwargs),
+                    ctas=int(kwargs.get("num_ctas", 1)))
     for traffic in _ACTIVE:
         traffic.launches.append(launch)
     programs = _ACTIVE[-1].programs

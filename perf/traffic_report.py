@@ -2,11 +2,14 @@
 
 ``python -m perf.traffic`` runs every shape class of ``perf/shapes.py`` at full size through
 Triton's interpreter (``perf.traffic.count``), forward and backward, in bfloat16 and float32, and
-writes ``perf/results/traffic.md``: per launch its grid, the programs per SM of a 132-SM H100,
+writes ``perf/results/traffic.md``: per launch its grid, the programs per SM of the emulated GPU,
 how many times x (and dy) were read, and the bytes moved over the minimum of ``perf/model.py``
 (forward: read x, write y; backward: read x and dy, write dx; plus the O(N*C) statistics and
-parameters). The launch configuration is the one an H100 gets: without a CUDA device the host
-assumes ``heuristics.ASSUMED_SMS = 132`` SMs, so the same paths are taken as on an H100.
+parameters). The launch configuration is the one that GPU gets: without a CUDA device the host
+plans for an emulated one (``triton_instnorm/device.py``: an H100 unless
+``TRITON_INSTNORM_EMULATE`` names another), so the same paths are taken as on it.
+``--clusters`` plans with cluster launches on (``TRITON_INSTNORM_CLUSTERS=1``) and writes
+``perf/results/traffic_clusters.md``; a cluster launch's programs count its CTAs per SM.
 
 Full-size shapes are too slow to run whole through the interpreter (~0.4 M elements/s), so by
 default each launch runs a sample of its programs (``programs="sample"``: first, second and last
@@ -34,7 +37,7 @@ from perf import model, shapes, summary
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_PATH = os.path.join(REPO_ROOT, "perf", "results", "traffic.md")
-H100_SMS = 132  # heuristics.ASSUMED_SMS: the SMs the host assumes without a CUDA device
+CLUSTER_TABLE_PATH = os.path.join(REPO_ROOT, "perf", "results", "traffic_clusters.md")
 DTYPES = ["bfloat16", "float32"]
 DIRECTIONS = ["forward", "backward"]
 PER_SHAPE = "## Per shape"
@@ -43,8 +46,18 @@ DEFAULT_PROVIDERS = [p for p in model.NORM_PROVIDERS if p not in NOT_TRITON]
 
 
 def describe_launches(counted) -> str:
-    """``_fwd_split_stats 64x6, _fwd_combine 1, _fwd 64x6``."""
-    return ", ".join(f"{launch.kernel} {launch.grid_text()}" for launch in counted.launches)
+    """``_fwd_split_stats 64x6, _fwd_combine 1, _fwd 64x6``; ``_fwd 128 (8-CTA clusters)``."""
+    return ", ".join(f"{launch.kernel} {launch.grid_text()}"
+                     + (f" ({launch.ctas}-CTA clusters)" if launch.ctas > 1 else "")
+                     for launch in counted.launches)
+
+
+def emulated_gpu():
+    """The GPU the host plans for without a CUDA device (imports triton: call after
+    TRITON_INTERPRET is set)."""
+    from triton_instnorm import device
+
+    return device.emulated()
 
 
 def measure(shape_class, shape, dtype: str, provider: str, programs: str) -> list[dict]:
@@ -62,7 +75,7 @@ def measure(shape_class, shape, dtype: str, provider: str, programs: str) -> lis
     rows = []
     for direction, counted, read in (("forward", fwd, (case.x,)), ("backward", bwd, (case.x, case.dy))):
         minimum = model.norm_bytes(shape, dtype, direction)
-        top = max((launch.programs for launch in counted.launches), default=0)
+        top = max((launch.programs * launch.ctas for launch in counted.launches), default=0)
         rows.append({
             "shape_class": shape_class.name, "shape": model.shape_to_str(shape), "dtype": dtype,
             "direction": direction, "provider": provider,
@@ -94,8 +107,9 @@ def _by_class(rows, providers) -> list[str]:
     lines = []
     for (cls, dtype, direction), by_provider in groups.items():
         ours = by_provider.get(providers[0], [])
+        sms = emulated_gpu().sms
         cells = [cls, dtype, direction, str(len(ours)),
-                 f"{min(r['programs'] for r in ours) / H100_SMS:.2f}" if ours else "–"]
+                 f"{min(r['programs'] for r in ours) / sms:.2f}" if ours else "–"]
         for p in providers:
             ratios = [r["ratio"] for r in by_provider.get(p, []) if r["ratio"] is not None]
             cells.append(f"{summary.geomean(ratios):.2f}" if ratios else "–")
@@ -109,12 +123,14 @@ def markdown(rows: list[dict], providers: list[str], notes: list[str]) -> str:
     ours = providers[0]
     by_key = {(r["shape_class"], r["shape"], r["dtype"], r["direction"], r["provider"]): r
               for r in rows}
-    lines = ["# Memory traffic and programs per launch (CPU count, H100 launch configuration)", ""]
+    gpu = emulated_gpu()
+    lines = [f"# Memory traffic and programs per launch (CPU count, {gpu.name} launch "
+             "configuration)", ""]
     lines += [f"- {n}" for n in notes] + [""]
     lines += _by_class(rows, providers)
-    lines += ["programs / SM: programs of the largest launch / 132 (the fewest over the class's "
-              "shapes). bytes / min: bytes loaded and stored by all launches of a call / the "
-              "minimum of perf/model.py (`norm_bytes`), geometric mean over the shapes.", "",
+    lines += [f"programs / SM: programs of the largest launch / {gpu.sms} (the fewest over the "
+              "class's shapes). bytes / min: bytes loaded and stored by all launches of a call / "
+              "the minimum of perf/model.py (`norm_bytes`), geometric mean over the shapes.", "",
               PER_SHAPE, "", "reads of x (dy): bytes loaded from x (dy) / its size (1.00: every "
               "element once; the forward also loads one pivot element per plane).", ""]
     header = ["shape", "dtype", "direction", f"{ours} launches (grid)", "programs / SM",
@@ -128,7 +144,7 @@ def markdown(rows: list[dict], providers: list[str], notes: list[str]) -> str:
             row = by_key[key]
             reads = f"{row['reads'][0]:.2f}" + "".join(f" ({r:.2f})" for r in row["reads"][1:])
             table.append([row["shape"], row["dtype"], row["direction"], row["launches"] or "–",
-                          f"{row['programs'] / H100_SMS:.2f}", reads]
+                          f"{row['programs'] / gpu.sms:.2f}", reads]
                          + [_ratio_cell(by_key.get(key[:4] + (p,))) for p in providers])
         lines += [f"### {cls.name} ({cls.memory_format})", ""] + _table(header, table)
     return "\n".join(lines) + "\n"
@@ -157,16 +173,31 @@ def parse_args(argv=None):
     p.add_argument("--programs", choices=("sample", "all"), default="sample",
                    help="programs run per launch (default %(default)s; the grid is always real)")
     p.add_argument("--smoke", action="store_true", help="the classes' tiny smoke shapes instead")
-    p.add_argument("--out", default=TABLE_PATH, help="markdown file (default %(default)s)")
+    p.add_argument("--clusters", action="store_true",
+                   help="plan with cluster launches on (TRITON_INSTNORM_CLUSTERS=1)")
+    p.add_argument("--out", help=f"markdown file (default {TABLE_PATH}, with --clusters "
+                   f"{CLUSTER_TABLE_PATH})")
     args = p.parse_args(argv)
+    args.out = args.out or (CLUSTER_TABLE_PATH if args.clusters else TABLE_PATH)
     args.classes = shapes.select_classes(args.classes.split(",") if args.classes else None)
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.providers = [p for p in args.providers.split(",") if p]
     return args
 
 
+def _clusters_note(gpu) -> str:
+    from triton_instnorm import device
+
+    if device.cluster_launch(gpu, real=False):
+        return "cluster launches on (TRITON_INSTNORM_CLUSTERS=1)"
+    return (f"cluster launches asked for, but not taken on this GPU with Triton "
+            f"{device.triton.__version__}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.clusters:
+        os.environ["TRITON_INSTNORM_CLUSTERS"] = "1"
     import torch
     import triton
 
@@ -183,8 +214,10 @@ def main(argv=None) -> int:
                         failures.append(f"{label}: {type(exc).__name__}: {exc}")
                         continue
                     print(f"{time.monotonic() - start:7.1f}s {label}", file=sys.stderr, flush=True)
+    gpu = emulated_gpu()
     notes = [f"torch {torch.__version__}, triton {triton.__version__}, Triton interpreter on the CPU; "
-             f"launch configuration of a {H100_SMS}-SM H100",
+             f"launch configuration of a {gpu.sms}-SM {gpu.name}"
+             + (f", {_clusters_note(gpu)}" if args.clusters else ""),
              f"programs run per launch: {args.programs}"
              + (" (first, second and last per grid axis; the grid is the real one)"
                 if args.programs == "sample" else "")]

@@ -1,8 +1,14 @@
-"""Ahead-of-time compilation of the kernels for a CUDA sm_90 target, on a machine without a GPU.
+"""Ahead-of-time compilation of the kernels for a GPU target, on a machine without a GPU.
 
 The test suite runs the kernels through Triton's interpreter, which never invokes the real
 compiler (frontend type checks, constexpr folding, TTGIR passes, LLVM, ptxas). This module
-compiles them for real with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``.
+compiles them for real with ``triton.compile(ASTSource(...), target=GPUTarget(...))``.
+
+Each variant names the GPU it is planned and compiled for (``device``: a name of
+``device.EMULATED``, H100 by default) and whether cluster launches are on (``clusters``): the host
+code takes that GPU's launch decisions through ``TRITON_INSTNORM_EMULATE`` /
+``TRITON_INSTNORM_CLUSTERS``, and the kernel is compiled for its architecture (``sm_90``,
+``sm_100``, ``sm_80``: PTX and ptxas; ``gfx942``: AMDGCN).
 
 How a variant is built: the real host code in ``launch.py`` is called with CPU tensors of the
 shapes, dtypes and layouts of the variant, with the kernels swapped for recorders. The recorded
@@ -38,27 +44,35 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # Variant descriptions (plain dicts, JSON-serializable). Each names one host-side call.
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_DEVICE = "h100"
+
+
 def fwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", running=None, use_input_stats=True,
         activation=0, store_stats=True, write_y=True, layout="contiguous", per_sample=False,
-        tile_limit=None):
+        tile_limit=None, device=DEFAULT_DEVICE, clusters=False):
     """``launch.forward``. w / b: "same" (input dtype), a dtype name, or None."""
     return dict(op="forward", dtype=dtype, shape=list(shape), w=w, b=b, running=running,
                 use_input_stats=use_input_stats, activation=activation, store_stats=store_stats,
-                write_y=write_y, layout=layout, per_sample=per_sample, tile_limit=tile_limit)
+                write_y=write_y, layout=layout, per_sample=per_sample, tile_limit=tile_limit,
+                device=device, clusters=clusters)
 
 
 def bwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", use_input_stats=True, activation=0,
-        need_dw=True, need_db=True, layout="contiguous", tile_limit=None):
+        need_dw=True, need_db=True, layout="contiguous", tile_limit=None, device=DEFAULT_DEVICE,
+        clusters=False):
     """``launch.backward``: the ``_bwd`` launch and, when dweight / dbias are needed,
     ``_sum_partials_over_n``."""
     return dict(op="backward", dtype=dtype, shape=list(shape), w=w, b=b,
                 use_input_stats=use_input_stats, activation=activation, need_dw=need_dw,
-                need_db=need_db, layout=layout, tile_limit=tile_limit)
+                need_db=need_db, layout=layout, tile_limit=tile_limit, device=device,
+                clusters=clusters)
 
 
-def stats_bwd(dtype, shape=(2, 8, 32, 32), *, layout="contiguous"):
+def stats_bwd(dtype, shape=(2, 8, 32, 32), *, layout="contiguous", device=DEFAULT_DEVICE,
+              clusters=False):
     """``launch.stats_backward``: the gradient through per-plane (mean, std), ``_stats_bwd``."""
-    return dict(op="stats_backward", dtype=dtype, shape=list(shape), layout=layout)
+    return dict(op="stats_backward", dtype=dtype, shape=list(shape), layout=layout,
+                device=device, clusters=clusters)
 
 
 def update(dtype, running="fp32", n=2, c=8, hw=1024):
@@ -73,6 +87,10 @@ def spec_name(spec) -> str:
         parts.append("x".join(map(str, spec["shape"])))
     for k, v in spec.items():
         if k in skip or v is None or v is False or (k == "layout" and v == "contiguous"):
+            continue
+        if k == "device":
+            if v != DEFAULT_DEVICE:
+                parts.append(v)
             continue
         parts.append(k if v is True else f"{k}={v}")
     return "-".join(parts)
@@ -108,7 +126,8 @@ def run_worker(specs, workdir, jobs=2, timeout=600):
         procs.append((subprocess.Popen(cmd, env=worker_env(workdir / f"cache{i}"), cwd=str(ROOT),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                       out_path))
-    merged = {"triton": None, "skip": None, "kernels": None, "results": [], "logs": []}
+    merged = {"triton": None, "skip": None, "kernels": None, "unavailable": {}, "results": [],
+              "logs": []}
     for proc, out_path in procs:
         try:
             log, _ = proc.communicate(timeout=timeout)
@@ -123,6 +142,7 @@ def run_worker(specs, workdir, jobs=2, timeout=600):
         merged["triton"] = out["triton"]
         merged["kernels"] = out.get("kernels")
         merged["skip"] = merged["skip"] or out["skip"]
+        merged["unavailable"].update(out.get("unavailable", {}))
         merged["results"].extend(out["results"])
     return merged
 
@@ -180,6 +200,26 @@ def launched_kernels():
     return {name: obj for name, obj in vars(launch).items() if isinstance(obj, JITFunction)}
 
 
+@contextlib.contextmanager
+def planned_for(spec):
+    """The launch decisions of the spec's GPU, clusters on or off (the variables launch.py reads
+    at every decision)."""
+    from triton_instnorm import device
+
+    values = {device.EMULATE_ENV: spec.get("device", DEFAULT_DEVICE),
+              device.CLUSTERS_ENV: "1" if spec.get("clusters") else "0"}
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield device.EMULATED[values[device.EMULATE_ENV]]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def capture(spec):
     """Calls the real host code for ``spec`` and returns the kernel launches it makes."""
     import torch
@@ -194,7 +234,7 @@ def capture(spec):
     limit = (heuristics.tile_limit(spec["tile_limit"]) if spec.get("tile_limit")
              else contextlib.nullcontext())
     try:
-        with limit:
+        with limit, planned_for(spec):
             op = spec["op"]
             if op == "update":
                 acc = torch.float64 if spec["dtype"] == "fp64" else torch.float32
@@ -276,6 +316,11 @@ def ptx_summary(ptx):
         "st_global_v4": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v4\."),
         "st_global_v2": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v2\."),
         "st_global_scalar": count(r"st\.global" + scalar),
+        # 16 bytes per lane: four 32-bit or two 64-bit words
+        "ld_global_16B": count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v4\.[bfus]32")
+        + count(r"ld\.global(?:\.[A-Za-z0-9_:]+)*\.v2\.[bfus]64"),
+        "st_global_16B": count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v4\.[bfus]32")
+        + count(r"st\.global(?:\.[A-Za-z0-9_:]+)*\.v2\.[bfus]64"),
         "div_rn_f32": count(r"div\.rn\.f32"),
         "div_full_f32": count(r"div\.full\.f32"),
         "div_approx_f32": count(r"div\.approx(?:\.ftz)?\.f32"),
@@ -287,6 +332,9 @@ def ptx_summary(ptx):
         "f64_ops": count(r"\.f64\b"),
         "cvt_bf16": count(r"cvt\.rn\.bf16"),
         "calls": count(r"\bcall(?:\.uni)?\b"),
+        "cluster_ctas": [int(n) for n in re.findall(r"\.reqnctapercluster (\d+)", ptx)],
+        "ld_shared_cluster": count(r"ld\.shared::cluster"),
+        "barrier_cluster": count(r"barrier\.cluster\.arrive"),
         "lines": ptx.count("\n"),
     }
 
@@ -298,13 +346,46 @@ def i32_scalar_products(ttir):
     return sorted({f"{a} * {b}" for a, b in found})
 
 
-def compile_launch(rec):
-    """Compiles one recorded launch for sm_90 (down to the cubin) and returns a JSON-able report."""
-    import triton
+def gpu_target(gpu):
+    """The GPUTarget of an emulated ``device.Device``."""
     from triton.backends.compiler import GPUTarget
+    if gpu.vendor == "amd":
+        return GPUTarget("hip", gpu.arch, gpu.warp_size)
+    return GPUTarget("cuda", gpu.capability[0] * 10 + gpu.capability[1], gpu.warp_size)
+
+
+_AMD_LOAD_RE = r"(?:global|buffer)_load_"
+_AMD_STORE_RE = r"(?:global|buffer)_store_"
+
+
+def amdgcn_summary(asm):
+    """Global memory instructions of AMDGCN assembly by width (dwordx4: 16 bytes per lane),
+    and the register / spill counts the assembler reports."""
+    def count(pattern):
+        return len(re.findall(pattern, asm))
+
+    def meta(key):
+        found = re.findall(rf"\.{key}:\s+(\d+)", asm)
+        return max(map(int, found)) if found else None
+    return {
+        "ld_x4": count(_AMD_LOAD_RE + r"dwordx4\b"),
+        "ld_x2": count(_AMD_LOAD_RE + r"dwordx2\b"),
+        "ld_narrow": count(_AMD_LOAD_RE + r"(?:dword|ushort|short_d16(?:_hi)?|ubyte)\b"),
+        "st_x4": count(_AMD_STORE_RE + r"dwordx4\b"),
+        "st_x2": count(_AMD_STORE_RE + r"dwordx2\b"),
+        "st_narrow": count(_AMD_STORE_RE + r"(?:dword|short(?:_d16_hi)?|byte)\b"),
+        "vgprs": meta("vgpr_count"), "vgpr_spills": meta("vgpr_spill_count"),
+        "sgpr_spills": meta("sgpr_spill_count"),
+    }
+
+
+def compile_launch(rec, gpu):
+    """Compiles one recorded launch for ``gpu``'s architecture (down to the cubin / hsaco) and
+    returns a JSON-able report."""
+    import triton
     from triton.compiler import ASTSource, make_backend
 
-    target = GPUTarget("cuda", 90, 32)
+    target = gpu_target(gpu)
     backend = make_backend(target)
     kernel = rec["kernel"]
     signature, constexprs, attrs, options = jit_specialization(kernel, backend, rec["args"],
@@ -317,6 +398,8 @@ def compile_launch(rec):
         "constexprs": {path_name(names, k): repr(v) for k, v in constexprs.items()},
         "divisible16": sorted(path_name(names, k) for k, v in attrs.items() if v),
         "num_warps": options.get("num_warps"),
+        "num_ctas": options.get("num_ctas", 1),
+        "arch": gpu.arch,
     }
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
@@ -329,6 +412,13 @@ def compile_launch(rec):
                       error=_format_error(exc), log=log.getvalue()[-2000:])
         return report
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    if gpu.vendor == "amd":
+        asm = compiled.asm.get("amdgcn", "")
+        summary = amdgcn_summary(asm)
+        report.update(ok=True, stages=sorted(compiled.asm), asm_chars=len(asm),
+                      registers=summary["vgprs"], spill_stores=summary["vgpr_spills"],
+                      amdgcn_summary=summary)
+        return report
     ptx = compiled.asm.get("ptx", "")
     ptxas_log = log.getvalue()
     regs = [int(m) for m in _PTXAS_RE.findall(ptxas_log)]
@@ -377,24 +467,44 @@ def nvidia_backend_available():
     return None
 
 
+def amd_backend_available(arch="gfx942"):
+    """None if ``triton.compile`` for an AMD ``arch`` target can work here, else the reason."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        make_backend(GPUTarget("hip", arch, 64))
+    except Exception as exc:  # noqa: BLE001
+        return f"no AMD backend for {arch} in this Triton: {type(exc).__name__}: {exc}"
+    return None
+
+
 def main(argv):
     spec_path, out_path = argv[1], argv[2]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("TRITON_INTERPRET must be unset for AOT compilation")
     job = json.loads(Path(spec_path).read_text())
     reason = nvidia_backend_available()
-    out = {"triton": None, "skip": reason, "results": []}
+    out = {"triton": None, "skip": reason, "unavailable": {}, "results": []}
     if reason is None:
         import triton
+
+        from triton_instnorm import device
         out["triton"] = triton.__version__
         out["kernels"] = sorted(launched_kernels())
         seen = {}
         for spec in job["specs"]:
+            gpu = device.EMULATED[spec.get("device", DEFAULT_DEVICE)]
+            if gpu.vendor == "amd":
+                why = amd_backend_available(gpu.arch)
+                if why:
+                    out["unavailable"][gpu.arch] = why
+                    continue
             for rec in capture(spec):
-                report = compile_launch(rec)
+                report = compile_launch(rec, gpu)
                 key = (report["kernel"], json.dumps(report.get("signature"), sort_keys=True),
                        json.dumps(report.get("constexprs"), sort_keys=True),
-                       json.dumps(report.get("divisible16")), report["num_warps"])
+                       json.dumps(report.get("divisible16")), report["num_warps"],
+                       report["num_ctas"], report["arch"])
                 report["spec"] = spec_name(spec)
                 report["duplicate_of"] = seen.get(key)
                 seen.setdefault(key, report["spec"])

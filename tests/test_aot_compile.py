@@ -14,6 +14,8 @@ vectorized global accesses on unit-stride planes, IEEE division / square root wh
 for them (and the float64 branch of ``_div`` / ``_sqrt`` for float64), and no spilling at the
 register cap (ptxas -v) for the 2- and 4-byte dtypes.
 
+The cluster variants and the other GPUs' (sm_100, sm_80, gfx942): tests/test_aot_devices.py.
+
 Skipped (not failed) when the installed Triton has no NVIDIA backend or no ``ASTSource`` AOT API.
 ``pytest --runslow`` adds a larger sweep. ``pytest -s`` prints a table of what was compiled.
 """

@@ -35,11 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton_instnorm as tin  # noqa: E402
 from perf import bench, model, traffic, traffic_report  # noqa: E402
 from perf.shapes import SHAPE_CLASSES  # noqa: E402
-from triton_instnorm import heuristics  # noqa: E402
+from triton_instnorm import device, heuristics  # noqa: E402
 from triton_instnorm.kernels import constants  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not traffic.interpreting(),
                                 reason="traffic is counted through Triton's interpreter only")
+
+
+@pytest.fixture(autouse=True)
+def _h100(monkeypatch):
+    """The pins below are an H100's launch decisions, cluster launches off unless a test asks."""
+    monkeypatch.setenv(device.EMULATE_ENV, "h100")
+    monkeypatch.delenv(device.CLUSTERS_ENV, raising=False)
 
 PIVOT = 1  # elements of x the forward loads per plane (per chunk and launch when split) as pivot
 SINGLE_TILE_SWEEPS = 1  # reads of x (and dy) when a plane stays in registers
@@ -296,7 +303,7 @@ def test_report_table_and_section(tmp_path):
 
 # ------------------------------------------------------------------ perf shape classes, full size
 
-TARGET = 2 * heuristics.ASSUMED_SMS  # 264: two programs per SM of the H100 the host assumes
+TARGET = 2 * device.EMULATED["h100"].sms  # 264: two programs per SM of the emulated H100
 SAMPLE_BUDGET = 1 << 19  # elements a sampled count may sweep by default (more: --runslow)
 
 
@@ -422,3 +429,70 @@ def test_occupancy_target(entry):
     programs = _largest(_grids(entry)[0])
     twin = _twin(entry)
     assert programs >= TARGET or (twin is not None and programs >= _largest(_grids(twin)[0]))
+
+
+# ------------------------------------------------------------- the same classes, clusters on
+
+class ClusterEntry(NamedTuple):
+    shape_class: str
+    shape: tuple
+    programs: int  # programs of the largest launch, forward and backward
+    ctas: int  # CTAs per program: the cluster holding a plane
+    ratio: tuple  # (forward, backward): bytes moved / minimum, bfloat16
+
+
+# With TRITON_INSTNORM_CLUSTERS=1 (Triton >= 3.8, an sm_90+ GPU) every contiguous plane of
+# 8193..65,536 elements is held in a cluster and x (and dy) read once, in one launch per pass.
+# Every other entry of SHAPE_TABLE keeps its launches (test_clusters_change_nothing_else).
+CLUSTER_TABLE = [
+    ClusterEntry("style_transfer_2d", (4, 32, 256, 256), 128, 8, (1.00, 1.00)),
+    ClusterEntry("style_transfer_2d", (4, 64, 128, 128), 256, 2, (1.00, 1.00)),
+    ClusterEntry("gan_2d", (1, 64, 256, 256), 64, 8, (1.00, 1.00)),
+    ClusterEntry("nnunet_3d", (2, 32, 32, 32, 32), 64, 4, (1.00, 1.00)),  # nnU-Net's 32^3 stage
+    ClusterEntry("plane_sweep", (1, 1024, 16384), 1024, 2, (1.00, 1.00)),
+    ClusterEntry("plane_sweep", (1, 512, 32768), 512, 4, (1.00, 1.00)),
+    ClusterEntry("plane_sweep", (1, 256, 65536), 256, 8, (1.00, 1.00)),
+]
+needs_cluster_lowering = pytest.mark.skipif(
+    device.triton_version() < device.FIRST_CLUSTER_TRITON,
+    reason=f"Triton {device.triton.__version__} cannot lower cluster reductions: no GPU takes "
+    "the cluster launches with it")
+
+
+@pytest.fixture
+def clusters(monkeypatch):
+    monkeypatch.setenv(device.CLUSTERS_ENV, "1")
+
+
+def _launch_shapes(entry):
+    fwd, bwd = _grids(entry)
+    return [(lc.kernel, lc.grid, lc.ctas) for lc in fwd.launches + bwd.launches]
+
+
+@needs_cluster_lowering
+@pytest.mark.parametrize("entry", CLUSTER_TABLE, ids=_entry_id)
+def test_cluster_reads_once(entry, clusters):
+    x, w, b, dy = _full_size(entry, zeros=True)
+    fwd, bwd, y, dx = _count(x, w, b, dy, programs="sample")
+    for counted, kernel in ((fwd, "_fwd"), (bwd, "_bwd")):
+        assert [(lc.kernel, lc.programs, lc.ctas) for lc in counted.launches
+                if lc.kernel == kernel] == [(kernel, entry.programs, entry.ctas)]
+    assert "_fwd_split_stats" not in fwd.kernels() and "_bwd_split_sums" not in bwd.kernels()
+    reads = [round(t.loaded(v) / _nbytes(v), 2) for t, v in ((fwd, x), (bwd, x), (bwd, dy))]
+    assert reads == [1.00, 1.00, 1.00]
+    ratios = tuple(round(t.moved() / model.norm_bytes(entry.shape, "bfloat16", d), 2)
+                   for t, d in ((fwd, "forward"), (bwd, "backward")))
+    assert ratios == entry.ratio
+
+
+@needs_cluster_lowering
+def test_clusters_change_nothing_else(monkeypatch):
+    """Clusters on: the entries of SHAPE_TABLE that are not in CLUSTER_TABLE keep their launches
+    (channels_last, planes <= 8192 or > 65,536 elements); those in it change."""
+    clustered = {(e.shape_class, e.shape) for e in CLUSTER_TABLE}
+    for entry in SHAPE_TABLE:
+        monkeypatch.delenv(device.CLUSTERS_ENV, raising=False)
+        off = _launch_shapes(entry)
+        monkeypatch.setenv(device.CLUSTERS_ENV, "1")
+        on = _launch_shapes(entry)
+        assert (on != off) == ((entry.shape_class, entry.shape) in clustered), (entry, on, off)

@@ -34,14 +34,36 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   channel groups and split their spatial positions across programs (partial sums combined in a
   fixed order, as NHWC group norms do), at least one loop tile (``LOOP_TILE`` elements) per
   program. Only a tensor too small to fill the GPU that way gets fewer channels per program.
+- Clusters (``cluster_ctas``; NVIDIA sm_90+ with Triton >= 3.8, and only when
+  ``TRITON_INSTNORM_CLUSTERS=1``: see device.py): a contiguous plane longer than one tile is still
+  held on chip and read once when its tile is spread over a cluster of ``num_ctas`` CTAs, each
+  holding ``MAX_SINGLE_TILE`` elements with 16 warps: every thread keeps the registers of the
+  single-CTA tile, and the reductions cross the CTAs through distributed shared memory (64 bytes
+  per CTA, 128 for float64). ``MAX_CLUSTER_CTAS = 8``, the portable cluster size (16 CTAs need
+  the non-portable opt-in and a GPC with 16 free SMs, which can leave SMs idle): planes up to
+  8 x 8192 = 65,536 elements are read once. The same ladder for every dtype and both directions,
+  because the tile is held in the accumulation dtype whatever the input's (a kernel holding the
+  input in its own dtype halves its ladder for float32): compiled for sm_90 and sm_100, the
+  cluster variants take 40-80 registers per thread for 2- and 4-byte inputs, as many as their
+  single-CTA tiles, and spill nothing; float64 takes 80-128 and its gelu backward spills at the
+  128-register cap, as its single-CTA tile already does (tests/test_aot_devices.py). Not for
+  channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
+  reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
+- Warps (``_warps``): at most ``LANE_ELEMENTS = 16`` elements per lane and live tile, between
+  ``MIN_LANES = 128`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
+  64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp, and a 1024-element
+  tile keeps 8 elements per lane, one 16-byte load for 16-bit types, on both.
+- Devices: the SM count and warp size come from the GPU the tensor is on (device.py); without
+  one from the emulated GPU (H100 unless ``TRITON_INSTNORM_EMULATE`` says otherwise).
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
-import triton
+from .device import DEFAULT_EMULATED, EMULATED, Device
 
-MAX_SINGLE_TILE = 8192
+MAX_SINGLE_TILE = 8192  # elements per CTA held in registers
 LOOP_TILE = 4096
 SMALL_PLANE_TILE = 4096
 # Planes per program when rows are contiguous in memory (channels_last): 32 rows of 2-byte
@@ -50,34 +72,64 @@ CHANNELS_LAST_ROWS = 32
 
 VECTOR_BYTES = 16  # one 128-bit load per lane
 
+LANE_ELEMENTS = 16  # elements per lane and live tile, at most
+MIN_LANES, MAX_LANES = 128, 512  # lanes per CTA: 4 and 16 warps of 32 lanes
+
+MAX_CLUSTER_CTAS = 8  # the portable cluster size
+
 PROGRAMS_PER_SM = 2
 MIN_CHUNK = 8192
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
 COMBINE_TILE = 2048  # partials per combine program
-ASSUMED_SMS = 132  # without a CUDA device (the interpreter): model an H100
 
-_tile_limit = None  # test hook: cap on elements per tile, to force the looped paths
-_chunk_override = None  # test hook: force a split with this many elements per chunk
+
+@dataclass
+class Overrides:
+    """Overrides for tests, set through ``tile_limit`` / ``split_planes``. A plain object, not a
+    context variable: the backward of a CUDA tensor runs on autograd's device thread, which must
+    see what the test set."""
+
+    tile_limit: int | None = None  # cap on elements per tile, to force the looped paths
+    chunk: int | None = None  # force a split with this many elements per chunk
+
+
+HOOKS = Overrides()
 
 
 @contextlib.contextmanager
-def _override(name: str, value):
-    old = globals()[name]
-    globals()[name] = value
+def _override(**values):
+    old = dataclasses.replace(HOOKS)
+    for name, value in values.items():
+        setattr(HOOKS, name, value)
     try:
         yield
     finally:
-        globals()[name] = old
+        for field in dataclasses.fields(HOOKS):
+            setattr(HOOKS, field.name, getattr(old, field.name))
 
 
 def tile_limit(elements: int):
     """Caps the tile size (for tests: makes small planes take the multi-tile loops)."""
-    return _override("_tile_limit", elements)
+    return _override(tile_limit=elements)
 
 
 def split_planes(chunk_elements: int):
     """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
-    return _override("_chunk_override", chunk_elements)
+    return _override(chunk=chunk_elements)
+
+
+# Host integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions in
+# Triton 3.6 and 3.9, and each call costs ~10 us on the host.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _capped(limit: int) -> int:
+    return limit if HOOKS.tile_limit is None else min(limit, HOOKS.tile_limit)
 
 
 @dataclass(frozen=True)
@@ -87,15 +139,13 @@ class Config:
     SINGLE_TILE: bool
     num_warps: int
     min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
+    num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
 
 
-def _warps(tile_elements: int) -> int:
-    # ~16 elements per lane at most: 4 warps up to 2K elements, 8 up to 4K, 16 above.
-    if tile_elements <= 2048:
-        return 4
-    if tile_elements <= 4096:
-        return 8
-    return 16
+def _warps(tile_elements: int, warp_size: int) -> int:
+    """Warps of ``warp_size`` lanes for a CTA tile: ~LANE_ELEMENTS elements per lane."""
+    lanes = min(max(tile_elements // LANE_ELEMENTS, MIN_LANES), MAX_LANES)
+    return max(1, lanes // warp_size)
 
 
 def _occupancy_rows(planes: int, sm_count: int) -> int:
@@ -105,19 +155,32 @@ def _occupancy_rows(planes: int, sm_count: int) -> int:
     return 1 if per_program < 1 else 1 << (per_program.bit_length() - 1)
 
 
+def cluster_ctas(tile_elements: int, clusters: bool) -> int:
+    """CTAs of the cluster that holds a tile too big for one CTA; 0 when none can."""
+    ctas = cdiv(tile_elements, MAX_SINGLE_TILE)
+    if not clusters or ctas > MAX_CLUSTER_CTAS or _capped(tile_elements) < tile_elements:
+        return 0  # (a test's tile limit below the tile: no cluster either)
+    return ctas
+
+
 def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguous: bool,
-                 itemsize: int = 4, sm_count: int = ASSUMED_SMS) -> Config:
-    """Tile shape for ``groups`` x ``rows_per_group`` planes of ``hw`` elements.
+                 itemsize: int = 4, gpu: Device = EMULATED[DEFAULT_EMULATED],
+                 clusters: bool = False) -> Config:
+    """Tile shape for ``groups`` x ``rows_per_group`` planes of ``hw`` elements on ``gpu``.
 
     ``rows_contiguous``: neighbouring planes are adjacent in memory (channels_last), so a tile
     spans several planes at each spatial position instead of running along one plane.
+    ``clusters``: a tile may be spread over a cluster of CTAs (device.cluster_launch).
     """
-    single_cap = MAX_SINGLE_TILE if _tile_limit is None else min(MAX_SINGLE_TILE, _tile_limit)
-    loop_cap = LOOP_TILE if _tile_limit is None else min(LOOP_TILE, _tile_limit)
-    small_cap = SMALL_PLANE_TILE if _tile_limit is None else min(SMALL_PLANE_TILE, _tile_limit)
-    rows_p2 = triton.next_power_of_2(max(rows_per_group, 1))
-    hw_p2 = triton.next_power_of_2(max(hw, 1))
-    occupancy = _occupancy_rows(groups * rows_per_group, sm_count)
+    single_cap = _capped(MAX_SINGLE_TILE)
+    loop_cap = _capped(LOOP_TILE)
+    small_cap = _capped(SMALL_PLANE_TILE)
+    rows_p2 = next_power_of_2(max(rows_per_group, 1))
+    hw_p2 = next_power_of_2(max(hw, 1))
+    occupancy = _occupancy_rows(groups * rows_per_group, gpu.sms)
+
+    def warps(tile):
+        return _warps(tile, gpu.warp_size)
 
     if rows_contiguous:
         vector_rows = min(max(1, VECTOR_BYTES // itemsize), rows_p2, single_cap)
@@ -128,16 +191,19 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
             block_r = min(most_rows, max(occupancy, 1))
             if occupancy >= vector_rows:
                 block_r = max(block_r, vector_rows)
-            return Config(block_r, hw_p2, True, _warps(block_r * hw_p2))
+            return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
-        return Config(vector_rows, block_hw, False, _warps(vector_rows * block_hw),
+        return Config(vector_rows, block_hw, False, warps(vector_rows * block_hw),
                       min_chunk=block_hw)
 
     if hw_p2 <= single_cap:
         # Small planes are packed several per program while the GPU stays filled.
         block_r = max(1, min(small_cap // hw_p2, rows_p2, occupancy))
-        return Config(block_r, hw_p2, True, _warps(block_r * hw_p2))
-    return Config(1, loop_cap, False, _warps(loop_cap))
+        return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
+    ctas = cluster_ctas(hw_p2, clusters)
+    if ctas:
+        return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
+    return Config(1, loop_cap, False, warps(loop_cap))
 
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
@@ -146,26 +212,26 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     elements of its planes; the kernels derive the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
-    if _chunk_override is not None:
-        chunk = max(cfg.BLOCK_HW, _chunk_override // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    if HOOKS.chunk is not None:
+        chunk = max(cfg.BLOCK_HW, HOOKS.chunk // cfg.BLOCK_HW * cfg.BLOCK_HW)
     else:
         target = PROGRAMS_PER_SM * sm_count
         if row_programs >= target:
             return 1
-        want = triton.cdiv(target, row_programs)
+        want = cdiv(target, row_programs)
         chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
-    chunk = max(chunk, triton.cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
-    return triton.cdiv(hw, chunk)
+    chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
+    return cdiv(hw, chunk)
 
 
-def combine_config(num_planes: int, chunks: int):
+def combine_config(num_planes: int, chunks: int, warp_size: int = 32):
     """(BLOCK_R, BLOCK_CHUNKS, num_warps) of a combine pass: the chunks of BLOCK_R planes in one
-    register tile of at most COMBINE_TILE partials (4 warps x 32 lanes x 16 values)."""
-    block_chunks = triton.next_power_of_2(chunks)
-    block_r = max(1, min(triton.next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
-    return block_r, block_chunks, 4
+    register tile of at most COMBINE_TILE partials (128 lanes x 16 values)."""
+    block_chunks = next_power_of_2(chunks)
+    block_r = max(1, min(next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
+    return block_r, block_chunks, _warps(COMBINE_TILE, warp_size)
 
 
 def reduce_block(c: int) -> int:
     """Channels per program of the tiny (N, C) reductions (running stats, dweight/dbias)."""
-    return min(1024, triton.next_power_of_2(max(c, 1)))
+    return min(1024, next_power_of_2(max(c, 1)))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import heuristics
+from . import device, heuristics
 from .kernels import (
     _bwd, _bwd_combine, _bwd_split_sums, _fwd, _fwd_combine, _fwd_split_stats, _stats_bwd,
     _sum_partials_over_n, _update_running_stats,
@@ -148,48 +148,43 @@ def geometry(t: torch.Tensor, p: Planes):
 
 @dataclass(frozen=True)
 class Launch:
-    """How a pass over planes runs: tile configuration, grid (row programs, chunks), and where
-    the pass takes its per-plane reductions (a FROM_* constant)."""
+    """How a pass over planes runs: tile configuration, grid (row programs, chunks), where the
+    pass takes its per-plane reductions (a FROM_* constant), and the device it was planned for.
+
+    The grid counts programs; a program of ``config.num_ctas`` > 1 CTAs runs as one thread-block
+    cluster (Triton launches grid[0] x num_ctas CTAs and numbers the programs by cluster)."""
 
     config: heuristics.Config
     grid: tuple
     source: int
+    gpu: device.Device
 
     @property
     def chunks(self) -> int:
         return self.grid[1]
 
     def tiles(self):
-        """The tile constexprs and warps every pass over planes takes."""
-        return dict(BLOCK_R=self.config.BLOCK_R, BLOCK_HW=self.config.BLOCK_HW,
-                    num_warps=self.config.num_warps)
+        """The tile constexprs and launch options every pass over planes takes."""
+        tiles = dict(BLOCK_R=self.config.BLOCK_R, BLOCK_HW=self.config.BLOCK_HW,
+                     num_warps=self.config.num_warps)
+        if self.config.num_ctas > 1:
+            tiles["num_ctas"] = self.config.num_ctas
+        return tiles
 
 
 def plan(p: Planes, t: torch.Tensor) -> Launch:
-    sms = sm_count(t)
+    gpu = device.describe(t)
     config = heuristics.plane_config(p.hw, p.rows_per_group, groups=p.groups,
                                      rows_contiguous=(p.row_stride == 1 and p.hw > 1),
-                                     itemsize=t.element_size(), sm_count=sms)
-    row_programs = p.groups * triton.cdiv(p.rows_per_group, config.BLOCK_R)
-    chunks = heuristics.split_chunks(p.hw, row_programs, config, sms)
+                                     itemsize=t.element_size(), gpu=gpu,
+                                     clusters=device.cluster_launch(gpu, real=t.is_cuda))
+    row_programs = p.groups * heuristics.cdiv(p.rows_per_group, config.BLOCK_R)
+    chunks = heuristics.split_chunks(p.hw, row_programs, config, gpu.sms)
     if chunks > 1:
         source = FROM_PARTIALS
     else:
         source = FROM_TILE if config.SINGLE_TILE else FROM_PLANE
-    return Launch(config, (row_programs, chunks), source)
-
-
-_SM_COUNTS = {}
-
-
-def sm_count(t: torch.Tensor) -> int:
-    """Streaming multiprocessors of t's GPU (cached); an H100's 132 for the interpreter."""
-    if not t.is_cuda:
-        return heuristics.ASSUMED_SMS
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNTS:
-        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNTS[idx]
+    return Launch(config, (row_programs, chunks), source, gpu)
 
 
 class _NullGuard:
@@ -227,7 +222,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
             run(_fwd_split_stats, how.grid, x=planes_view(x, fold), Partials=partials,
                 geometry=shape, **how.tiles())
-            _combine(_fwd_combine, partials, Stats=stats, HW=px.hw,
+            _combine(_fwd_combine, how.gpu, partials, Stats=stats, HW=px.hw,
                      BLOCK_HW=how.config.BLOCK_HW)
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
             run(_fwd, how.grid,
@@ -242,11 +237,11 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     return y, stats if store_stats else x.new_empty((0,), dtype=acc)
 
 
-def _combine(kernel, partials, **arguments):
+def _combine(kernel, gpu, partials, **arguments):
     """A combine pass: the (rows, N * C, chunks) partials of split planes reduced over the chunks
     into a (rows, N * C) per-plane buffer, BLOCK_R planes per program."""
     num_planes, chunks = partials.shape[1], partials.shape[2]
-    block_r, block_chunks, warps = heuristics.combine_config(num_planes, chunks)
+    block_r, block_chunks, warps = heuristics.combine_config(num_planes, chunks, gpu.warp_size)
     run(kernel, (triton.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes,
         chunks=chunks, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks, num_warps=warps, **arguments)
 
@@ -280,7 +275,7 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
-            _combine(_bwd_combine, partials, PlaneSums=plane_sums)
+            _combine(_bwd_combine, how.gpu, partials, PlaneSums=plane_sums)
         run(_bwd, how.grid, dx=planes_view(dx, fold), PlaneSums=plane_sums,
             SUMS_FROM=how.source, **inputs)
         dw = _param_grad(plane_sums[SUM_DZ_XHAT], weight, need_dw, n)
