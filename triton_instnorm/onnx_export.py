@@ -42,7 +42,7 @@ from torch.onnx import symbolic_helper
 
 from . import launch, ops  # noqa: F401  (ops registers the custom ops translated here)
 from .kernels import constants
-from .eager import _ACTIVATION_NAMES, TORCH_INSTANCE_NORM, _per_channel_view, apply_activation
+from .eager import ACTIVATION_NAMES, TORCH_INSTANCE_NORM, per_channel_view, apply_activation
 
 _OPS = torch.ops.triton_instnorm
 _SYMBOLIC_OPSET = 9  # the oldest opset with every ONNX operator used below (Erf)
@@ -64,9 +64,9 @@ def forward_composition(x, weight, bias, running_mean, running_var, use_input_st
         y = F.batch_norm(x, running_mean.to(x.dtype), running_var.to(x.dtype), *per_channel,
                          False, 0.0, eps)
     if weight is not None and weight.dim() == 2:
-        y = y * _per_channel_view(weight, x).to(x.dtype)
+        y = y * per_channel_view(weight, x).to(x.dtype)
     if bias is not None and bias.dim() == 2:
-        y = y + _per_channel_view(bias, x).to(x.dtype)
+        y = y + per_channel_view(bias, x).to(x.dtype)
     stats = x.new_zeros((constants.NUM_STATS, x.shape[0] * x.shape[1]) if store_stats else (0,),
                         dtype=launch.acc_dtype(x.dtype))
     return apply_activation(y, activation, negative_slope), stats
@@ -152,7 +152,7 @@ def _per_sample_affine(g, y, rank, scale, shift):
 
 
 def _activation(g, y, activation, negative_slope):
-    name = _ACTIVATION_NAMES[activation]
+    name = ACTIVATION_NAMES[activation]
     if name == "relu":
         return g.op("Relu", y)
     if name == "leaky_relu":
