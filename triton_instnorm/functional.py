@@ -77,16 +77,23 @@ def _check_float(function, name, position, value):
     if isinstance(value, (float, int, torch.SymFloat, torch.SymInt)) or _is_numpy_scalar(value):
         return
     if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
-        if value.is_complex():
+        if value.is_complex() and value.imag.item() != 0:
             raise RuntimeError("value cannot be converted to type double without overflow")
         return
     raise _type_error(function, name, position, "float", value)
 
 
+def _as_float(value) -> float:
+    """A value _check_float accepted, as a Python float (a complex one by its real part)."""
+    if isinstance(value, Tensor) and value.is_complex():
+        value = value.real
+    return float(value)
+
+
 def float_arg(function: str, name: str, position, value) -> float:
     """``value`` as torch's argument parser takes a ``float`` argument, or its TypeError."""
     _check_float(function, name, position, value)
-    return float(value)
+    return _as_float(value)
 
 
 def _check_parsed(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
@@ -192,7 +199,10 @@ def instance_norm(
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
-    momentum, eps = float(momentum), float(eps)
+    if type(momentum) is not float:
+        momentum = _as_float(momentum)
+    if type(eps) is not float:
+        eps = _as_float(eps)
     if type(negative_slope) is not float:
         negative_slope = float_arg("instance_norm", "negative_slope", None, negative_slope)
     if not kernels_available(input):
