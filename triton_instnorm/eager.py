@@ -42,7 +42,7 @@ def apply_activation(y: Tensor, activation, negative_slope: float) -> Tensor:
     return y
 
 
-def per_channel_view(p: Tensor, x: Tensor) -> Tensor:
+def _per_channel_view(p: Tensor, x: Tensor) -> Tensor:
     """A (C,), (1, C) or (N, C) parameter shaped to broadcast against (N, C, *spatial)."""
     rows = 1 if p.dim() == 1 else p.shape[0]
     return p.reshape((rows, x.shape[1]) + (1,) * (x.dim() - 2))
@@ -71,9 +71,9 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
             var, mu = torch.var_mean(z, tuple(range(2, x.dim())), correction=0, keepdim=True)
             z = (z - mu) * torch.rsqrt(var + eps / s / s)
         if weight is not None:
-            z = z * per_channel_view(weight, x).to(acc)
+            z = z * _per_channel_view(weight, x).to(acc)
         if bias is not None:
-            z = z + per_channel_view(bias, x).to(acc)
+            z = z + _per_channel_view(bias, x).to(acc)
         z = apply_activation(z, activation, negative_slope)
         grads = iter(torch.autograd.grad(z, inputs, dy.to(acc), create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
