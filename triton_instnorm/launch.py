@@ -225,17 +225,17 @@ def plan(p: Planes, t: torch.Tensor) -> Launch:
     return Launch(config, (row_programs, chunks), source)
 
 
-_SM_COUNTS = {}
-
-
 def sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of t's GPU (cached); an H100's 132 for the interpreter."""
     if not t.is_cuda:
         return heuristics.ASSUMED_SMS
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNTS:
-        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNTS[idx]
+    return _multiprocessors(idx)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
