@@ -141,6 +141,7 @@ class _Cases:
         self.tw = torch.ones(TORCH_SHAPE[1], requires_grad=True)
         self.tb = torch.zeros(TORCH_SHAPE[1], requires_grad=True)
         self.tdy = torch.randn(TORCH_SHAPE)
+        self.torch_module = torch.nn.InstanceNorm2d(TORCH_SHAPE[1], affine=True)
 
     # ours
     def module_forward(self):
@@ -162,6 +163,9 @@ class _Cases:
     # torch
     def torch_forward(self):
         return F.instance_norm(self.tx, weight=self.tw, bias=self.tb)
+
+    def torch_module_forward(self):
+        return self.torch_module(self.tx)
 
     def torch_forward_backward(self):
         y = F.instance_norm(self.tx_grad, weight=self.tw, bias=self.tb)
@@ -186,11 +190,13 @@ def measure(number: int = 2000, repeats: int = 9, device: str = "cpu") -> dict:
         with torch.no_grad():
             inference = time_rows({"ours module": c.module_forward,
                                    "ours functional": c.functional_forward,
+                                   "torch module": c.torch_module_forward,
                                    "torch F.instance_norm": c.torch_forward}, number, repeats)
         forward = time_rows({"ours module": c.module_forward,
                              "ours functional": c.functional_forward,
                              "ours ops.forward": c.layer_ops,
                              "ours launch.forward": c.layer_launch,
+                             "torch module": c.torch_module_forward,
                              "torch F.instance_norm": c.torch_forward}, number, repeats)
         both = time_rows({"ours module": c.module_forward_backward,
                           "ours functional": c.functional_forward_backward,

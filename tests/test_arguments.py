@@ -56,8 +56,9 @@ EPS = {
     "1-element tensor": torch.tensor([1e-3]),
     "0-dim tensor requiring grad": torch.tensor(1e-3, requires_grad=True),
 }
-USE_INPUT_STATS = {"1": 1, "0": 0, "np.bool_": np.bool_(True), "0-dim bool tensor": torch.tensor(True),
-                   "None": None, "str": "yes", "float": 1.0}
+USE_INPUT_STATS = {"1": 1, "0": 0, "np.bool_": np.bool_(True),
+                   "0-dim bool tensor": torch.tensor(True), "None": None, "str": "yes",
+                   "float": 1.0}
 
 
 def _case(x, running=None, **kwargs):

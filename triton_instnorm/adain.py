@@ -82,8 +82,8 @@ def instance_stats(input: Tensor, eps: float = 1e-5):
 def adain(content: Tensor, style: Tensor, eps: float = 1e-5) -> Tensor:
     """AdaIN(content, style): differentiable with respect to both (see the module docstring)."""
     if content.dim() < 3 or style.dim() != content.dim() or style.shape[:2] != content.shape[:2]:
-        raise ValueError(f"content and style must be (N, C, *spatial) with the same N, C and number "
-                         f"of dims; got {tuple(content.shape)} and {tuple(style.shape)}")
+        raise ValueError(f"content and style must be (N, C, *spatial) with the same N, C and "
+                         f"number of dims; got {tuple(content.shape)} and {tuple(style.shape)}")
     eps = float_arg("adain", "eps", 3, eps)
     mean, std = instance_stats(style, eps)
     return adaptive_instance_norm(content, std, mean, eps)

@@ -50,7 +50,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-# --- the argument parser's rules: which Python values a Tensor / bool / float argument takes -------
+# --- the argument parser's rules: the Python values a Tensor / bool / float argument takes ------
 
 def _type_name(value) -> str:
     """The type's name as torch's argument parser prints it (CPython's tp_name)."""
@@ -138,7 +138,8 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if input.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{_dtype_name(input.dtype)}\'')
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for \'{_dtype_name(input.dtype)}\'')
     n, c = input.shape[0], input.shape[1]
     for name, t in params:
         if t.numel() * n != n * c:
@@ -191,10 +192,12 @@ def instance_norm(
 ) -> Tensor:
     """Same as ``torch.nn.functional.instance_norm``, computed by the Triton kernels.
 
-    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``) is applied in the
-    kernel after the affine; ``negative_slope`` is leaky_relu's. Running statistics, when given and
-    ``use_input_stats`` is true, are updated in place with the batch mean of the per-instance means
-    and of the per-instance unbiased variances, blended with ``momentum``.
+    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``) is applied in
+    the kernel after the affine; ``negative_slope`` is leaky_relu's. Running statistics, when
+    given and ``use_input_stats`` is true, are updated in place with the batch mean of the
+    per-instance means and of the per-instance unbiased variances, blended with ``momentum``.
+    Arguments are taken as torch takes them (numpy scalars and 0-dim tensors for the floats,
+    0-dim parameters when C == 1), with torch's errors for the rest.
     """
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,

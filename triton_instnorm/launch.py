@@ -4,7 +4,9 @@ Every kernel is called with keyword arguments through ``run``, which also counts
 ``LAUNCHES`` (per kernel name): tests use it to prove that the Triton kernels, not an eager
 fallback, produced a result. Each tensor reaches a kernel as a view that carries its own strides
 (``planes_view``, ``param_view``, ``running_view``; the kernel side is described in
-``kernels/common.py``).
+``kernels/common.py``). What a pass derives from its tensors' shape, strides, dtype and device
+(the planes, their strides, the launch configuration) is computed once per such layout and
+cached (``layout``): a training loop sees the same few, and the host path stays short.
 
 Nothing here synchronizes with the device or branches on device values, so every call can be
 captured in a CUDA graph.
@@ -113,7 +115,8 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 def can_fold(t: torch.Tensor) -> bool:
-    """True when the batch dim folds into the channels: plane (n, c) at row n * C + c, one stride."""
+    """True when the batch dim folds into the channels: plane (n, c) at row n * C + c, one
+    stride."""
     n, c = t.shape[0], t.shape[1]
     return c == 1 or n == 1 or t.stride(0) == c * t.stride(1)
 
