@@ -10,31 +10,49 @@ tensor, its computation included, in the same run:
     python -m perf.overhead                  # the table and the split of our time
     python -m perf.overhead --profile        # and cProfile's top entries for the module forward
 
-Rows (microseconds per call, median over repeats; ours on an (8, 128, 8, 8) float32 tensor,
-``InstanceNorm2d(128, affine=True)`` in training mode, torch's on (2, 4, 4, 4)):
+Rows (microseconds per call; ours on an (8, 128, 8, 8) float32 tensor, ``InstanceNorm2d(128,
+affine=True)`` in training mode, and ``instance_norm`` with its parameters; torch's
+``F.instance_norm`` and ``nn.InstanceNorm2d`` on (2, 4, 4, 4), affine):
 
 - ``forward, no_grad``: inference;
 - ``forward``: grad mode on, the affine parameters require grad (a training forward);
-- ``forward+backward``: the input requires grad too; ``torch.autograd.grad`` of the input and parameters for a prepared output gradient (nothing accumulates into ``.grad``).
+- ``forward+backward``: the input requires grad too; ``torch.autograd.grad`` of the input and
+  the parameters for a prepared output gradient (nothing accumulates into ``.grad``).
 
 The split times the same forward entered at successively deeper layers (module, functional,
-the operator wrapper, ``launch.forward``), so each difference is what one layer adds: the
-module's own code, the argument checks, autograd and dispatch, and the launch preparation
-(views, plan, output buffers).
+``ops.forward``, ``launch.forward``), so each difference is what one layer adds: the module's
+own code (torch's ``InstanceNorm`` forward), the argument checks, autograd and dispatch, and the
+launch preparation (views, plan, output buffers).
 
-Timing: ``repeats`` rounds, each timing every row over ``number`` calls after a warm-up, rows
-interleaved within a round so that a change in machine load hits all of them alike; the median
-round is reported, with the garbage collector paused while a row is timed. On a shared machine
-the absolute numbers move by 10-20%; the ratios to torch's row, measured in the same rounds,
-move much less.
+Timing: the CPU time of this thread (``time.thread_time_ns``), which a loaded machine inflates
+far less than wall time; torch on one intra-op thread, so that its tiny computation stays on
+this thread too. ``repeats`` rounds, each timing every row over ``number`` calls after a
+warm-up, rows interleaved within a round so that a change in load hits all of them alike, the
+garbage collector paused while a row is timed; the median round is reported. The ratios to
+torch's row, measured in the same rounds, are the figures to compare across runs.
 
-Measured on a loaded 2-core CPU host (torch 2.13, Python 3.11), us per call:
+Two runs each, alternating, on a 2-core CPU host under a load average of 5-9 (torch 2.13,
+Python 3.11); before: the layer calling the ``torch.library`` custom ops in eager mode and
+recomputing views and the launch plan on every call. us per call (x torch's ``F.instance_norm``
+in the same run):
 
-    ==========================  ======  =====  ================
-    row                          before  after  torch (same run)
-    ==========================  ======  =====  ================
-    module forward, no_grad         TBD    TBD   TBD
-    ==========================  ======  =====  ================
+    =====================================  ================  ================
+    row                                    before            after
+    =====================================  ================  ================
+    forward, no_grad: module               52-53 (2.6-2.8x)  17-19 (0.8-0.9x)
+    forward, no_grad: functional           45-47 (2.3-2.5x)  14-15 (0.6-0.8x)
+    forward: module                        91-110 (4.5-4.8x) 22 (1.1-1.2x)
+    forward: functional                    95-100 (4.4-4.6x) 18-19 (0.9x)
+    forward: torch's nn.InstanceNorm2d     24-29 (1.2-1.3x)  24-25 (1.2-1.3x)
+    forward: torch's F.instance_norm       20-23             19-20
+    forward+backward: module               231-243 (3-3.9x)  74-76 (1.3x)
+    forward+backward: functional           223-292 (3.7x)    71 (1.2x)
+    forward+backward: torch                60-80             57-59
+    =====================================  ================  ================
+
+Split of the module forward after (before): torch's module code 3-4 us (same), argument checks
+4-5 us (8-19), autograd and dispatch 5 us (51-57: the custom op's Python dispatch), launch
+preparation 8-9 us (25-32: views, strides and the launch plan recomputed per call).
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ CASES = {
     **{f"eps {k}": _case(_x(), eps=v) for k, v in EPS.items()},
     **{f"use_input_stats {k}": _case(_x(), "stats", use_input_stats=v)
        for k, v in USE_INPUT_STATS.items()},
+    "weight list": _case(_x(), weight=[1.0, 1.0, 1.0]),
+    "running_mean ndarray, eval": _case(_x(), use_input_stats=False, running_mean=np.zeros(3),
+                                        running_var=torch.ones(3, device=DEVICE)),
     # C == 1: torch repeats the parameters N times, so 0-dim ones are taken.
     "0-dim weight, C=1": _case(_x(c=1), weight=torch.tensor(1.5, device=DEVICE)),
     "0-dim bias, C=1": _case(_x(c=1), bias=torch.tensor(-0.5, device=DEVICE)),

@@ -25,6 +25,7 @@ _C10_NAMES = {
     torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
 }
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_OPTIONAL_TENSOR = (Tensor, type(None))
 # What triton made of the kernels when it was imported: the interpreter's stand-ins when
 # TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
 _INTERPRETED = type(kernels._fwd).__name__ == "InterpretedFunction"
@@ -118,7 +119,9 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
             raise ValueError(
                 f"Expected more than 1 spatial element when training, got input size {size}")
     if not (type(use_input_stats) is bool and type(momentum) is float and type(eps) is float
-            and type(input) is Tensor):
+            and type(input) is Tensor and isinstance(weight, _OPTIONAL_TENSOR)
+            and isinstance(bias, _OPTIONAL_TENSOR) and isinstance(running_mean, _OPTIONAL_TENSOR)
+            and isinstance(running_var, _OPTIONAL_TENSOR)):
         _check_parsed(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
                       eps)
     dim = input.dim()
