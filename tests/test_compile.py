@@ -52,8 +52,7 @@ def test_compile_fullgraph_matches_eager(backend, launches):
 
 
 def test_compile_dynamic_shapes_channels_last(launches):
-    """Under dynamic shapes FakeTensor consults torch's decomposition table, where the ONNX
-    export registers ours (it answers with the op's fake outputs there): layouts, values and the
+    """Dynamic shapes (symbolic sizes reach the fake implementations): layouts, values and the
     running statistics stay eager's."""
     torch._dynamo.reset()
     layer = tin.InstanceNorm2d(3, affine=True, track_running_stats=True, activation="relu")

@@ -1,11 +1,14 @@
 """ONNX export with both exporters: onnxruntime against our layers, standard domain only.
 
 The export tests need onnx, onnxruntime and onnxscript (the ``onnx`` extra) and skip without
-them; the tests that the registered decomposition changes nothing outside an export always run.
+them; the test that importing the package leaves torch's internals alone always runs.
 """
 
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -29,6 +32,8 @@ def _export(model, args, dynamo, path, **options):
     import onnx
     import onnxruntime
 
+    if dynamo:
+        options["custom_translation_table"] = tin.onnx_translation_table()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
         torch.onnx.export(model, args, str(path), dynamo=dynamo, verbose=False, **options)
@@ -155,15 +160,44 @@ def test_adaptive_forms_export(dynamo, tmp_path, launches):
         torch.testing.assert_close(g, w.cpu(), **TOL)
 
 
-# --- the decompositions reach the dynamo exporter's table only ---------------------------------
+# --- importing the package leaves torch alone ---------------------------------------------------
 
-def test_decompositions_stay_out_of_torch_registry():
-    """Inductor errors (with CI set) when it falls back to an op that has a registered
-    decomposition; the compositions live only in the table the ONNX exporter builds."""
-    from torch.onnx._internal.exporter import _decomp
+_IMPORT_CHECK = """
+import torch
+import torch.onnx
+from torch.onnx._internal.exporter import _decomp
 
-    for op in (OPS.forward.default, OPS.plane_stats.default):
-        assert op not in torch._decomp.decomposition_table
-        assert not torch._decomp.get_decompositions([op])
-        assert op in _decomp.create_onnx_friendly_decomposition_table(set())
-        assert op not in _decomp.create_onnx_friendly_decomposition_table({op})
+builder = _decomp.create_onnx_friendly_decomposition_table
+registry = dict(torch._decomp.decomposition_table)
+import triton_instnorm
+
+assert _decomp.create_onnx_friendly_decomposition_table is builder
+assert torch._decomp.decomposition_table == registry
+assert not any(op.namespace == "triton_instnorm" for op in registry)
+"""
+
+
+def test_import_leaves_torch_internals_alone():
+    """Importing the package registers the TorchScript symbolics (public API) and nothing else:
+    torch's private exporter functions and decomposition registry stay torch's own."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_onnx
+def test_dynamo_export_without_the_table_fails(tmp_path):
+    """The dynamo exporter reaches our ops only through the table: without it, its own error."""
+    layer = tin.InstanceNorm2d(3, device=DEVICE).eval()
+    with warnings.catch_warnings(), pytest.raises(Exception, match="triton_instnorm"):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (torch.randn(2, 3, 5, 4, device=DEVICE),),
+                          str(tmp_path / "layer.onnx"), dynamo=True, verbose=False)
+
+
+def test_translation_table_is_a_fresh_dict():
+    table = tin.onnx_translation_table()
+    assert set(table) == {OPS.forward.default, OPS.plane_stats.default}
+    table.clear()
+    assert tin.onnx_translation_table()

@@ -9,8 +9,8 @@ from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm,
 from .convert import convert_instance_norm, revert_instance_norm
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .onnx_export import onnx_translation_table  # also registers the TorchScript symbolics
 from .routing import disable, enable, enabled, is_enabled
-from . import onnx_export  # noqa: F401  (registers the ONNX translations of the custom ops)
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "disable",
     "enabled",
     "is_enabled",
+    "onnx_translation_table",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",

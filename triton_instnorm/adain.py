@@ -20,8 +20,14 @@ import torch
 from torch import Tensor
 
 from . import launch, ops
-from .eager import TORCH_INSTANCE_NORM
-from .functional import activation_code, check_args, kernels_available, apply_activation
+from .eager import TORCH_INSTANCE_NORM, apply_activation
+from .functional import activation_code, check_args, float_arg, kernels_available
+
+
+def _check_input(input):
+    """instance_norm's checks of an input normalized with its own statistics."""
+    check_args(input, running_mean=None, running_var=None, weight=None, bias=None,
+               use_input_stats=True, momentum=0.1, eps=1e-5)
 
 
 def _check_per_sample(name, t, n, c):
@@ -41,7 +47,9 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
     Differentiable with respect to input, scale and shift; one forward launch.
     """
     act = activation_code(activation)
-    check_args(input, None, None, None, None, True, 0.1)
+    _check_input(input)
+    eps = float_arg("adaptive_instance_norm", "eps", 4, eps)
+    negative_slope = float_arg("adaptive_instance_norm", "negative_slope", 6, negative_slope)
     n, c = input.shape[0], input.shape[1]
     _check_per_sample("scale", scale, n, c)
     _check_per_sample("shift", shift, n, c)
@@ -53,28 +61,30 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
     if input.numel() == 0:
         return input.clone()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, scale, shift))
-    y, _ = ops.forward(launch.kernel_layout(input), scale, shift, None, None, True, float(eps), act,
-                       float(negative_slope), grad)
+    y, _ = ops.forward(launch.kernel_layout(input), scale, shift, None, None, use_input_stats=True,
+                       eps=eps, activation=act, negative_slope=negative_slope, store_stats=grad)
     return y
 
 
 def instance_stats(input: Tensor, eps: float = 1e-5):
     """(mean, std) per (n, c), shape (N, C), std = sqrt(biased var + eps); differentiable."""
-    check_args(input, None, None, None, None, True, 0.1)
+    _check_input(input)
+    eps = float_arg("instance_stats", "eps", 2, eps)
     if not kernels_available(input):
         dims = tuple(range(2, input.dim()))
         var, mean = torch.var_mean(input.float() if input.dtype != torch.float64 else input, dims,
                                    correction=0)
         return mean, torch.sqrt(var + eps)
-    mean, std, _ = ops.plane_stats(input, float(eps))
+    mean, std, _ = ops.plane_stats(input, eps=eps)
     return mean, std
 
 
 def adain(content: Tensor, style: Tensor, eps: float = 1e-5) -> Tensor:
     """AdaIN(content, style): differentiable with respect to both (see the module docstring)."""
     if content.dim() < 3 or style.dim() != content.dim() or style.shape[:2] != content.shape[:2]:
-        raise ValueError(f"content and style must be (N, C, *spatial) with the same N, C and number "
-                         f"of dims; got {tuple(content.shape)} and {tuple(style.shape)}")
+        raise ValueError(f"content and style must be (N, C, *spatial) with the same N, C and "
+                         f"number of dims; got {tuple(content.shape)} and {tuple(style.shape)}")
+    eps = float_arg("adain", "eps", 3, eps)
     mean, std = instance_stats(style, eps)
     return adaptive_instance_norm(content, std, mean, eps)
 

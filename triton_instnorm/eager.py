@@ -25,12 +25,12 @@ TORCH_INSTANCE_NORM = F.instance_norm
 ACTIVATIONS = {None: constants.ACT_NONE, "relu": constants.ACT_RELU,
                "leaky_relu": constants.ACT_LEAKY_RELU, "silu": constants.ACT_SILU,
                "gelu": constants.ACT_GELU}
-_ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 
 
 def apply_activation(y: Tensor, activation, negative_slope: float) -> Tensor:
     """The fused epilogue in eager PyTorch; ``activation`` is a name or a code of ACTIVATIONS."""
-    activation = _ACTIVATION_NAMES.get(activation, activation)
+    activation = ACTIVATION_NAMES.get(activation, activation)
     if activation == "relu":
         return F.relu(y)
     if activation == "leaky_relu":

@@ -10,12 +10,12 @@ Triton operators in ``ops.py``. Dispatch:
 """
 
 import math
-import os
+import sys
 
 import torch
 from torch import Tensor
 
-from . import launch, ops
+from . import kernels, launch, ops
 from .eager import ACTIVATIONS, TORCH_INSTANCE_NORM, apply_activation
 
 _C10_NAMES = {
@@ -24,16 +24,20 @@ _C10_NAMES = {
     torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf", torch.float16: "Half",
     torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
 }
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_OPTIONAL_TENSOR = (Tensor, type(None))
+# What triton made of the kernels when it was imported: the interpreter's stand-ins when
+# TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
+_INTERPRETED = type(kernels._fwd).__name__ == "InterpretedFunction"
 
 
 def kernels_available(t: Tensor) -> bool:
     """True when ``t`` is handled by the Triton kernels (see the module docstring)."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return True
-    if t.device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return t.device.type == "meta"
+    if t.is_cpu:
+        return _INTERPRETED
+    return t.is_meta
 
 
 def activation_code(activation) -> int:
@@ -47,49 +51,112 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def check_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum):
+# --- the argument parser's rules: the Python values a Tensor / bool / float argument takes ------
+
+def _type_name(value) -> str:
+    """The type's name as torch's argument parser prints it (CPython's tp_name)."""
+    cls = type(value)
+    if cls.__module__ == "builtins" or cls.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _type_error(function, name, position, expected, value):
+    where = f" (position {position})" if position else ""
+    return TypeError(f"{function}(): argument '{name}'{where} must be {expected}, not "
+                     f"{_type_name(value)}")
+
+
+def _is_numpy_scalar(value) -> bool:
+    np = sys.modules.get("numpy")  # no numpy scalar exists unless numpy was imported
+    return np is not None and isinstance(value, (np.number, np.bool_))
+
+
+def _check_float(function, name, position, value):
+    """A ``float`` argument of a torch function takes Python and numpy numbers (bool and complex
+    included) and 0-dim tensors that do not require grad."""
+    if isinstance(value, (float, int, torch.SymFloat, torch.SymInt)) or _is_numpy_scalar(value):
+        return
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
+        if value.is_complex() and value.imag.item() != 0:
+            raise RuntimeError("value cannot be converted to type double without overflow")
+        return
+    raise _type_error(function, name, position, "float", value)
+
+
+def _as_float(value) -> float:
+    """A value _check_float accepted, as a Python float (a complex one by its real part)."""
+    if isinstance(value, Tensor) and value.is_complex():
+        value = value.real
+    return float(value)
+
+
+def float_arg(function: str, name: str, position, value) -> float:
+    """``value`` as torch's argument parser takes a ``float`` argument, or its TypeError."""
+    _check_float(function, name, position, value)
+    return _as_float(value)
+
+
+def _check_parsed(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
+                  eps):
+    """The argument parser of ``torch.instance_norm``, in its argument order."""
+    for position, name, t in ((1, "input", input), (2, "weight", weight), (3, "bias", bias),
+                              (4, "running_mean", running_mean), (5, "running_var", running_var)):
+        if not (isinstance(t, Tensor) or (t is None and position > 1)):
+            raise _type_error("instance_norm", name, position, "Tensor", t)
+    if not isinstance(use_input_stats, (bool, torch.SymBool)):
+        raise _type_error("instance_norm", "use_input_stats", 6, "bool", use_input_stats)
+    _check_float("instance_norm", "momentum", 7, momentum)
+    _check_float("instance_norm", "eps", 8, eps)
+
+
+def check_args(input, *, running_mean, running_var, weight, bias, use_input_stats, momentum,
+               eps):
     """PyTorch's checks for instance_norm, in PyTorch's order, raising PyTorch's exceptions."""
     if use_input_stats:
-        size_prods = 1
-        for s in input.shape[2:]:
-            size_prods *= s
-        if input.dim() < 2 or size_prods == 1:
+        size = input.size()
+        if math.prod(size[2:]) == 1:
             raise ValueError(
-                f"Expected more than 1 spatial element when training, got input size {input.size()}")
-    if momentum is None or not isinstance(momentum, (int, float)):
-        raise TypeError(f"instance_norm(): argument 'momentum' (position 7) must be float, "
-                        f"not {type(momentum).__name__}")
+                f"Expected more than 1 spatial element when training, got input size {size}")
+    if not (type(use_input_stats) is bool and type(momentum) is float and type(eps) is float
+            and type(input) is Tensor and isinstance(weight, _OPTIONAL_TENSOR)
+            and isinstance(bias, _OPTIONAL_TENSOR) and isinstance(running_mean, _OPTIONAL_TENSOR)
+            and isinstance(running_var, _OPTIONAL_TENSOR)):
+        _check_parsed(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
+                      eps)
+    dim = input.dim()
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError(
             "Expected running_mean and running_var to be defined when use_input_stats is false")
-    if input.dim() < 2:
-        raise IndexError(
-            f"Dimension out of range (expected to be in range of [-{max(input.dim(), 1)}, "
-            f"{max(input.dim(), 1) - 1}], but got 1)")
-    n, c = input.shape[0], input.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is not None and t.dim() > 1:
+    if dim < 2:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{max(dim, 1)}, "
+                         f"{max(dim, 1) - 1}], but got 1)")
+    params = [(name, t) for name, t in (("weight", weight), ("bias", bias),
+                                        ("running_mean", running_mean),
+                                        ("running_var", running_var)) if t is not None]
+    for _, t in params:
+        if t.dim() > 1:
             raise RuntimeError("Number of dimensions of repeat dims can not be smaller than number "
                                "of dimensions of tensor")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if input.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{_dtype_name(input.dtype)}\'')
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is not None and t.numel() * n != n * c:
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for \'{_dtype_name(input.dtype)}\'')
+    n, c = input.shape[0], input.shape[1]
+    for name, t in params:
+        if t.numel() * n != n * c:
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
-    for t in (running_mean, running_var):
-        if t is not None and t.requires_grad:
-            raise RuntimeError("The function 'native_batch_norm' is not differentiable with respect "
-                               "to argument 'running_mean'. This input cannot have requires_grad True.")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+        raise RuntimeError("The function 'native_batch_norm' is not differentiable with respect "
+                           "to argument 'running_mean'. This input cannot have requires_grad True.")
     check_param_dtypes(input, weight, bias)
-    for t in (weight, bias, running_mean, running_var):
-        if t is not None and t.device != input.device:
+    device = input.device
+    for _, t in params:
+        if t.device != device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} and {t.device}!")
+                f"{device} and {t.device}!")
 
 
 def check_param_dtypes(input, weight, bias):
@@ -98,9 +165,10 @@ def check_param_dtypes(input, weight, bias):
     parameters in the input dtype or its accumulation type, cuDNN float32 for half input) but
     words the error by backend; we raise the same RuntimeError with the CPU text. Running
     statistics may have any floating dtype (CPU torch accepts any; cuDNN wants the weight's)."""
-    params = [t.dtype for t in (weight, bias) if t is not None]
-    if not params or all(d == input.dtype for d in params):
+    if (weight is None or weight.dtype == input.dtype) and (
+            bias is None or bias.dtype == input.dtype):
         return
+    params = [t.dtype for t in (weight, bias) if t is not None]
     if input.dtype in (torch.float16, torch.bfloat16) and params[0] == torch.float32:
         if all(d == torch.float32 for d in params):
             return  # mixed precision: half / bfloat16 input, float32 parameters
@@ -127,41 +195,76 @@ def instance_norm(
 ) -> Tensor:
     """Same as ``torch.nn.functional.instance_norm``, computed by the Triton kernels.
 
-    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``) is applied in the
-    kernel after the affine; ``negative_slope`` is leaky_relu's. Running statistics, when given and
-    ``use_input_stats`` is true, are updated in place with the batch mean of the per-instance means
-    and of the per-instance unbiased variances, blended with ``momentum``.
+    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``) is applied in
+    the kernel after the affine; ``negative_slope`` is leaky_relu's. Running statistics, when
+    given and ``use_input_stats`` is true, are updated in place with the batch mean of the
+    per-instance means and of the per-instance unbiased variances, blended with ``momentum``.
+    Arguments are taken as torch takes them (numpy scalars and 0-dim tensors for the floats,
+    0-dim parameters when C == 1), with torch's errors for the rest.
     """
     act = activation_code(activation)
-    check_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum)
+    check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
+               bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
+    if type(momentum) is not float:
+        momentum = _as_float(momentum)
+    if type(eps) is not float:
+        eps = _as_float(eps)
+    if type(negative_slope) is not float:
+        negative_slope = float_arg("instance_norm", "negative_slope", None, negative_slope)
     if not kernels_available(input):
         y = TORCH_INSTANCE_NORM(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
         return apply_activation(y, activation, negative_slope)
     # An ONNX graph holds no state: exporting leaves the running-stat update out, as torch's own
     # instance norm does (and the dynamo exporter cannot translate an in-place custom op).
-    update = use_input_stats and running_mean is not None and not torch.onnx.is_in_onnx_export()
+    update = use_input_stats and running_mean is not None and (
+        ops.plain_eager(input) or not torch.onnx.is_in_onnx_export())
+    n = input.shape[0]
+    if n == 0 and (weight is not None or bias is not None):
+        # torch's batch norm of an empty input takes weight[0] of the weight repeated N times
+        raise IndexError("select(): index 0 out of range for tensor of size [0] at dimension 0")
+    # A 0-dim parameter (C == 1, as torch takes it) is read as its one-element view.
+    if weight is not None and weight.dim() == 0:
+        weight = weight.view(1)
+    if bias is not None and bias.dim() == 0:
+        bias = bias.view(1)
+    if running_mean is not None and (running_mean.dim() == 0 or running_var.dim() == 0):
+        if update:
+            _zero_dim_running_stats(input, running_mean, running_var, momentum, eps)
+        running_mean, running_var = running_mean.reshape(1), running_var.reshape(1)
     if input.numel() == 0:
         return _empty(input, running_mean, running_var, update)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+    grad = torch.is_grad_enabled() and (
+        input.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
     # A view the kernels cannot read in place is copied here, outside the operator, so that the
     # copy is what autograd saves: the backward then reads it instead of copying x again.
     input = launch.kernel_layout(input)
-    y, stats = ops.forward(input, weight, bias, running_mean, running_var, bool(use_input_stats),
-                           float(eps), act, float(negative_slope), grad or update)
+    y, stats = ops.forward(input, weight, bias, running_mean, running_var,
+                           use_input_stats=use_input_stats, eps=eps, activation=act,
+                           negative_slope=negative_slope, store_stats=grad or update)
     if update:
-        n, c = input.shape[0], input.shape[1]
-        ops.update_running_stats(stats, running_mean, running_var, n, c, math.prod(input.shape[2:]),
-                                 float(momentum))
+        ops.update_running_stats(stats, running_mean, running_var, n=n, c=input.shape[1],
+                                 hw=math.prod(input.shape[2:]), momentum=momentum)
     return y
 
 
 def _empty(input, running_mean, running_var, update):
-    # PyTorch: an empty batch averages nothing (running stats become NaN); empty planes leave
-    # the running stats as they are.
+    # As torch: an empty batch averages nothing, so the running statistics become NaN; empty
+    # planes (N > 0) leave them as they are.
     if update and input.shape[0] == 0:
         with torch.no_grad():
             running_mean.fill_(float("nan"))
             running_var.fill_(float("nan"))
     return input.clone()
+
+
+def _zero_dim_running_stats(input, running_mean, running_var, momentum, eps):
+    """Training with 0-dim running statistics (C == 1) raises torch's error: torch computes the
+    output, then fails to copy the (1,) batch statistics into the 0-dim running_mean, or, when
+    only running_var is 0-dim, updates running_mean and fails on running_var."""
+    if running_mean.dim() == 1:
+        with torch.no_grad():
+            instance_norm(input, running_mean, running_var.new_empty(1), momentum=momentum,
+                          eps=eps)
+    raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")

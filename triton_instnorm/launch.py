@@ -4,18 +4,22 @@ Every kernel is called with keyword arguments through ``run``, which also counts
 ``LAUNCHES`` (per kernel name): tests use it to prove that the Triton kernels, not an eager
 fallback, produced a result. Each tensor reaches a kernel as a view that carries its own strides
 (``planes_view``, ``param_view``, ``running_view``; the kernel side is described in
-``kernels/common.py``).
+``kernels/common.py``). What a pass derives from its tensors' shape, strides, dtype and device
+(the planes, their strides, the launch configuration) is computed once per such layout and
+cached (``layout``): a training loop sees the same few, and the host path stays short.
 
 Nothing here synchronizes with the device or branches on device values, so every call can be
 captured in a CUDA graph.
 """
 
 import collections
+import contextlib
+import functools
+import math
 import struct
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import device, heuristics
 from .kernels import (
@@ -44,8 +48,7 @@ def split_float(v: float):
         hi = struct.unpack("f", struct.pack("f", v))[0]
     except OverflowError:
         return v, 0.0
-    lo = v - hi if (hi - hi) == 0 else 0.0  # hi finite
-    return hi, lo
+    return hi, (v - hi if math.isfinite(hi) else 0.0)
 
 
 def new_output(like: torch.Tensor) -> torch.Tensor:
@@ -80,9 +83,17 @@ class Planes:
 
 def _spatial_stride(t: torch.Tensor):
     """Stride of the flattened spatial dims, or None if they cannot be flattened in place."""
+    shape, strides = t.shape, t.stride()
+    try:
+        return _cached_flat_stride(shape, strides)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable
+        return _flat_stride(shape, strides)
+
+
+def _flat_stride(shape, strides):
     stride = None
     expected = None
-    for size, s in reversed(list(zip(t.shape[2:], t.stride()[2:]))):
+    for size, s in reversed(list(zip(shape[2:], strides[2:]))):
         if size == 1:
             continue
         if stride is None:
@@ -94,13 +105,17 @@ def _spatial_stride(t: torch.Tensor):
     return 1 if stride is None else stride
 
 
+_cached_flat_stride = functools.lru_cache(maxsize=1024)(_flat_stride)
+
+
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its spatial dims flatten to one stride, else a contiguous copy."""
     return t if _spatial_stride(t) is not None else t.contiguous()
 
 
 def can_fold(t: torch.Tensor) -> bool:
-    """True when the batch dim folds into the channels: plane (n, c) at row n * C + c, one stride."""
+    """True when the batch dim folds into the channels: plane (n, c) at row n * C + c, one
+    stride."""
     n, c = t.shape[0], t.shape[1]
     return c == 1 or n == 1 or t.stride(0) == c * t.stride(1)
 
@@ -108,9 +123,7 @@ def can_fold(t: torch.Tensor) -> bool:
 def planes(t: torch.Tensor, fold: bool) -> Planes:
     """``t`` as planes; ``fold`` (see can_fold) must be the same for tensors read side by side."""
     n, c = t.shape[0], t.shape[1]
-    hw = 1
-    for s in t.shape[2:]:
-        hw *= s
+    hw = math.prod(t.shape[2:])
     spatial = _spatial_stride(t)
     if not fold:
         return Planes(n, c, hw, t.stride(0), t.stride(1), spatial)
@@ -142,6 +155,44 @@ def running_view(running_mean, running_var):
 def geometry(t: torch.Tensor, p: Planes):
     """(N * C planes, C, HW, rows per group), the kernels' plane geometry."""
     return t.shape[0] * t.shape[1], t.shape[1], p.hw, p.rows_per_group
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a pass reads tensors of one shape side by side: ``fold`` (see can_fold), the planes
+    of the first, its launch configuration, the plane geometry, and each tensor's (group, row,
+    spatial) strides in the order given to ``layout`` (its kernel view: ``(t, *strides[i])``,
+    as planes_view)."""
+
+    fold: bool
+    planes: Planes
+    how: "Launch"
+    geometry: tuple
+    strides: tuple
+    tiles: dict  # how.tiles()
+
+
+def layout(*tensors: torch.Tensor) -> Layout:
+    """The Layout of same-shaped tensors (each laid out as kernel_layout leaves it), cached per
+    shape, strides, dtype and device: every call of a training loop sees the same few."""
+    t = tensors[0]
+    # What else plan() reads is part of the key: the GPU (emulated ones are chosen by an
+    # environment variable), whether clusters are on, and the heuristics' test hooks.
+    gpu = device.describe(t)
+    return _layout(t.shape, t.dtype, t.device, gpu, device.cluster_launch(gpu, real=t.is_cuda),
+                   heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk,
+                   *[u.stride() for u in tensors])
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape, dtype, where, gpu, clusters, tile_limit, chunk, *strides) -> Layout:
+    like = [torch.empty_strided(shape, s, dtype=dtype, device="meta") for s in strides]
+    fold = all(can_fold(t) for t in like)
+    views = [planes(t, fold) for t in like]
+    how = plan(views[0], torch.empty(0, dtype=dtype, device=where))
+    return Layout(fold, views[0], how, geometry(like[0], views[0]),
+                  tuple((p.group_stride, p.row_stride, p.spatial_stride) for p in views),
+                  how.tiles())
 
 
 # ------------------------------------------------------------------------- launch configuration
@@ -187,16 +238,8 @@ def plan(p: Planes, t: torch.Tensor) -> Launch:
     return Launch(config, (row_programs, chunks), source, gpu)
 
 
-class _NullGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device_of(t) if t.is_cuda else _NullGuard()
+    return torch.cuda.device_of(t) if t.is_cuda else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------ the passes
@@ -209,10 +252,9 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     y = new_output(x) if write_y else None
-    fold = can_fold(x) and (y is None or can_fold(y))
-    px = planes(x, fold)
-    how = plan(px, x)
-    shape = geometry(x, px)
+    lay = layout(x) if y is None else layout(x, y)
+    how = lay.how
+    x_view = (x, *lay.strides[0])
     source = how.source if use_input_stats else FROM_RUNNING
     # split planes combine their statistics through Stats, kept or not
     stats = (new_buffer(x, (NUM_STATS, n * c), acc)
@@ -220,18 +262,18 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     with _device_guard(x):
         if source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
-            run(_fwd_split_stats, how.grid, x=planes_view(x, fold), Partials=partials,
-                geometry=shape, **how.tiles())
-            _combine(_fwd_combine, how.gpu, partials, Stats=stats, HW=px.hw,
+            run(_fwd_split_stats, how.grid, x=x_view, Partials=partials, geometry=lay.geometry,
+                **lay.tiles)
+            _combine(_fwd_combine, how.gpu, partials, Stats=stats, HW=lay.planes.hw,
                      BLOCK_HW=how.config.BLOCK_HW)
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
             run(_fwd, how.grid,
-                x=planes_view(x, fold), y=None if y is None else planes_view(y, fold),
+                x=x_view, y=None if y is None else (y, *lay.strides[1]),
                 w=param_view(weight, n), b=param_view(bias, n),
                 running=None if use_input_stats else running_view(running_mean, running_var),
-                Stats=stats, geometry=shape, eps=split_float(eps),
+                Stats=stats, geometry=lay.geometry, eps=split_float(eps),
                 slope=split_float(negative_slope), STATS_FROM=source, ACTIVATION=activation,
-                **how.tiles())
+                **lay.tiles)
     if y is None:
         y = x.new_empty((0,))
     return y, stats if store_stats else x.new_empty((0,), dtype=acc)
@@ -242,7 +284,7 @@ def _combine(kernel, gpu, partials, **arguments):
     into a (rows, N * C) per-plane buffer, BLOCK_R planes per program."""
     num_planes, chunks = partials.shape[1], partials.shape[2]
     block_r, block_chunks, warps = heuristics.combine_config(num_planes, chunks, gpu.warp_size)
-    run(kernel, (triton.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes,
+    run(kernel, (heuristics.cdiv(num_planes, block_r),), Partials=partials, num_planes=num_planes,
         chunks=chunks, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks, num_warps=warps, **arguments)
 
 
@@ -250,7 +292,7 @@ def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: i
                          momentum: float):
     block = heuristics.reduce_block(c)
     with _device_guard(stats):
-        run(_update_running_stats, (triton.cdiv(c, block),), Stats=stats,
+        run(_update_running_stats, (heuristics.cdiv(c, block),), Stats=stats,
             running=running_view(running_mean, running_var), N=n, C=c, HW=hw,
             momentum=split_float(momentum), BLOCK_C=block)
 
@@ -264,22 +306,21 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
     dx = new_output(x)
     n, c = x.shape[0], x.shape[1]
     plane_sums = new_buffer(x, (NUM_SUMS, n * c), stats.dtype)
-    fold = can_fold(x) and can_fold(dy) and can_fold(dx)
-    px = planes(x, fold)
-    how = plan(px, x)
-    inputs = dict(x=planes_view(x, fold), dy=planes_view(dy, fold), w=param_view(weight, n),
-                  b=param_view(bias, n), Stats=stats, geometry=geometry(x, px),
+    lay = layout(x, dy, dx)
+    how = lay.how
+    inputs = dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), w=param_view(weight, n),
+                  b=param_view(bias, n), Stats=stats, geometry=lay.geometry,
                   eps=split_float(eps), slope=split_float(negative_slope),
-                  USE_INPUT_STATS=use_input_stats, ACTIVATION=activation, **how.tiles())
+                  USE_INPUT_STATS=use_input_stats, ACTIVATION=activation, **lay.tiles)
     with _device_guard(x):
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
             _combine(_bwd_combine, how.gpu, partials, PlaneSums=plane_sums)
-        run(_bwd, how.grid, dx=planes_view(dx, fold), PlaneSums=plane_sums,
+        run(_bwd, how.grid, dx=(dx, *lay.strides[2]), PlaneSums=plane_sums,
             SUMS_FROM=how.source, **inputs)
-        dw = _param_grad(plane_sums[SUM_DZ_XHAT], weight, need_dw, n)
-        db = _param_grad(plane_sums[SUM_DZ], bias, need_db, n)
+        dw = _param_grad(plane_sums, SUM_DZ_XHAT, weight, need_dw, n)
+        db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
     return dx, dw, db
 
@@ -289,13 +330,12 @@ def stats_backward(dmean, dstd, x, stats, eps: float):
     x = kernel_layout(x)
     dx = new_output(x)
     n = x.shape[0]
-    fold = can_fold(x) and can_fold(dx)
-    px = planes(x, fold)
-    how = plan(px, x)  # elementwise: any split is just more programs, no partials
+    lay = layout(x, dx)
+    how = lay.how  # elementwise: any split is just more programs, no partials
     with _device_guard(x):
-        run(_stats_bwd, how.grid, x=planes_view(x, fold), dx=planes_view(dx, fold),
+        run(_stats_bwd, how.grid, x=(x, *lay.strides[0]), dx=(dx, *lay.strides[1]),
             dmean=param_view(dmean, n), dstd=param_view(dstd, n), Stats=stats,
-            geometry=geometry(x, px), eps=split_float(eps), SPLIT=how.chunks > 1, **how.tiles())
+            geometry=lay.geometry, eps=split_float(eps), SPLIT=how.chunks > 1, **lay.tiles)
     return dx
 
 
@@ -303,14 +343,16 @@ def _per_channel(p, n: int) -> bool:
     return p.dim() == 1 or p.shape[0] != n or n == 1
 
 
-def _param_grad(plane_sum, p, needed: bool, n: int):
+def _param_grad(plane_sums, row: int, p, needed: bool, n: int):
     """The gradient of a parameter: a buffer for the reduction over n of a per-channel one, the
-    per-plane sums themselves for per-sample (N, C) parameters, or empty when not needed."""
+    per-plane sums (``plane_sums[row]``) themselves for per-sample (N, C) parameters, or empty
+    when not needed."""
     if not needed or p is None:
-        return plane_sum.new_empty((0,))
+        return plane_sums.new_empty((0,))
     if _per_channel(p, n):
         return new_buffer(p, p.shape, p.dtype)
-    return plane_sum.view(p.shape).to(p.dtype, copy=True)  # one (N, C) copy: outputs never alias
+    # one (N, C) copy: outputs never alias
+    return plane_sums[row].view(p.shape).to(p.dtype, copy=True)
 
 
 def _reduce_over_n(plane_sums, dw, db, weight, bias, n: int, c: int):
@@ -319,5 +361,5 @@ def _reduce_over_n(plane_sums, dw, db, weight, bias, n: int, c: int):
     if dw is None and db is None:
         return
     block = heuristics.reduce_block(c)
-    run(_sum_partials_over_n, (triton.cdiv(c, block),), PlaneSums=plane_sums, DW=dw, DB=db,
+    run(_sum_partials_over_n, (heuristics.cdiv(c, block),), PlaneSums=plane_sums, DW=dw, DB=db,
         N=n, C=c, BLOCK_C=block)

@@ -29,13 +29,14 @@ class _TritonInstanceNorm:
     def _apply_instance_norm(self, input):
         return instance_norm(
             input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0,  # None: never update, as torch
-            self.eps,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            use_input_stats=self.training or not self.track_running_stats,
+            # None: never update, as torch
+            momentum=self.momentum if self.momentum is not None else 0.0,
+            eps=self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
         )

@@ -1,8 +1,6 @@
 """ONNX export: our custom ops translate to standard ONNX with both of torch's exporters.
 
-Importing ``triton_instnorm`` registers the translations, so ``torch.onnx.export`` of a model
-holding our layers (converted or built directly) needs no extra argument, and onnxruntime runs
-the file with no custom domain:
+Each op becomes the standard operators onnxruntime runs with no custom domain:
 
 - ``forward`` becomes ``InstanceNormalization`` (``BatchNormalization`` in inference form when it
   normalizes with given running statistics), then ``Mul`` / ``Add`` for per-sample (N, C) or
@@ -17,194 +15,250 @@ the file with no custom domain:
   An ``ExportedProgram`` captured in training mode with running statistics therefore does not
   export with ``dynamo=True``: capture it in eval mode, as an inference graph wants.
 
-How each exporter is reached:
+How each exporter is reached, through public API only (importing ``triton_instnorm`` changes
+nothing inside torch):
 
-- TorchScript exporter (``dynamo=False``): ``torch.onnx.register_custom_op_symbolic``, its public
-  registration for custom ops.
-- Dynamo exporter (``dynamo=True``, also for an ``ExportedProgram`` holding our ops): it has no
-  global registry for custom ops (only the per-call ``custom_translation_table``), but before
-  translating it decomposes every op it cannot translate with a table it builds for that export
-  (``torch.onnx._internal.exporter._decomp.create_onnx_friendly_decomposition_table``). We wrap
-  that builder so the table also holds our ops' decompositions into the aten ops torch exports
-  for its own instance norm. Nothing is added to torch's global decomposition registry: inductor
-  treats an op with a registered decomposition as a mistake when it falls back to the op (an
-  error when the ``CI`` environment variable is set), and FakeTensor and ``make_fx`` read that
-  registry too. Where the builder is missing (another torch layout), ``dynamo=True`` export of
-  our ops fails with the exporter's own error; the TorchScript exporter still works.
+- TorchScript exporter (``dynamo=False``): ``torch.onnx.register_custom_op_symbolic``, its
+  registration for custom ops, done at import.
+- Dynamo exporter (``dynamo=True``, also for an ``ExportedProgram``): it has no global registry
+  for custom ops, only the per-call ``custom_translation_table``, which
+  ``onnx_translation_table()`` fills: ``torch.onnx.export(model, args, path, dynamo=True,
+  custom_translation_table=triton_instnorm.onnx_translation_table())``.
+
+Both exporters build the same graph from one description (``_forward``, ``_plane_stats``),
+written against ``_Builder``: TorchScript's ``g.op`` or ONNX Script's opset.
 """
 
-import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.onnx import symbolic_helper
 
 from . import launch, ops  # noqa: F401  (ops registers the custom ops translated here)
-from .kernels import constants
-from .eager import _ACTIVATION_NAMES, TORCH_INSTANCE_NORM, _per_channel_view, apply_activation
+from .eager import ACTIVATION_NAMES
 
 _OPS = torch.ops.triton_instnorm
 _SYMBOLIC_OPSET = 9  # the oldest opset with every ONNX operator used below (Erf)
+_DYNAMO_OPSET = 18  # the ONNX Script opset the dynamo translations are written in
 _ONNX_DTYPES = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16,
                 "Double": torch.float64}
-_ONNX_TYPE_CODES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
+_ONNX_TYPE_CODES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16,
+                    torch.int64: 7}
+_TORCH_DTYPES = {code: dtype for dtype, code in _ONNX_TYPE_CODES.items()}
 
 
-# --- dynamo exporter: decompositions into aten ops -----------------------------------------------
+# --- the graphs, for either exporter -------------------------------------------------------------
 
-def forward_composition(x, weight, bias, running_mean, running_var, use_input_stats, eps,
-                        activation, negative_slope, store_stats):
-    """``triton_instnorm::forward`` from the aten ops torch exports for its own instance norm.
-    The statistics output is zeros of its shape: only the running-stat update reads it."""
-    per_channel = [p.to(x.dtype) if p is not None and p.dim() == 1 else None for p in (weight, bias)]
+class _Builder:
+    """What the graphs below need from an exporter: ``op(name, *inputs, **attributes)`` adds a
+    node, ``constant`` a tensor of Python values, and the graph inputs' dtype, rank and presence
+    (node outputs may carry no dtype yet)."""
+
+    opset: int
+
+    def op(self, name, *inputs, **attributes):
+        raise NotImplementedError
+
+    def constant(self, values, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def dtype(self, value) -> torch.dtype:
+        raise NotImplementedError
+
+    def rank(self, value) -> int:
+        raise NotImplementedError
+
+    def is_none(self, value) -> bool:
+        raise NotImplementedError
+
+    def channel_fill(self, x, fill: float):
+        """A (C,) tensor of ``fill`` in x's dtype, C = x.shape[1]."""
+        raise NotImplementedError
+
+
+def _cast_like(b: _Builder, value, like):
+    if b.dtype(value) == b.dtype(like):
+        return value
+    return b.op("Cast", value, to=_ONNX_TYPE_CODES[b.dtype(like)])
+
+
+def _channel_params(b: _Builder, x, weight, bias):
+    """(scale, shift) per channel for InstanceNormalization / BatchNormalization, and the
+    per-sample (N, C) or (1, C) ones left to apply after it (None where there are none)."""
+    per_sample = []
+    per_channel = []
+    for p, fill in ((weight, 1.0), (bias, 0.0)):
+        present = not b.is_none(p)
+        if present and b.rank(p) == 1:
+            per_channel.append(_cast_like(b, p, x))
+            per_sample.append(None)
+        else:
+            per_channel.append(b.channel_fill(x, fill))
+            per_sample.append(_cast_like(b, p, x) if present else None)
+    return per_channel, per_sample
+
+
+def _per_sample_affine(b: _Builder, y, rank, scale, shift):
+    shape = b.constant([0, -1] + [1] * (rank - 2), torch.int64)  # (N or 1, C, 1, ...)
+    if scale is not None:
+        y = b.op("Mul", y, b.op("Reshape", scale, shape))
+    if shift is not None:
+        y = b.op("Add", y, b.op("Reshape", shift, shape))
+    return y
+
+
+def _activation(b: _Builder, y, dtype, activation, negative_slope):
+    name = ACTIVATION_NAMES[activation]
+    if name == "relu":
+        return b.op("Relu", y)
+    if name == "leaky_relu":
+        return b.op("LeakyRelu", y, alpha=float(negative_slope))
+    if name == "silu":
+        return b.op("Mul", y, b.op("Sigmoid", y))
+    if name == "gelu":
+        if b.opset >= 20:
+            return b.op("Gelu", y, approximate="none")
+        erf = b.op("Erf", b.op("Mul", y, b.constant(math.sqrt(0.5), dtype)))
+        half_y = b.op("Mul", y, b.constant(0.5, dtype))
+        return b.op("Add", half_y, b.op("Mul", half_y, erf))
+    return y
+
+
+def _forward(b: _Builder, x, weight, bias, running_mean, running_var, use_input_stats, eps,
+             activation, negative_slope):
+    """``triton_instnorm::forward``: (y, a placeholder for the statistics, which only the
+    running-stat update reads)."""
+    (scale, shift), per_sample = _channel_params(b, x, weight, bias)
     if use_input_stats:
-        y = TORCH_INSTANCE_NORM(x, None, None, *per_channel, True, 0.0, eps)
+        y = b.op("InstanceNormalization", x, scale, shift, epsilon=float(eps))
     else:
-        y = F.batch_norm(x, running_mean.to(x.dtype), running_var.to(x.dtype), *per_channel,
-                         False, 0.0, eps)
-    if weight is not None and weight.dim() == 2:
-        y = y * _per_channel_view(weight, x).to(x.dtype)
-    if bias is not None and bias.dim() == 2:
-        y = y + _per_channel_view(bias, x).to(x.dtype)
-    stats = x.new_zeros((constants.NUM_STATS, x.shape[0] * x.shape[1]) if store_stats else (0,),
-                        dtype=launch.acc_dtype(x.dtype))
-    return apply_activation(y, activation, negative_slope), stats
+        y = b.op("BatchNormalization", x, scale, shift, _cast_like(b, running_mean, x),
+                 _cast_like(b, running_var, x), epsilon=float(eps))
+    y = _per_sample_affine(b, y, b.rank(x), *per_sample)
+    stats = b.constant([], launch.acc_dtype(b.dtype(x)))
+    return _activation(b, y, b.dtype(x), activation, negative_slope), stats
 
 
-def plane_stats_composition(x, eps):
-    """``triton_instnorm::plane_stats``; its statistics buffer (read only by the backward) is
-    zeros of its shape, as in the forward's composition."""
-    acc = launch.acc_dtype(x.dtype)
-    var, mean = torch.var_mean(x.to(acc), tuple(range(2, x.dim())), correction=0)
-    stats = x.new_zeros((constants.NUM_STATS, x.shape[0] * x.shape[1]), dtype=acc)
-    return mean, torch.sqrt(var + eps), stats
-
-
-def _with_our_decompositions(create_table):
-    """The dynamo exporter's table builder, with our ops' compositions added (unless the exporter
-    has a translation of its own for one of them)."""
-
-    @functools.wraps(create_table)
-    def create(onnx_registered_ops, *args, **kwargs):
-        table = create_table(onnx_registered_ops, *args, **kwargs)
-        table.update({op: composition for op, composition in _DECOMPOSITIONS.items()
-                      if op not in onnx_registered_ops})
-        return table
-
-    create.wraps_triton_instnorm = True
-    return create
-
-
-def _register_decompositions():
-    try:
-        from torch.onnx._internal.exporter import _decomp
-    except ImportError:
-        return
-    create_table = getattr(_decomp, "create_onnx_friendly_decomposition_table", None)
-    if create_table is not None and not getattr(create_table, "wraps_triton_instnorm", False):
-        _decomp.create_onnx_friendly_decomposition_table = _with_our_decompositions(create_table)
+def _plane_stats(b: _Builder, x, eps):
+    """``triton_instnorm::plane_stats``: (mean, std) of shape (N, C) and a placeholder for the
+    statistics, which only the backward reads."""
+    acc = launch.acc_dtype(b.dtype(x))
+    x = b.op("Cast", x, to=_ONNX_TYPE_CODES[acc]) if acc != b.dtype(x) else x
+    mean = b.op("GlobalAveragePool", x)
+    centered = b.op("Sub", x, mean)
+    var = b.op("GlobalAveragePool", b.op("Mul", centered, centered))
+    std = b.op("Sqrt", b.op("Add", var, b.constant(float(eps), acc)))
+    stats = b.constant([], acc)
+    return b.op("Flatten", mean, axis=1), b.op("Flatten", std, axis=1), stats
 
 
 # --- TorchScript exporter: symbolic functions ----------------------------------------------------
 
-def _dtype(value):
-    return _ONNX_DTYPES[value.type().scalarType()]
+class _TorchScriptBuilder(_Builder):
+    _SUFFIXES = {float: "f", int: "i", str: "s"}
 
+    def __init__(self, g):
+        self.g = g
+        self.opset = g.opset
 
-def _cast_like(g, value, like):
-    if value.type().scalarType() == like.type().scalarType():
-        return value
-    return g.op("Cast", value, to_i=_ONNX_TYPE_CODES[_dtype(like)])
+    def op(self, name, *inputs, **attributes):
+        named = {f"{k}_{self._SUFFIXES[type(v)]}": v for k, v in attributes.items()}
+        return self.g.op(name, *inputs, **named)
 
+    def constant(self, values, dtype):
+        return self.g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
 
-def _constant(g, value, dtype):
-    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+    def dtype(self, value):
+        return _ONNX_DTYPES[value.type().scalarType()]
 
+    def rank(self, value):
+        return symbolic_helper._get_tensor_rank(value)
 
-def _channel_params(g, x, weight, bias):
-    """(scale, shift) per channel for InstanceNormalization / BatchNormalization, and the
-    per-sample (N, C) or (1, C) ones left to apply after it (None where there are none)."""
-    channels = symbolic_helper._get_tensor_dim_size(x, 1)
-    per_sample = []
-    per_channel = []
-    for p, fill in ((weight, 1.0), (bias, 0.0)):
-        present = not symbolic_helper._is_none(p)
-        if present and symbolic_helper._get_tensor_rank(p) == 1:
-            per_channel.append(_cast_like(g, p, x))
-            per_sample.append(None)
-            continue
+    def is_none(self, value):
+        return symbolic_helper._is_none(value)
+
+    def channel_fill(self, x, fill):
+        channels = symbolic_helper._get_tensor_dim_size(x, 1)
         if channels is None:
             raise torch.onnx.errors.SymbolicValueError(
                 "Unsupported: ONNX export of instance_norm for unknown channel size.", x)
-        per_channel.append(_constant(g, [fill] * channels, _dtype(x)))
-        per_sample.append(_cast_like(g, p, x) if present else None)
-    return per_channel, per_sample
-
-
-def _per_sample_affine(g, y, rank, scale, shift):
-    shape = _constant(g, [0, -1] + [1] * (rank - 2), torch.int64)  # (N or 1, C, 1, ...)
-    if scale is not None:
-        y = g.op("Mul", y, g.op("Reshape", scale, shape))
-    if shift is not None:
-        y = g.op("Add", y, g.op("Reshape", shift, shape))
-    return y
-
-
-def _activation(g, y, activation, negative_slope):
-    name = _ACTIVATION_NAMES[activation]
-    if name == "relu":
-        return g.op("Relu", y)
-    if name == "leaky_relu":
-        return g.op("LeakyRelu", y, alpha_f=negative_slope)
-    if name == "silu":
-        return g.op("Mul", y, g.op("Sigmoid", y))
-    if name == "gelu":
-        if g.opset >= 20:
-            return g.op("Gelu", y, approximate_s="none")
-        erf = g.op("Erf", g.op("Mul", y, _constant(g, math.sqrt(0.5), _dtype(y))))
-        half_y = g.op("Mul", y, _constant(g, 0.5, _dtype(y)))
-        return g.op("Add", half_y, g.op("Mul", half_y, erf))
-    return y
+        return self.constant([fill] * channels, self.dtype(x))
 
 
 @symbolic_helper.parse_args("v", "v", "v", "v", "v", "b", "f", "i", "f", "b")
 def forward_symbolic(g, x, weight, bias, running_mean, running_var, use_input_stats, eps,
                      activation, negative_slope, store_stats):
-    (scale, shift), per_sample = _channel_params(g, x, weight, bias)
-    if use_input_stats:
-        y = g.op("InstanceNormalization", x, scale, shift, epsilon_f=eps)
-    else:
-        y = g.op("BatchNormalization", x, scale, shift, _cast_like(g, running_mean, x),
-                 _cast_like(g, running_var, x), epsilon_f=eps)
-    y = _per_sample_affine(g, y, symbolic_helper._get_tensor_rank(x), *per_sample)
-    stats = _constant(g, [], launch.acc_dtype(_dtype(x)))  # read only by the running-stat update
-    return _activation(g, y, activation, negative_slope), stats
+    return _forward(_TorchScriptBuilder(g), x, weight, bias, running_mean, running_var,
+                    use_input_stats, eps, activation, negative_slope)
 
 
 @symbolic_helper.parse_args("v", "f")
 def plane_stats_symbolic(g, x, eps):
-    acc = launch.acc_dtype(_dtype(x))
-    x = g.op("Cast", x, to_i=_ONNX_TYPE_CODES[acc]) if acc != _dtype(x) else x
-    mean = g.op("GlobalAveragePool", x)
-    centered = g.op("Sub", x, mean)
-    var = g.op("GlobalAveragePool", g.op("Mul", centered, centered))
-    std = g.op("Sqrt", g.op("Add", var, _constant(g, eps, acc)))
-    stats = _constant(g, [], acc)  # read only by the backward
-    return g.op("Flatten", mean, axis_i=1), g.op("Flatten", std, axis_i=1), stats
+    return _plane_stats(_TorchScriptBuilder(g), x, eps)
 
 
 def update_running_stats_symbolic(g, *args):
     return None
 
 
-# --- registration ---------------------------------------------------------------------------------
-
-_DECOMPOSITIONS = {_OPS.forward.default: forward_composition,
-                   _OPS.plane_stats.default: plane_stats_composition}
-_register_decompositions()
-
 for _op, _symbolic in ((_OPS.forward.default, forward_symbolic),
                        (_OPS.plane_stats.default, plane_stats_symbolic),
                        (_OPS.update_running_stats.default, update_running_stats_symbolic)):
     torch.onnx.register_custom_op_symbolic(_op._schema.name, _symbolic, _SYMBOLIC_OPSET)
+
+
+# --- dynamo exporter: ONNX Script translations ---------------------------------------------------
+
+class _OnnxScriptBuilder(_Builder):
+    """Records nodes in the graph the dynamo exporter is tracing (needs onnxscript)."""
+
+    opset = _DYNAMO_OPSET
+
+    def __init__(self):
+        import onnx_ir
+        from onnxscript import opset18
+
+        self._ir, self._opset = onnx_ir, opset18
+
+    def op(self, name, *inputs, **attributes):
+        return getattr(self._opset, name)(*inputs, **attributes)
+
+    def constant(self, values, dtype):
+        data_type = self._ir.DataType(_ONNX_TYPE_CODES[dtype])
+        return self._opset.Constant(value=self._ir.tensor(values, dtype=data_type))
+
+    def dtype(self, value):
+        return _TORCH_DTYPES[int(value.dtype)]
+
+    def rank(self, value):
+        return len(value.shape)
+
+    def is_none(self, value):
+        return value is None
+
+    def channel_fill(self, x, fill):
+        channels = self._opset.Shape(x, start=1, end=2)
+        return self._opset.Expand(self.constant(fill, self.dtype(x)), channels)
+
+
+# Traced translations: unannotated parameters are the op's inputs, annotated ones its attributes.
+def forward_translation(x, weight=None, bias=None, running_mean=None, running_var=None,
+                        use_input_stats: bool = True, eps: float = 1e-5, activation: int = 0,
+                        negative_slope: float = 0.01, store_stats: bool = False):
+    return _forward(_OnnxScriptBuilder(), x, weight, bias, running_mean, running_var,
+                    use_input_stats, eps, activation, negative_slope)
+
+
+def plane_stats_translation(x, eps: float = 1e-5):
+    return _plane_stats(_OnnxScriptBuilder(), x, eps)
+
+
+def onnx_translation_table() -> dict:
+    """The ``custom_translation_table`` that lets ``torch.onnx.export(..., dynamo=True)``
+    translate our ops (see the module docstring); a new dict on each call::
+
+        torch.onnx.export(model, args, "model.onnx", dynamo=True,
+                          custom_translation_table=triton_instnorm.onnx_translation_table())
+    """
+    return {_OPS.forward.default: forward_translation,
+            _OPS.plane_stats.default: plane_stats_translation}

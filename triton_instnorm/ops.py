@@ -1,28 +1,45 @@
 """The kernels as PyTorch operators (``torch.library``), with fake implementations and autograd.
 
 Registering them as custom ops is what lets ``torch.compile(model, fullgraph=True)`` trace
-through our layers without graph breaks, and declares the running-stat buffers as mutated so
-that functionalization keeps their update. In eager mode the ops are thin calls into
-``launch.py``; the backward below is the whole "autograd Function".
+through our layers without graph breaks, lets ``torch.export`` and the ONNX exporters see one
+operator per layer, and declares the running-stat buffers as mutated so that functionalization
+keeps their update:
 
     triton_instnorm::forward                 -> (y, stats)
     triton_instnorm::update_running_stats    mutates running_mean, running_var
     triton_instnorm::backward                -> (dx, dweight, dbias)
     triton_instnorm::plane_stats             -> (mean, std, stats): AdaIN's style statistics
     triton_instnorm::stats_backward          -> dx through those statistics
+
+The layers call the functions at the bottom of this file (``forward``, ``plane_stats``, ...),
+not the operators. In plain eager mode, where nothing traces, transforms or intercepts the call
+(``plain_eager``), they skip the dispatcher: a plain ``torch.autograd.Function`` with the
+operators' own autograd formula (``_setup_context``, ``_backward``), or the launch itself when no
+gradient is needed. The operator's eager path runs the same launch inside tens of microseconds
+of dispatch (schema defaults, the Python autograd wrapper, a ``torch._dynamo`` disable wrapper),
+several times what the kernel takes on a GPU (``python -m perf.overhead`` measures it). The
+results are the same launch's, and autograd sees what it sees for the operator: the same saved
+tensors, version-counter checks and non-differentiable statistics, and a bumped version on the
+mutated running statistics. Everything else (compile, export, the ONNX exporters, ``make_fx``
+and other dispatch modes, tensor subclasses and fake tensors, ``torch.func`` transforms,
+TorchScript tracing, meta tensors) goes through the operators.
 """
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import eager, launch
+from . import eager as eager_graphs
+from . import launch
 from .kernels import constants
+
+# --- the operators --------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("triton_instnorm::forward", mutates_args=())
-def forward(
+def forward_op(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -34,13 +51,14 @@ def forward(
     negative_slope: float,
     store_stats: bool,
 ) -> Tuple[Tensor, Tensor]:
-    return launch.forward(x, weight, bias, running_mean, running_var, use_input_stats, eps,
-                          activation, negative_slope, store_stats)
+    return launch.forward(x, weight, bias, running_mean, running_var,
+                          use_input_stats=use_input_stats, eps=eps, activation=activation,
+                          negative_slope=negative_slope, store_stats=store_stats)
 
 
-@forward.register_fake
-def fake_forward(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
-      negative_slope, store_stats):
+@forward_op.register_fake
+def forward_fake(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
+                 negative_slope, store_stats):
     y = torch.empty_like(launch.kernel_layout(x))
     rows = x.shape[0] * x.shape[1]
     stats = x.new_empty((constants.NUM_STATS, rows) if store_stats else (0,),
@@ -50,18 +68,19 @@ def fake_forward(x, weight, bias, running_mean, running_var, use_input_stats, ep
 
 @torch.library.custom_op("triton_instnorm::update_running_stats",
                          mutates_args=("running_mean", "running_var"))
-def update_running_stats(stats: Tensor, running_mean: Tensor, running_var: Tensor, n: int, c: int,
-                         hw: int, momentum: float) -> None:
-    launch.update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
+def update_running_stats_op(stats: Tensor, running_mean: Tensor, running_var: Tensor, n: int,
+                            c: int, hw: int, momentum: float) -> None:
+    launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
+                                momentum=momentum)
 
 
-@update_running_stats.register_fake
-def fake_update_running_stats(stats, running_mean, running_var, n, c, hw, momentum):
+@update_running_stats_op.register_fake
+def update_running_stats_fake(stats, running_mean, running_var, n, c, hw, momentum):
     return None
 
 
 @torch.library.custom_op("triton_instnorm::backward", mutates_args=())
-def backward(
+def backward_op(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -74,13 +93,14 @@ def backward(
     need_dw: bool,
     need_db: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return launch.backward(dy, x, weight, bias, stats, use_input_stats, eps, activation,
-                           negative_slope, need_dw, need_db)
+    return launch.backward(dy, x, weight, bias, stats, use_input_stats=use_input_stats, eps=eps,
+                           activation=activation, negative_slope=negative_slope,
+                           need_dw=need_dw, need_db=need_db)
 
 
-@backward.register_fake
-def _(dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope, need_dw,
-      need_db):
+@backward_op.register_fake
+def backward_fake(dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
+                  need_dw, need_db):
     dx = torch.empty_like(launch.kernel_layout(x))
 
     def grad(p, needed):
@@ -105,16 +125,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dstats):
     x, weight, bias, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    with torch.no_grad():
-        grads = backward(dy, x, weight, bias, stats, ctx.use_input_stats, ctx.eps, ctx.activation,
-                         ctx.negative_slope, needs[1], needs[2])
+    create_graph = torch.is_grad_enabled()
+    with torch.no_grad() if create_graph else contextlib.nullcontext():
+        grads = backward(dy, x, weight, bias, stats, use_input_stats=ctx.use_input_stats,
+                         eps=ctx.eps, activation=ctx.activation,
+                         negative_slope=ctx.negative_slope, need_dw=needs[1], need_db=needs[2])
     grads = [g if need else None for g, need in zip(grads, needs)]
-    if torch.is_grad_enabled():
-        # create_graph=True: keep the kernel's values, take the derivatives of the eager graph.
-        graph = eager.first_order_graph(dy, x, weight, bias, *_mean_std(stats, ctx.eps),
-                                        ctx.use_input_stats, ctx.eps, ctx.activation,
-                                        ctx.negative_slope, needs)
-        grads = [g if g is None else eager.KernelValue.apply(g, e) for g, e in zip(grads, graph)]
+    if create_graph:  # keep the kernel's values, take the derivatives of the eager graph
+        mean, std = _mean_std(stats, ctx.eps)
+        graph = eager_graphs.first_order_graph(
+            dy, x, weight, bias, mean, std, use_input_stats=ctx.use_input_stats, eps=ctx.eps,
+            activation=ctx.activation, negative_slope=ctx.negative_slope, needs=needs)
+        grads = [g if g is None else eager_graphs.KernelValue.apply(g, e)
+                 for g, e in zip(grads, graph)]
     return (*grads, None, None, None, None, None, None, None)
 
 
@@ -129,18 +152,24 @@ def _mean_std(stats, eps: float):
 torch.library.register_autograd("triton_instnorm::forward", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("triton_instnorm::plane_stats", mutates_args=())
-def plane_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of
-    _fwd, and that pass's statistics buffer (what the backward reads)."""
+def _plane_stats(x, eps):
     n, c = x.shape[0], x.shape[1]
-    _, stats = launch.forward(x, None, None, None, None, True, eps, 0, 0.0, True, write_y=False)
+    _, stats = launch.forward(x, None, None, None, None, use_input_stats=True, eps=eps,
+                              activation=constants.ACT_NONE, negative_slope=0.0,
+                              store_stats=True, write_y=False)
     mean, std = _mean_std(stats, eps)
     return mean.view(n, c), std.view(n, c), stats
 
 
-@plane_stats.register_fake
-def fake_plane_stats(x, eps):
+@torch.library.custom_op("triton_instnorm::plane_stats", mutates_args=())
+def plane_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-(n, c) mean and sqrt(biased var + eps), shape (N, C), from the statistics pass of
+    _fwd, and that pass's statistics buffer (what the backward reads)."""
+    return _plane_stats(x, eps)
+
+
+@plane_stats_op.register_fake
+def plane_stats_fake(x, eps):
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
     stats = x.new_empty((constants.NUM_STATS, shape[0] * shape[1]), dtype=acc)
@@ -148,13 +177,14 @@ def fake_plane_stats(x, eps):
 
 
 @torch.library.custom_op("triton_instnorm::stats_backward", mutates_args=())
-def stats_backward(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor, eps: float) -> Tensor:
+def stats_backward_op(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor,
+                      eps: float) -> Tensor:
     """dx = (dmean + dstd * (x - mean) / std) / HW, by the _stats_bwd kernel."""
-    return launch.stats_backward(dmean, dstd, x, stats, eps)
+    return launch.stats_backward(dmean, dstd, x, stats, eps=eps)
 
 
-@stats_backward.register_fake
-def fake_stats_backward(dmean, dstd, x, stats, eps):
+@stats_backward_op.register_fake
+def stats_backward_fake(dmean, dstd, x, stats, eps):
     return torch.empty_like(launch.kernel_layout(x))
 
 
@@ -168,11 +198,118 @@ def _stats_setup_context(ctx, inputs, output):
 def _stats_backward(ctx, dmean, dstd, _dstats):
     x, stats = ctx.saved_tensors
     with torch.no_grad():
-        dx = stats_backward(dmean, dstd, x, stats, ctx.eps)
-    if torch.is_grad_enabled():  # create_graph=True: the kernel's values, the eager graph's derivatives
-        dx = eager.KernelValue.apply(dx, eager.stats_grad_graph(dmean, dstd, x, ctx.eps))
+        dx = stats_backward(dmean, dstd, x, stats, eps=ctx.eps)
+    if torch.is_grad_enabled():  # create_graph: the kernel's values, the eager graph's derivatives
+        dx = eager_graphs.KernelValue.apply(
+            dx, eager_graphs.stats_grad_graph(dmean, dstd, x, ctx.eps))
     return dx, None
 
 
 torch.library.register_autograd("triton_instnorm::plane_stats", _stats_backward,
                                 setup_context=_stats_setup_context)
+
+
+# --- what the layers call -------------------------------------------------------------------------
+
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def plain_eager(*tensors) -> bool:
+    """True when a call with these tensors may skip the operators: plain tensors (no subclass,
+    fake or meta tensor, nor one left over from a ``torch.func`` transform) in plain eager
+    mode, with nothing compiling, exporting, tracing, transforming or intercepting (dispatch or
+    torch-function modes) the call, all of which must see the operator."""
+    if (torch.compiler.is_compiling()  # first: dynamo traces this function too
+            or torch._C._is_tracing()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
+            return False
+    return not tensors[0].is_meta
+
+
+class InstanceNorm(torch.autograd.Function):
+    """``triton_instnorm::forward`` in eager mode: the operator's launch and autograd formula.
+    The non-tensor arguments travel as one tuple (``apply`` inspects each argument)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, scalars):
+        inputs = (x, weight, bias, running_mean, running_var, *scalars)
+        output = launch.forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dstats):
+        return _backward(ctx, dy, dstats)[:6]
+
+
+# ``Function.apply`` without its Python wrapper, whose work is all void on the eager path: it binds
+# default arguments for functions with a separate setup_context (InstanceNorm has none), sends
+# calls under torch.func transforms elsewhere and unwraps tensors left over from finished
+# transforms (plain_eager rules out both). The wrapper costs ~2 us, a tenth of the layer.
+_instance_norm_apply = super(torch.autograd.Function, InstanceNorm).apply
+
+
+class PlaneStats(torch.autograd.Function):
+    """``triton_instnorm::plane_stats`` in eager mode: the operator's launch and autograd."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        output = _plane_stats(x, eps)
+        _stats_setup_context(ctx, (x, eps), output)
+        return output
+
+    backward = staticmethod(_stats_backward)
+
+
+def forward(x, weight, bias, running_mean, running_var, *, use_input_stats: bool, eps: float,
+            activation: int, negative_slope: float, store_stats: bool):
+    """``triton_instnorm::forward``: (y, stats)."""
+    scalars = (use_input_stats, eps, activation, negative_slope, store_stats)
+    if not plain_eager(x, weight, bias, running_mean, running_var):
+        return forward_op(x, weight, bias, running_mean, running_var, *scalars)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _instance_norm_apply(x, weight, bias, running_mean, running_var, scalars)
+    return launch.forward(x, weight, bias, running_mean, running_var, *scalars)
+
+
+def update_running_stats(stats, running_mean, running_var, *, n: int, c: int, hw: int,
+                         momentum: float) -> None:
+    """``triton_instnorm::update_running_stats``: the running statistics updated in place."""
+    if not plain_eager(stats, running_mean, running_var):
+        return update_running_stats_op(stats, running_mean, running_var, n, c, hw, momentum)
+    launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
+                                momentum=momentum)
+    torch.autograd.graph.increment_version((running_mean, running_var))  # as the operator does
+
+
+def backward(dy, x, weight, bias, stats, *, use_input_stats: bool, eps: float, activation: int,
+             negative_slope: float, need_dw: bool, need_db: bool):
+    """``triton_instnorm::backward``: (dx, dweight, dbias)."""
+    args = (dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
+            need_dw, need_db)
+    if not plain_eager(dy, x, weight, bias, stats):
+        return backward_op(*args)
+    return launch.backward(*args)
+
+
+def plane_stats(x, *, eps: float):
+    """``triton_instnorm::plane_stats``: (mean, std, stats)."""
+    if not plain_eager(x):
+        return plane_stats_op(x, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PlaneStats.apply(x, eps)
+    return _plane_stats(x, eps)
+
+
+def stats_backward(dmean, dstd, x, stats, *, eps: float):
+    """``triton_instnorm::stats_backward``: dx through the style statistics."""
+    if not plain_eager(dmean, dstd, x, stats):
+        return stats_backward_op(dmean, dstd, x, stats, eps)
+    return launch.stats_backward(dmean, dstd, x, stats, eps=eps)

@@ -53,8 +53,10 @@ def _routed_instance_norm(previous):
         if not isinstance(input, Tensor) or not functional.kernels_available(input):
             return previous(input, running_mean, running_var, weight, bias, use_input_stats,
                             momentum, eps)
-        return functional.instance_norm(input, running_mean, running_var, weight, bias,
-                                        use_input_stats, momentum, eps)
+        return functional.instance_norm(input, running_mean=running_mean,
+                                        running_var=running_var, weight=weight, bias=bias,
+                                        use_input_stats=use_input_stats, momentum=momentum,
+                                        eps=eps)
 
     return instance_norm
 
