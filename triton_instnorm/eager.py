@@ -65,11 +65,18 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
     inputs = [t for t, need in zip((x, weight, bias), needs) if need]
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
     m, s = mean.view(shape), std.view(shape)
+    if use_input_stats:
+        # A plane with var + eps == 0 (constant, eps=0) has std 0: it is measured in units of 1
+        # (x - mean is 0 there) and gets torch's rule, invstd = 0, with a zero derivative.
+        s = torch.where(s > 0, s, 1.0)
     with torch.enable_grad():
         z = (x.to(acc) - m) / s
         if use_input_stats:
             var, mu = torch.var_mean(z, tuple(range(2, x.dim())), correction=0, keepdim=True)
-            z = (z - mu) * torch.rsqrt(var + eps / s / s)
+            denominator = var + eps / s / s
+            degenerate = denominator == 0
+            inv_std = torch.rsqrt(torch.where(degenerate, 1.0, denominator))
+            z = (z - mu) * torch.where(degenerate, 0.0, inv_std)
         if weight is not None:
             z = z * _per_channel_view(weight, x).to(acc)
         if bias is not None:
