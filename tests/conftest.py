@@ -1,7 +1,7 @@
-"""Test set-up: CUDA when present, else the CPU through Triton's interpreter.
+"""Test set-up: CUDA when present, else the CPU through Triton's interpreter (tests/utils.py).
 
-TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection, when
-no GPU is visible (the README's test command also sets it explicitly).
+utils is imported before anything imports triton: it sets TRITON_INTERPRET when no GPU is visible
+(the README's test command also sets it explicitly).
 """
 
 import os
@@ -9,17 +9,14 @@ import tempfile
 
 import pytest
 import torch
+from utils import DEVICE  # before triton: sets TRITON_INTERPRET without a GPU
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton_instnorm
+from triton_instnorm import launch
+
 # A private inductor cache: compiled graphs cached on disk by another version of this package
 # (another checkout, an older commit) would otherwise be reused with stale buffer shapes.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_instnorm_inductor_")
-
-import triton_instnorm  # noqa: E402  (after TRITON_INTERPRET)
-from triton_instnorm import launch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pytest_addoption(parser):

@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, grad_tol
+from utils import DEVICE, TOL, grad_tol, make_inputs, randn_like
 
 import triton_instnorm as tin
 from triton_instnorm import heuristics
@@ -21,20 +20,15 @@ def _eager(x, w, b, activation, slope, **kw):
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("tile", [None, 8])
 def test_values_and_grads(activation, dtype, tile, poison):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
-    w = torch.randn(3, generator=g, dtype=torch.float64) + 1
-    b = torch.randn(3, generator=g, dtype=torch.float64)
-    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    ours = [t.to(dtype).to(DEVICE).requires_grad_() for t in (x, w, b)]
-    ref = [t.to(DEVICE).requires_grad_() for t in (x.to(dtype).double(), w.to(dtype).double(),
-                                                  b.to(dtype).double())]
+    ours = make_inputs((2, 3, 6, 5), dtype, requires_grad=True)
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    dy = randn_like(ours[0], seed=1)
     with heuristics.tile_limit(tile or heuristics.MAX_SINGLE_TILE):
-        y = tin.instance_norm(*ours[:1], weight=ours[1], bias=ours[2], activation=activation,
+        y = tin.instance_norm(ours[0], weight=ours[1], bias=ours[2], activation=activation,
                               negative_slope=0.2)
-        y.backward(dy.to(dtype).to(DEVICE))
+        y.backward(dy)
     y_ref = _eager(ref[0], ref[1], ref[2], activation, 0.2)
-    y_ref.backward(dy.to(dtype).double().to(DEVICE))
+    y_ref.backward(dy.double())
     torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
     for a, r, n in zip(ours, ref, (30, 60, 60)):
         torch.testing.assert_close(a.grad.double(), r.grad, **grad_tol(dtype, n))
@@ -53,10 +47,7 @@ def test_eval_mode_with_activation(activation):
 
 @pytest.mark.parametrize("activation", ACTS)
 def test_gradcheck(activation):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 2, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    w = torch.randn(2, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    b = torch.randn(2, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    x, w, b = make_inputs((2, 2, 5), torch.float64, seed=1, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, w, b: tin.instance_norm(x, weight=w, bias=b, activation=activation), (x, w, b))
 

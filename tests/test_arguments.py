@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from utils import DEVICE, make_inputs
 
 import triton_instnorm as tin
 
@@ -24,8 +24,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _x(n=2, c=3):
-    g = torch.Generator().manual_seed(n * 10 + c)
-    return (torch.randn(n, c, 5, 4, generator=g) * 2 + 1).to(DEVICE)
+    return make_inputs((n, c, 5, 4), affine=False, seed=n * 10 + c)[0]
 
 
 def _stats(c=3, shape=None):

@@ -5,49 +5,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, grad_tol, reference
+from utils import DEVICE, TOL, grad_tol, grads, leaf, make_inputs, randn_like, reference
 
 import triton_instnorm as tin
 from triton_instnorm import heuristics
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def _grads(fn, x, w, b, dy):
-    x, w, b = _leaf(x), (_leaf(w) if w is not None else None), (_leaf(b) if b is not None else None)
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y, x.grad, (w.grad if w is not None else None), (b.grad if b is not None else None)
-
-
 def _data(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 - 0.7).to(dtype).to(DEVICE)
-    w = (torch.randn(shape[1], generator=g, dtype=torch.float64) + 1).to(dtype).to(DEVICE)
-    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
-    return x, w, b, dy
+    """x, weight, bias and an upstream gradient dy."""
+    x, w, b = make_inputs(shape, dtype, seed=seed)
+    return x, w, b, randn_like(x, seed=seed + 100)
 
 
 def _check_grads(shape, dtype, tile=None, seed=0):
     x, w, b, dy = _data(shape, dtype, seed)
-
-    def ours(x, w, b):
-        return tin.instance_norm(x, weight=w, bias=b)
-
-    def ref64(x, w, b):
-        return reference(x, w, b)
-
     if tile is None:
-        _, dx, dw, db = _grads(ours, x, w, b, dy)
+        _, dx, dw, db = grads(tin.instance_norm, x, w, b, dy)
     else:
         with heuristics.tile_limit(tile):
-            _, dx, dw, db = _grads(ours, x, w, b, dy)
-    _, dx64, dw64, db64 = _grads(ref64, x.double(), w.double(), b.double(), dy.double())
-    _, dxe, dwe, dbe = _grads(lambda x, w, b: F.instance_norm(x, weight=w, bias=b), x, w, b, dy)
+            _, dx, dw, db = grads(tin.instance_norm, x, w, b, dy)
+    _, dx64, dw64, db64 = grads(reference, x.double(), w.double(), b.double(), dy.double())
+    _, dxe, dwe, dbe = grads(F.instance_norm, x, w, b, dy)
     hw = math.prod(shape[2:])
     # dx is a per-plane reduction too: its error grows with the plane length.
     tx = grad_tol(dtype, hw)
@@ -86,8 +64,8 @@ def test_partial_affine_grads(affine, poison):
     x, w, b, dy = _data((2, 3, 10), torch.float64, seed=3)
     w = w if affine[0] else None
     b = b if affine[1] else None
-    _, dx, dw, db = _grads(lambda x, w, b: tin.instance_norm(x, weight=w, bias=b), x, w, b, dy)
-    _, dx64, dw64, db64 = _grads(lambda x, w, b: reference(x, w, b), x, w, b, dy)
+    _, dx, dw, db = grads(tin.instance_norm, x, w, b, dy)
+    _, dx64, dw64, db64 = grads(reference, x, w, b, dy)
     torch.testing.assert_close(dx, dx64, **TOL[torch.float64])
     if w is not None:
         torch.testing.assert_close(dw, dw64, **TOL[torch.float64])
@@ -97,9 +75,9 @@ def test_partial_affine_grads(affine, poison):
 
 def test_only_weight_requires_grad():
     x, w, b, dy = _data((2, 3, 10), torch.float64, seed=4)
-    w = _leaf(w)
+    w = leaf(w)
     tin.instance_norm(x, weight=w, bias=b).backward(dy)
-    w64 = _leaf(w)
+    w64 = leaf(w)
     reference(x, w64, b).backward(dy)
     torch.testing.assert_close(w.grad, w64.grad, **TOL[torch.float64])
 
@@ -109,22 +87,19 @@ def test_eval_mode_grads(poison):
     rm = torch.randn(4, dtype=torch.float64, device=DEVICE)
     rv = torch.rand(4, dtype=torch.float64, device=DEVICE) + 0.5
 
-    def ours(x, w, b):
-        return tin.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+    def ours(x, weight, bias):
+        return tin.instance_norm(x, rm, rv, weight, bias, use_input_stats=False)
 
-    def ref(x, w, b):
-        return F.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+    def ref(x, weight, bias):
+        return F.instance_norm(x, rm, rv, weight, bias, use_input_stats=False)
 
-    for got, want in zip(_grads(ours, x, w, b, dy), _grads(ref, x, w, b, dy)):
+    for got, want in zip(grads(ours, x, w, b, dy), grads(ref, x, w, b, dy)):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("use_input_stats", [True, False])
 def test_gradcheck_float64(use_input_stats):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    w = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    b = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    x, w, b = make_inputs((2, 3, 5), torch.float64, seed=6, requires_grad=True)
     rm = torch.randn(3, dtype=torch.float64, device=DEVICE)
     rv = torch.rand(3, dtype=torch.float64, device=DEVICE) + 0.5
 
@@ -137,9 +112,9 @@ def test_gradcheck_float64(use_input_stats):
 def test_deterministic_bitwise():
     """Same inputs, same gradients, bit for bit (no atomics anywhere)."""
     x, w, b, dy = _data((8, 6, 50), torch.float32, seed=7)
-    first = _grads(lambda x, w, b: tin.instance_norm(x, weight=w, bias=b), x, w, b, dy)
+    first = grads(tin.instance_norm, x, w, b, dy)
     for _ in range(2):
-        again = _grads(lambda x, w, b: tin.instance_norm(x, weight=w, bias=b), x, w, b, dy)
+        again = grads(tin.instance_norm, x, w, b, dy)
         for a, b_ in zip(first, again):
             assert torch.equal(a, b_)
 
@@ -148,7 +123,7 @@ def test_expanded_upstream_gradient():
     """y.sum().backward() hands the kernel a dy with all strides 0."""
     x, w, b, _ = _data((2, 3, 4, 5), torch.float64, seed=8)
     dy = torch.ones((), dtype=torch.float64, device=DEVICE).expand(x.shape)
-    got = _grads(lambda x, w, b: tin.instance_norm(x, weight=w, bias=b), x, w, b, dy)
-    want = _grads(lambda x, w, b: reference(x, w, b), x, w, b, dy)
+    got = grads(tin.instance_norm, x, w, b, dy)
+    want = grads(reference, x, w, b, dy)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, **TOL[torch.float64])

@@ -9,13 +9,13 @@ kernels themselves. That the tiles compile to cluster reductions is checked by
 tests/test_aot_devices.py.
 """
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, grad_tol, reference
+from utils import DEVICE, TOL, grad_tol, grads, make_inputs, randn, randn_like, reference
 
 import triton_instnorm as tin
 from triton_instnorm import device, heuristics, launch
@@ -60,35 +60,15 @@ def _ctas(shape, memory_format=torch.contiguous_format, dtype=torch.bfloat16):
     return launch.plan(launch.planes(x, launch.can_fold(x)), x).config.num_ctas
 
 
-def _data(shape, dtype, memory_format=torch.contiguous_format, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*size):
-        return torch.randn(*size, generator=g, dtype=torch.float64)
-
-    x = (randn(*shape) * 1.5 - 0.7).to(dtype).contiguous(memory_format=memory_format)
-    dy = randn(*shape).to(dtype).contiguous(memory_format=memory_format)
-    w, b = (randn(shape[1]) + 1).to(dtype), randn(shape[1]).to(dtype)
-    return x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), dy.to(DEVICE)
-
-
-def _step(fn, x, w, b, dy):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-    y = fn(*leaves)
-    y.backward(dy)
-    return [y] + [t.grad for t in leaves]
-
-
 def _check(shape, dtype, memory_format=torch.contiguous_format, activation=None):
     """y, dx, dweight, dbias against float64; the gradients never less accurate than eager
     PyTorch's (y: both within a rounding of the output dtype)."""
-    x, w, b, dy = _data(shape, dtype, memory_format)
-    ours = _step(lambda x, w, b: tin.instance_norm(x, weight=w, bias=b, activation=activation),
-                 x, w, b, dy)
-    exact = _step(lambda x, w, b: reference(x, w, b, activation=activation),
+    x, w, b = make_inputs(shape, dtype, memory_format=memory_format)
+    dy = randn_like(x, seed=1)
+    ours = grads(functools.partial(tin.instance_norm, activation=activation), x, w, b, dy)
+    exact = grads(functools.partial(reference, activation=activation),
                   x.double(), w.double(), b.double(), dy.double())
-    eager = None if activation else _step(
-        lambda x, w, b: F.instance_norm(x, weight=w, bias=b), x, w, b, dy)
+    eager = None if activation else grads(F.instance_norm, x, w, b, dy)
     hw = math.prod(shape[2:])
     tols = [TOL[dtype], grad_tol(dtype, hw), grad_tol(dtype, shape[0] * hw),
             grad_tol(dtype, shape[0] * hw)]
@@ -196,9 +176,8 @@ def test_adversarial_planes_in_a_cluster(clusters, recorded, poison):
     """A constant plane, a huge mean with a small spread, an outlier at index 0 and random data,
     in one batch of 2-CTA tiles; eps=0 on the constant plane gives exactly the bias (0), PyTorch's
     rule for var + eps == 0."""
-    g = torch.Generator().manual_seed(5)
     hw = 2 * ONE_CTA
-    x = torch.randn((1, 4, hw), generator=g, dtype=torch.float64)
+    x = randn(1, 4, hw, seed=5)
     x[0, 0] = 3.0
     x[0, 1] = 1e4 + 1e-2 * x[0, 1]
     x[0, 2, 0] = 1e6
@@ -217,7 +196,7 @@ def test_adversarial_planes_in_a_cluster(clusters, recorded, poison):
 
 @needs_lowering
 def test_running_stats_and_eval_in_a_cluster(clusters, recorded, poison):
-    x, w, b, _ = _data((2, 3, 2 * ONE_CTA), torch.float32, seed=3)
+    x, _, _ = make_inputs((2, 3, 2 * ONE_CTA), torch.float32, affine=False, seed=3)
     norm = tin.InstanceNorm1d(3, affine=True, track_running_stats=True).to(DEVICE)
     ref = torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).to(DEVICE)
     ref.load_state_dict(norm.state_dict())
@@ -231,7 +210,7 @@ def test_running_stats_and_eval_in_a_cluster(clusters, recorded, poison):
 
 @needs_lowering
 def test_adain_style_statistics_in_a_cluster(clusters, recorded):
-    content, style = (t.requires_grad_() for t in _data((1, 2, 4 * ONE_CTA), torch.float64)[::3])
+    content, style = (randn(1, 2, 4 * ONE_CTA, seed=seed).requires_grad_() for seed in (0, 1))
     out = tin.adain(content, style)
     out.sum().backward()
     c64, s64 = (t.detach().clone().requires_grad_() for t in (content, style))

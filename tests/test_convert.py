@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from conftest import DEVICE  # sets TRITON_INTERPRET=1 without CUDA, before triton is imported
+from utils import DEVICE  # sets TRITON_INTERPRET=1 without CUDA, before triton is imported
 
 import triton_instnorm as tin
 from triton_instnorm import launch
@@ -173,7 +173,7 @@ def _ddp_batch(rank, step):
 
 def _ddp_worker(rank, port, out_dir):
     """One DDP rank. By the time this runs, importing this file (in the fresh 'spawn' child) has
-    set TRITON_INTERPRET through conftest before triton was imported; check rather than trust."""
+    set TRITON_INTERPRET through utils before triton was imported; check rather than trust."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -188,7 +188,8 @@ def _ddp_worker(rank, port, out_dir):
         # its running stats with its own data: one eval forward (which updates nothing) re-syncs.
         with torch.no_grad():
             ddp.eval()(_ddp_batch(rank, 0))
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", F64) for t in model.state_dict().values()])
+        flat = torch.cat([t.detach().reshape(-1).to("cpu", F64)
+                          for t in model.state_dict().values()])
         gathered = [torch.empty_like(flat) for _ in range(WORLD)]
         dist.all_gather(gathered, flat)
         path = os.path.join(out_dir, f"rank{rank}.pt")

@@ -4,25 +4,15 @@ layer, and the first-order values staying the Triton kernel's."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import grad_tol
+from utils import DEVICE, grad_tol, leaf, make_inputs, randn, randn_like
 
 import triton_instnorm as tin
-
-
-def _rand(*shape, dtype=torch.float64, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) + shift).to(dtype).to(DEVICE)
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_(True) for t in ts]
 
 
 @pytest.mark.parametrize("activation", [None, "leaky_relu", "silu", "gelu"])
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradgradcheck_training(affine, activation, launches):
-    x, w, b = _leaves(_rand(2, 2, 3, 3), _rand(2, seed=1, shift=1.0), _rand(2, seed=2))
+    x, w, b = make_inputs((2, 2, 3, 3), torch.float64, requires_grad=True)
     inputs = (x, w, b) if affine else (x,)
 
     def f(x, w=None, b=None):
@@ -33,8 +23,8 @@ def test_gradgradcheck_training(affine, activation, launches):
 
 
 def test_gradgradcheck_eval_with_running_stats():
-    x, w, b = _leaves(_rand(2, 3, 4), _rand(3, seed=1, shift=1.0), _rand(3, seed=2))
-    rm, rv = _rand(3, seed=3), _rand(3, seed=4).abs() + 0.5
+    x, w, b = make_inputs((2, 3, 4), torch.float64, requires_grad=True)
+    rm, rv = randn(3, seed=3), randn(3, seed=4).abs() + 0.5
 
     def f(x, w, b):
         return tin.instance_norm(x, rm, rv, w, b, use_input_stats=False, activation="silu")
@@ -43,20 +33,20 @@ def test_gradgradcheck_eval_with_running_stats():
 
 
 def test_gradgradcheck_adaptive_and_adain():
-    x, scale, shift = _leaves(_rand(2, 2, 3, 2), _rand(2, 2, seed=1, shift=1.0), _rand(1, 2, seed=2))
+    x, scale, shift = (leaf(t) for t in (randn(2, 2, 3, 2), randn(2, 2, seed=1) + 1,
+                                         randn(1, 2, seed=2)))
     assert torch.autograd.gradgradcheck(
         lambda x, s, t: tin.adaptive_instance_norm(x, s, t, activation="gelu"),
         (x, scale, shift), fast_mode=True)
-    content, style = _leaves(_rand(2, 2, 3, 3, seed=5), _rand(2, 2, 2, 3, seed=6))
+    content, style = leaf(randn(2, 2, 3, 3, seed=5)), leaf(randn(2, 2, 2, 3, seed=6))
     assert torch.autograd.gradgradcheck(tin.adain, (content, style), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_create_graph_keeps_kernel_values(dtype):
     # First-order gradients taken with create_graph=True are exactly those of the plain backward.
-    x, w, b = _leaves(_rand(2, 3, 5, 4, dtype=dtype), _rand(3, dtype=dtype, seed=1),
-                      _rand(3, dtype=dtype, seed=2))
-    dy = _rand(2, 3, 5, 4, dtype=dtype, seed=3)
+    x, w, b = make_inputs((2, 3, 5, 4), dtype, requires_grad=True)
+    dy = randn_like(x, seed=3)
     y = tin.instance_norm(x, weight=w, bias=b, activation="leaky_relu")
     plain = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
     graphed = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
@@ -75,7 +65,8 @@ def _critic(norm):
 
 def _gradient_penalty(critic, real, fake):
     """WGAN-GP (Gulrajani et al. 2017): the critic's gradient norm on interpolates, trained on."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=g).to(DEVICE)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     out = critic(mixed).sum()
     grad, = torch.autograd.grad(out, mixed, create_graph=True)
@@ -84,8 +75,7 @@ def _gradient_penalty(critic, real, fake):
 
 def test_wgan_gp_penalty_matches_torch(launches):
     ours, ref = _critic(tin.InstanceNorm2d), _critic(torch.nn.InstanceNorm2d)
-    real, fake = _rand(3, 3, 8, 8, dtype=torch.float32, seed=7), _rand(3, 3, 8, 8,
-                                                                       dtype=torch.float32, seed=8)
+    real, fake = (randn(3, 3, 8, 8, dtype=torch.float32, seed=seed) for seed in (7, 8))
     gp, gp_ref = _gradient_penalty(ours, real, fake), _gradient_penalty(ref, real, fake)
     gp.backward()
     gp_ref.backward()
@@ -98,9 +88,9 @@ def test_wgan_gp_penalty_matches_torch(launches):
 
 
 def _penalty_grads(norm, x, w, b):
-    x, w, b = _leaves(x, w, b)
+    x, w, b = leaf(x), leaf(w), leaf(b)
     y = norm(x, weight=w, bias=b)
-    proj = _rand(*x.shape, dtype=torch.float32, seed=9)
+    proj = randn(*x.shape, dtype=torch.float32, seed=9)
     gx, gw = torch.autograd.grad((y.float() * proj).sum(), (x, w), create_graph=True)
     (gx.float().square().sum() + gw.float().square().sum()).backward()
     assert b.grad is None  # d/dx and d/dw of a linear functional of y do not involve b
@@ -110,7 +100,8 @@ def _penalty_grads(norm, x, w, b):
 def test_double_backward_mixed_precision():
     # bfloat16 input with float32 parameters: every gradient keeps its input's dtype and is close
     # to the float64 values.
-    x, w, b = _rand(2, 3, 4, 4, dtype=torch.bfloat16), _rand(3, seed=1, shift=1.0), _rand(3, seed=2)
+    x, w, b = make_inputs((2, 3, 4, 4), torch.float64)
+    x = x.bfloat16()
     ours = _penalty_grads(tin.instance_norm, x, w.float(), b.float())
     ref = _penalty_grads(F.instance_norm, x.double(), w, b)
     bf16, f32 = torch.bfloat16, torch.float32
@@ -121,7 +112,7 @@ def test_double_backward_mixed_precision():
 
 def test_create_graph_values_survive_eager_overflow():
     # float16 dx that overflows to inf: the values stay the kernel's (inf), never inf - inf = NaN.
-    x = (_rand(1, 2, 4, 4, dtype=torch.float32) * 1e-2).half().requires_grad_(True)
+    x = (randn(1, 2, 4, 4, dtype=torch.float32) * 1e-2).half().requires_grad_(True)
     y = tin.instance_norm(x, eps=1e-10)
     dy = torch.full_like(y, 6e4)
     dy[..., 0, 0] = -6e4
@@ -135,14 +126,15 @@ def test_second_derivatives_at_large_scale():
     # float32 x ~ 1e20, whose raw variance overflows float32: the eager graph is rebuilt in the
     # kernel's units, so the second derivatives still match float64 (they were all 0 before).
     def penalty_grad(norm, x, w):
-        x, w = _leaves(x, w)
+        x, w = leaf(x), leaf(w)
         y = norm(x, weight=w)
-        proj = _rand(*x.shape, dtype=x.dtype, seed=9)
+        proj = randn(*x.shape, dtype=x.dtype, seed=9)
         _, gw = torch.autograd.grad((y * proj).sum(), (x, w), create_graph=True)
         gw.square().sum().backward()
         return x.grad
 
-    x, w = _rand(2, 3, 4, 4) * 1e20, _rand(3, seed=1, shift=1.0)
+    x, w, _ = make_inputs((2, 3, 4, 4), torch.float64)
+    x = x * 1e20
     ours = penalty_grad(tin.instance_norm, x.float(), w.float())
     ref = penalty_grad(F.instance_norm, x, w)
     assert ref.abs().max() > 0

@@ -5,9 +5,9 @@ import contextlib
 
 import pytest
 import torch
-from conftest import DEVICE
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from utils import DEVICE, make_inputs
 
 import triton_instnorm as tin
 from triton_instnorm import ops
@@ -32,15 +32,8 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _leaves(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 5, 4, generator=g) * 3 + 1
-    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
-    return [t.to(DEVICE).requires_grad_(True) for t in (x, w, b)]
-
-
 def _step(ctx, activation):
-    x, w, b = _leaves()
+    x, w, b = make_inputs((2, 3, 5, 4), requires_grad=True)
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     g = torch.Generator().manual_seed(1)
     dy = torch.randn(2, 3, 5, 4, generator=g).to(DEVICE)
@@ -93,7 +86,7 @@ def test_autograd_behaviour(through_ops):
     """Saved tensors checked for in-place changes, non-differentiable statistics, gradients only
     where asked for, the running statistics' version bumped: on both paths alike."""
     ctx = _PassThrough() if through_ops else torch.enable_grad()
-    x, w, b = _leaves()
+    x, w, b = make_inputs((2, 3, 5, 4), requires_grad=True)
     with ctx:
         h = x * 1
         y = tin.instance_norm(h, weight=w, bias=b)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from utils import DEVICE
 
 import triton_instnorm as tin
 
@@ -37,7 +37,8 @@ BAD_CALLS = {
     "running_mean requires grad": lambda f: f(_t(*X), _t(3, requires_grad=True), _t(3).abs()),
     "float input half weight": lambda f: f(_t(*X), weight=_t(3, dtype=torch.float16)),
     "double input float weight": lambda f: f(_t(*X, dtype=torch.float64), weight=_t(3)),
-    "half input bf16 weight": lambda f: f(_t(*X, dtype=torch.float16), weight=_t(3, dtype=torch.bfloat16)),
+    "half input bf16 weight": lambda f: f(_t(*X, dtype=torch.float16),
+                                          weight=_t(3, dtype=torch.bfloat16)),
 }
 
 

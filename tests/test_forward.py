@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import assert_close, reference
+from utils import DEVICE, assert_close, make_inputs, reference
 
 import triton_instnorm as tin
 from triton_instnorm import heuristics
@@ -24,19 +23,10 @@ SHAPES = [
 ]
 
 
-def _inputs(shape, dtype, affine=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).to(DEVICE)
-    c = shape[1]
-    w = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(dtype).to(DEVICE) if affine else None
-    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) if affine else None
-    return x, w, b
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_eager_and_float64(shape, dtype, poison, launches):
-    x, w, b = _inputs(shape, dtype)
+    x, w, b = make_inputs(shape, dtype)
     y = tin.instance_norm(x, weight=w, bias=b)
     assert launches("_fwd") == 1
     assert y.dtype == dtype and y.shape == x.shape
@@ -46,7 +36,7 @@ def test_matches_eager_and_float64(shape, dtype, poison, launches):
 
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_partial_affine(affine, poison):
-    x, w, b = _inputs((2, 3, 11), torch.float32)
+    x, w, b = make_inputs((2, 3, 11), torch.float32)
     w = w if affine == "weight" else None
     b = b if affine == "bias" else None
     assert_close(tin.instance_norm(x, weight=w, bias=b), reference(x, w, b), torch.float32)
@@ -56,7 +46,7 @@ def test_partial_affine(affine, poison):
 @pytest.mark.parametrize("shape", [(2, 3, 100), (1, 2, 37, 5), (5, 3, 64)])
 def test_multi_tile_loop(shape, dtype, poison, launches):
     """Planes longer than the tile take the streaming loop (tile capped to 16 elements here)."""
-    x, w, b = _inputs(shape, dtype, seed=1)
+    x, w, b = make_inputs(shape, dtype, seed=1)
     with heuristics.tile_limit(16):
         y = tin.instance_norm(x, weight=w, bias=b)
     assert launches("_fwd") == 1
@@ -65,31 +55,32 @@ def test_multi_tile_loop(shape, dtype, poison, launches):
 
 def test_one_huge_plane(poison):
     """One plane longer than any tile of the default heuristic (> MAX_SINGLE_TILE)."""
-    x, w, b = _inputs((1, 1, heuristics.MAX_SINGLE_TILE * 2 + 3), torch.float32, seed=2)
+    x, w, b = make_inputs((1, 1, heuristics.MAX_SINGLE_TILE * 2 + 3), torch.float32, seed=2)
     assert_close(tin.instance_norm(x, weight=w, bias=b), reference(x, w, b), torch.float32)
 
 
 def test_many_tiny_planes(poison):
-    x, w, b = _inputs((300, 7, 3), torch.float32, seed=3)
+    x, w, b = make_inputs((300, 7, 3), torch.float32, seed=3)
     assert_close(tin.instance_norm(x, weight=w, bias=b), reference(x, w, b), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_eval_with_running_stats(dtype, poison, launches):
-    x, w, b = _inputs((3, 4, 6, 5), dtype, seed=4)
+    x, w, b = make_inputs((3, 4, 6, 5), dtype, seed=4)
     rm = torch.randn(4, dtype=dtype, device=DEVICE)
     rv = torch.rand(4, dtype=dtype, device=DEVICE) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
     y = tin.instance_norm(x, rm, rv, w, b, use_input_stats=False, momentum=0.3)
     assert launches("_fwd") == 1 and launches("_update_running_stats") == 0
-    assert_close(y, reference(x, w, b, running_mean=rm, running_var=rv, use_input_stats=False), dtype)
+    want = reference(x, w, b, running_mean=rm, running_var=rv, use_input_stats=False)
+    assert_close(y, want, dtype)
     assert_close(y, F.instance_norm(x, rm, rv, w, b, use_input_stats=False), dtype)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
 def test_eval_single_spatial_element(poison):
     """One spatial element is refused when training, allowed with given statistics."""
-    x, w, b = _inputs((4, 3, 1, 1), torch.float32, seed=5)
+    x, w, b = make_inputs((4, 3, 1, 1), torch.float32, seed=5)
     rm, rv = torch.zeros(3, device=DEVICE), torch.full((3,), 2.0, device=DEVICE)
     y = tin.instance_norm(x, rm, rv, w, b, use_input_stats=False)
     assert_close(y, F.instance_norm(x, rm, rv, w, b, use_input_stats=False), torch.float32)
@@ -99,7 +90,7 @@ def test_eval_single_spatial_element(poison):
 
 
 def test_half_input_float32_params(poison):
-    x, _, _ = _inputs((2, 3, 40), torch.float16, seed=6)
+    x, _, _ = make_inputs((2, 3, 40), torch.float16, seed=6)
     w = torch.randn(3, device=DEVICE)
     b = torch.randn(3, device=DEVICE)
     y = tin.instance_norm(x, weight=w, bias=b)
@@ -109,14 +100,14 @@ def test_half_input_float32_params(poison):
 
 def test_eps_is_not_baked_into_the_kernel():
     """eps is a runtime argument: different values give different (correct) results."""
-    x, _, _ = _inputs((2, 3, 9), torch.float64, seed=7)
+    x, _, _ = make_inputs((2, 3, 9), torch.float64, seed=7)
     x = x * 1e-2
     for eps in (1e-5, 1e-3, 0.5):
         assert_close(tin.instance_norm(x, eps=eps), reference(x, eps=eps), torch.float64)
 
 
 def test_batch_independence():
-    x, w, b = _inputs((8, 3, 13, 4), torch.float32, seed=8)
+    x, w, b = make_inputs((8, 3, 13, 4), torch.float32, seed=8)
     full = tin.instance_norm(x, weight=w, bias=b)
     for i in (0, 5):
         one = tin.instance_norm(x[i:i + 1], weight=w, bias=b)

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from utils import DEVICE
 
 import triton_instnorm as tin
 from triton_instnorm.fusion import FusedActivation

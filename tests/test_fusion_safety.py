@@ -7,7 +7,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
 from test_fusion import (
     F64,
     ConvDropoutNormReLU,
@@ -16,6 +15,7 @@ from test_fusion import (
     _check_equivalent,
     _fuse,
 )
+from utils import DEVICE
 
 import triton_instnorm as tin
 from triton_instnorm.fusion import FusedActivation

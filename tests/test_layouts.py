@@ -2,33 +2,22 @@
 
 import pytest
 import torch
-from conftest import DEVICE
-from _reference import TOL, reference
+from utils import DEVICE, TOL, randn, reference
 
 import triton_instnorm as tin
 from triton_instnorm import launch
 
-
-def _views():
-    g = torch.Generator().manual_seed(0)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE)
-
-    return {
-        "channels_last": r(2, 5, 4, 3).to(memory_format=torch.channels_last),
-        "channels_last_3d": r(2, 5, 3, 4, 2).to(memory_format=torch.channels_last_3d),
-        "transposed_spatial": r(2, 5, 4, 6).transpose(2, 3),
-        "transposed_nc": r(5, 2, 7).transpose(0, 1),
-        "sliced_channels": r(2, 10, 6)[:, ::2],
-        "sliced_spatial": r(2, 5, 12)[..., 1::3],
-        "sliced_batch": r(6, 5, 4, 4)[1:5:2],
-        "expanded_batch": r(1, 5, 9).expand(3, 5, 9),
-        "single_channel": r(4, 1, 11),
-    }
-
-
-VIEWS = _views()
+VIEWS = {
+    "channels_last": randn(2, 5, 4, 3, seed=0).to(memory_format=torch.channels_last),
+    "channels_last_3d": randn(2, 5, 3, 4, 2, seed=1).to(memory_format=torch.channels_last_3d),
+    "transposed_spatial": randn(2, 5, 4, 6, seed=2).transpose(2, 3),
+    "transposed_nc": randn(5, 2, 7, seed=3).transpose(0, 1),
+    "sliced_channels": randn(2, 10, 6, seed=4)[:, ::2],
+    "sliced_spatial": randn(2, 5, 12, seed=5)[..., 1::3],
+    "sliced_batch": randn(6, 5, 4, 4, seed=6)[1:5:2],
+    "expanded_batch": randn(1, 5, 9, seed=7).expand(3, 5, 9),
+    "single_channel": randn(4, 1, 11, seed=8),
+}
 
 
 @pytest.mark.parametrize("name", list(VIEWS))

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import DEVICE
+from utils import DEVICE
 
 import triton_instnorm as tin
 
@@ -94,7 +94,8 @@ def test_module_gradients_match():
 
 
 def test_dtype_and_device_factory_kwargs():
-    m = tin.InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=torch.float64, device=DEVICE)
+    m = tin.InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=torch.float64,
+                           device=DEVICE)
     assert m.weight.dtype == torch.float64 and m.running_mean.dtype == torch.float64
     assert m.num_batches_tracked.dtype == torch.long
     y = m(torch.randn(2, 3, 7, dtype=torch.float64, device=DEVICE))

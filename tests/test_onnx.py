@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE
+from utils import DEVICE
 
 import triton_instnorm as tin
 

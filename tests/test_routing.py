@@ -6,14 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from utils import DEVICE, TOL
 
 import triton_instnorm as tin
 from triton_instnorm import functional, routing
 
 nn = torch.nn
 TORCH_FN = F.instance_norm  # PyTorch's function, as imported before any test enables routing
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +52,8 @@ def test_functional_caller_runs_the_kernels(dtype, launches):
     torch.testing.assert_close(dx_got, dx_want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("name,shape", [("InstanceNorm1d", (3, 4, 7)), ("InstanceNorm2d", (3, 4, 5, 3)),
+@pytest.mark.parametrize("name,shape", [("InstanceNorm1d", (3, 4, 7)),
+                                        ("InstanceNorm2d", (3, 4, 5, 3)),
                                         ("InstanceNorm3d", (2, 4, 3, 2, 3))])
 def test_torch_modules_train_and_eval_as_torch(name, shape, launches):
     torch.manual_seed(0)

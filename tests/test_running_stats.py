@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from utils import DEVICE
 
 import triton_instnorm as tin
 
@@ -69,8 +69,8 @@ def test_strided_running_stats_updated_in_place():
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, -0.2])
 def test_module_train_eval_steps(momentum):
     torch.manual_seed(1)
-    ours = tin.InstanceNorm2d(4, momentum=momentum, affine=True, track_running_stats=True).to(DEVICE)
-    ref = torch.nn.InstanceNorm2d(4, momentum=momentum, affine=True, track_running_stats=True).to(DEVICE)
+    kw = dict(momentum=momentum, affine=True, track_running_stats=True)
+    ours, ref = tin.InstanceNorm2d(4, **kw).to(DEVICE), torch.nn.InstanceNorm2d(4, **kw).to(DEVICE)
     with torch.no_grad():
         for m in (ours, ref):
             m.weight.copy_(torch.linspace(0.5, 2, 4))

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE
-from _reference import reference
+from utils import DEVICE, reference
 
 import triton_instnorm as tin
 from triton_instnorm import launch
@@ -45,8 +44,8 @@ def test_cuda_graph_capture():
     rm_before = m.running_mean.clone()
     g.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(y.double(), reference(x.detach(), m.weight.detach(), m.bias.detach()),
-                               atol=1e-4, rtol=1e-4)
+    want = reference(x.detach(), m.weight.detach(), m.bias.detach())
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
     assert not torch.equal(m.running_mean, rm_before)
 
 

@@ -5,8 +5,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, grad_tol, reference
+from utils import DEVICE, TOL, grad_tol, make_inputs, randn, randn_like, reference
 
 import triton_instnorm as tin
 from triton_instnorm import heuristics
@@ -20,12 +19,9 @@ def _split(tile=16, chunk=48):
 
 
 def _data(shape, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype).to(DEVICE)
-    w = (torch.randn(shape[1], generator=g, dtype=torch.float64) + 1).to(dtype).to(DEVICE)
-    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
-    return x, w, b, dy
+    """x, weight, bias and an upstream gradient dy."""
+    x, w, b = make_inputs(shape, dtype, seed=seed)
+    return x, w, b, randn_like(x, seed=seed + 100)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -107,7 +103,7 @@ def test_split_channels_last(poison):
 
 
 def test_split_style_statistics_for_adain():
-    content, style = _data((2, 3, 40), seed=5)[0], _data((2, 3, 130), seed=6)[0]
+    content, style = randn(2, 3, 40, seed=5), randn(2, 3, 130, seed=6) * 2 + 1
     with _split():
         got = tin.adain(content, style)
     var, mean = torch.var_mean(style, 2, correction=0, keepdim=True)
@@ -122,7 +118,10 @@ def test_heuristic_splits_only_underfilled_long_planes():
     chunks = heuristics.split_chunks(hw, 4, cfg_loop, sm_count=132)
     assert chunks > 1
     # The kernels' chunk length (_chunk_range): whole tiles, every element covered, no empty chunk.
-    chunk_len = -(-(-(-hw // chunks)) // cfg_loop.BLOCK_HW) * cfg_loop.BLOCK_HW
+    # ceil(hw / chunks) elements, rounded up to whole tiles
+    tile = cfg_loop.BLOCK_HW
+    per_chunk = (hw + chunks - 1) // chunks
+    chunk_len = (per_chunk + tile - 1) // tile * tile
     assert chunks * chunk_len >= hw > (chunks - 1) * chunk_len
     assert heuristics.split_chunks(hw, 4096, cfg_loop, sm_count=132) == 1
     cfg_small = heuristics.plane_config(1024, 4, rows_contiguous=False)
@@ -131,11 +130,8 @@ def test_heuristic_splits_only_underfilled_long_planes():
 
 @pytest.mark.parametrize("use_input_stats", [True, False])
 def test_split_gradcheck(use_input_stats):
-    g = torch.Generator().manual_seed(7)
     # Small on purpose: the interpreter runs each split program in Python (~10 ms each).
-    x = torch.randn(1, 2, 24, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    w = torch.randn(2, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    b = torch.randn(2, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    x, w, b = make_inputs((1, 2, 24), torch.float64, seed=7, requires_grad=True)
     rm = torch.randn(2, dtype=torch.float64, device=DEVICE)
     rv = torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5
 

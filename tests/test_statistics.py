@@ -11,8 +11,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, assert_close
+from utils import DEVICE, TOL, assert_close, grads, randn
 
 import triton_instnorm as tin
 from triton_instnorm import heuristics
@@ -33,8 +32,7 @@ def _path(name):
 
 
 def _adversarial(kind, shape, dtype):
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = randn(*shape, seed=11)
     planes = x.view(shape[0], shape[1], -1)
     if kind == "outlier_first":  # x[plane, 0], the first value every path looks at
         planes[..., 0] = 1e4
@@ -52,14 +50,6 @@ def _reference_grads(x, w, b, dy):
     var, mean = torch.var_mean(x64, dim=(2, 3), correction=0, keepdim=True)
     y = (x64 - mean) / torch.sqrt(var + 1e-5) * w64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1)
     y.backward(dy.double())
-    return [y.detach()] + [t.grad for t in leaves]
-
-
-def _grads(fn, x, w, b, dy):
-    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-              for t in (x, w, b)]
-    y = fn(leaves[0], weight=leaves[1], bias=leaves[2])
-    y.backward(dy)
     return [y.detach()] + [t.grad for t in leaves]
 
 
@@ -85,10 +75,10 @@ def test_adversarial_planes_match_torch(dtype, kind, path, layout, launches):
     b = torch.randn(4, generator=g).to(dtype).to(DEVICE)
     dy = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     with _path(path):
-        ours = _grads(tin.instance_norm, x, w, b, dy)
+        ours = grads(tin.instance_norm, x, w, b, dy)
     assert launches("_fwd_split_stats") == (1 if path == "split" else 0)
-    _assert_near_torch(ours, _grads(F.instance_norm, x, w, b, dy), _reference_grads(x, w, b, dy),
-                       dtype)
+    _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),
+                       _reference_grads(x, w, b, dy), dtype)
 
 
 def test_outlier_first_in_a_256x256_plane():
@@ -97,7 +87,7 @@ def test_outlier_first_in_a_256x256_plane():
     x = _adversarial("outlier_first", (1, 1, 256, 256), torch.float32).to(DEVICE)
     w, b = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
-    _assert_near_torch(_grads(tin.instance_norm, x, w, b, dy), _grads(F.instance_norm, x, w, b, dy),
+    _assert_near_torch(grads(tin.instance_norm, x, w, b, dy), grads(F.instance_norm, x, w, b, dy),
                        _reference_grads(x, w, b, dy), torch.float32)
 
 
@@ -124,8 +114,8 @@ def test_eps0_constant_planes_take_torchs_rule(dtype, path, layout, poison):
                for name in ("ours", "torch")}
 
     def run(fn, name):
-        return _grads(lambda x, weight, bias: fn(x, *running[name], weight, bias, eps=0.0),
-                      x, w, b, dy)
+        return grads(lambda x, weight, bias: fn(x, *running[name], weight, bias, eps=0.0),
+                     x, w, b, dy)
 
     with _path(path):
         ours = run(tin.instance_norm, "ours")

@@ -9,8 +9,7 @@ buffer outside the view must stay untouched.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from _reference import TOL, grad_tol
+from utils import DEVICE, TOL, grad_tol
 
 import triton_instnorm as tin
 

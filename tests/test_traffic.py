@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
+from utils import make_inputs, randn_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,13 +74,12 @@ PATHS = {"single_tile": contextlib.nullcontext, "looped": _looped,
          "split": _split}
 
 
-def _inputs(shape, dtype=torch.float32, memory_format=torch.contiguous_format, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, dy = (torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
-             for _ in range(2))
-    w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(dtype)
-    b = (0.1 * torch.randn(shape[1], generator=g)).to(dtype)
-    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+def _inputs(shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    """x, weight, bias (leaves) and dy, on the CPU: the interpreter's loads and stores are
+    attributed to tensors by address, which host copies of GPU tensors would not match."""
+    x, w, b = make_inputs(shape, dtype, memory_format=memory_format, requires_grad=True,
+                          device="cpu")
+    return x, w, b, randn_like(x, seed=1)
 
 
 def _count(x, w, b, dy, path="single_tile", programs="all"):
@@ -284,7 +284,8 @@ def test_sampled_programs_count_what_all_programs_count(case):
     for programs in ("all", "sample", "none"):
         fwd, bwd, _, _ = _count(*_inputs(shape, memory_format=fmt), path=path, programs=programs)
         launches = fwd.launches + bwd.launches
-        counts[programs] = [(lc.kernel, lc.grid, lc.bytes_loaded, lc.bytes_stored) for lc in launches]
+        counts[programs] = [(lc.kernel, lc.grid, lc.bytes_loaded, lc.bytes_stored)
+                            for lc in launches]
         ran = sum(lc.programs_run for lc in launches)
         total = sum(lc.programs for lc in launches)
         assert {"all": ran == total, "sample": ran < total, "none": ran == 0}[programs]
@@ -295,7 +296,8 @@ def test_sampled_programs_count_what_all_programs_count(case):
 
 def test_report_table_and_section(tmp_path):
     out = tmp_path / "traffic.md"
-    traffic_report.main(["--smoke", "--classes", "gan_2d", "--dtypes", "bfloat16", "--out", str(out)])
+    traffic_report.main(["--smoke", "--classes", "gan_2d", "--dtypes", "bfloat16",
+                         "--out", str(out)])
     text = out.read_text()
     assert "| 1x4x32x32 | bfloat16 | forward | _fwd 4 | 0.03 | 1.00 |" in text
     assert "## Memory traffic" in traffic_report.section(str(out))
