@@ -145,12 +145,12 @@ def test_second_derivatives_at_large_scale():
 def test_eps0_constant_plane_second_order_is_torchs(dtype, launches):
     """eps=0 on a constant plane: torch's rule (invstd = 0) holds in the eager graph of the
     create_graph backward too, so second-order gradients are finite and torch's."""
-    x0, w0, b0, dy = _rand(2, 3, 4, 4, dtype=dtype), _rand(3, seed=1), _rand(3, seed=2), _rand(
-        2, 3, 4, 4, dtype=dtype, seed=3)
+    x0, w0, b0 = make_inputs((2, 3, 4, 4), dtype)
+    dy = randn_like(x0, seed=3)
     x0[0, 1] = 2.5
     results = []
     for f in (F.instance_norm, tin.instance_norm):
-        x, w, b = _leaves(x0.cpu() if f is F.instance_norm else x0, w0.to(dtype), b0.to(dtype))
+        x, w, b = (leaf(t) for t in (x0.cpu() if f is F.instance_norm else x0, w0, b0))
         y = f(x, weight=w.to(x.device), bias=b.to(x.device), eps=0.0)
         gx, gw, _ = torch.autograd.grad(y, (x, w, b), dy.to(x.device), create_graph=True)
         results.append(torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w)))
