@@ -168,12 +168,21 @@ def log(msg: str):
     print(f"{elapsed // 60:3d}m{elapsed % 60:02d}s {msg}", file=sys.stderr, flush=True)
 
 
+def draw(plot: str, *args) -> tuple[list[str], list[str]]:
+    """(files, problems) of ``perf.plots.<plot>(*args)``. Without matplotlib nothing is drawn and
+    that is the problem reported; the CSV holds everything to redraw them elsewhere."""
+    try:
+        from perf import plots
+    except ImportError as exc:
+        return [], [f"plots not drawn: {exc}"]
+    return getattr(plots, plot)(*args), []
+
+
 def finish(text: str, written: list[str], failures: list[str]) -> int:
     """Print the summary and what was written; the exit code (1 when something failed)."""
     print(text)
     for path in written:
         print(f"wrote {path}")
-    if failures:
-        print(f"{len(failures)} failure(s); see stderr", file=sys.stderr)
-        return 1
-    return 0
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0

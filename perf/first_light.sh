@@ -31,8 +31,11 @@
 # Peers on a machine without a package registry: download their wheels elsewhere, for the GPU
 # machine's Python (X.Y), into .whl/ (git-ignored, about 9 MiB; carry it along):
 #   pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
-#       --python-version X.Y -d .whl flag-gems==5.0.2 liger-kernel sqlalchemy PyYAML
-# they are installed from there with --no-deps (WHEELS names another directory).
+#       --platform manylinux_2_28_x86_64 --python-version X.Y -d .whl \
+#       flag-gems==5.0.2 liger-kernel sqlalchemy PyYAML
+# every wheel there is installed with --no-deps (WHEELS names another directory). Without
+# matplotlib the plots are not drawn (env.txt says so); add its wheels the same way (about 25 MiB:
+# matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six).
 #
 # Left out: float16 and the --module path of the report, the training-step benchmark
 # (python -m perf.training), the AOT sweep (a CPU compile, the same on any machine) and the
@@ -101,6 +104,11 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.multi_processor_count, "SMs", p.total_memory >> 20, "MiB", file=sys.stderr)
+try:
+    import matplotlib
+    print("matplotlib", matplotlib.__version__, file=sys.stderr)
+except ImportError:
+    print("matplotlib missing: no plots (the CSV can redraw them elsewhere)", file=sys.stderr)
 why = {p: providers.unavailable_reason(p, cli.interpreting())
        for p in (*providers.PEER_PROVIDERS, providers.CLUSTERS)}
 print("\n".join(f"{p}: {'unavailable: ' + w if w else 'available'}" for p, w in why.items()),

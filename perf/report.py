@@ -23,7 +23,7 @@ import traceback
 
 import torch
 
-from perf import cli, model, plots, providers, shapes, summary
+from perf import cli, model, providers, shapes, summary
 from perf.providers import CLUSTERS, COMPILE, NORM_PROVIDERS, PEER_PROVIDERS, PROVIDERS, ROOF
 from perf.timing import time_ms
 
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         def draw(rows, device):
+            from perf import plots
             return plots.draw_all(rows, args.plots or cli.PLOTS_DIR, device, cli.slugify(device),
                                   args.peak_tflops or model.known_peak_tflops(device))
         return cli.redraw(args.out or cli.RESULTS_DIR, CSV_COLUMNS, draw)
@@ -221,10 +222,10 @@ def main(argv=None) -> int:
     text += summary.traffic_section(TRAFFIC_TABLE)  # bytes moved / minimum, counted on the CPU
     with open(md_path, "w") as f:
         f.write(text)
-    pngs = plots.draw_all(rows, plots_dir, device_name, slug,
-                          args.peak_tflops or model.known_peak_tflops(device_name))
+    pngs, problems = cli.draw("draw_all", rows, plots_dir, device_name, slug,
+                              args.peak_tflops or model.known_peak_tflops(device_name))
     written = [f"{csv_path} ({len(new_rows)} new rows, {len(rows)} total)", md_path, *pngs]
-    return cli.finish(text, written, failures)
+    return cli.finish(text, written, failures + problems)
 
 
 if __name__ == "__main__":

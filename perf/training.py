@@ -35,7 +35,7 @@ import sys
 
 import torch
 
-from perf import cli, model, plots, summary
+from perf import cli, model, summary
 from perf.networks import NETWORKS, make_batch, make_task
 from perf.timing import time_steps
 
@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         def draw(rows, device):
+            from perf import plots
             return plots.draw_training(rows, args.plots or cli.PLOTS_DIR, device,
                                        cli.slugify(device))
         return cli.redraw(args.out or RESULTS_DIR, COLUMNS, draw)
@@ -239,8 +240,8 @@ def main(argv=None) -> int:
                             notes)
     with open(md_path, "w") as f:
         f.write(text)
-    pngs = plots.draw_training(rows, plots_dir, device_name, slug)
-    return cli.finish(text, [csv_path, md_path, *pngs], failures)
+    pngs, problems = cli.draw("draw_training", rows, plots_dir, device_name, slug)
+    return cli.finish(text, [csv_path, md_path, *pngs], failures + problems)
 
 
 if __name__ == "__main__":

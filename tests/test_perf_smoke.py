@@ -14,7 +14,8 @@ from perf import model, report
 from perf.providers import PEER_PROVIDERS, PROVIDERS
 from perf.shapes import SHAPE_CLASSES
 
-pytestmark = pytest.mark.perf
+pytestmark = [pytest.mark.perf, pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                                    reason="the plots need matplotlib")]
 
 HAS_GPU = torch.cuda.is_available()
 PLOT_NAMES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")

@@ -22,6 +22,7 @@ NORMS = (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    pytest.importorskip("matplotlib")  # the plot
     out = tmp_path_factory.mktemp("training_smoke")
     before = repo_outputs()
     # Eager only, GPU or not: test_smoke_torch_compile_one_network covers compile.
@@ -65,6 +66,7 @@ def test_smoke_outputs(smoke_run):
 @pytest.mark.slow
 def test_smoke_torch_compile_one_network(tmp_path):
     """torch.compile of the whole AdaIN task, both variants (CPU: a minute or two of inductor)."""
+    pytest.importorskip("matplotlib")  # the plot
     proc = run_perf("training", "--smoke", "--networks", "adain", "--modes", "compile",
                     "--out", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
