@@ -21,9 +21,9 @@ PLOTS_DIR = os.path.join(REPO_ROOT, "plots")
 
 
 def interpreting() -> bool:
-    """Triton runs kernels through its interpreter: the test triton_instnorm.kernels_available
-    makes for CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton runs (or, imported now, would run) kernels through its interpreter: TRITON_INTERPRET
+    as Triton reads it (``triton.knobs.runtime.interpret``: 1, true, yes, on or y, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 def start_device(command: str):

@@ -117,7 +117,7 @@ def training(rows: list[dict], title: str, notes) -> str:
         "step's loss and gradients of the triton_instnorm variant against PyTorch's."]) + "\n"
 
 
-def traffic(rows: list[dict], providers: list[str], notes, sms: int) -> str:
+def traffic(rows: list[dict], providers: list[str], notes, gpu_name: str, sms: int) -> str:
     """A line per (class, dtype, direction), then per class a line per shape and direction."""
     def ratio(row):
         return "–" if row is None else (
@@ -135,8 +135,8 @@ def traffic(rows: list[dict], providers: list[str], notes, sms: int) -> str:
             ratios = [r["ratio"] for r in by_provider.get(p, []) if r["ratio"] is not None]
             cells.append(f"{geomean(ratios):.2f}" if ratios else "–")
         lines.append(cells)
-    out = _head("Memory traffic and programs per launch (CPU count, H100 launch configuration)",
-                notes)
+    out = _head(f"Memory traffic and programs per launch (CPU count, {gpu_name} launch "
+                "configuration)", notes)
     out += _table(["class", "dtype", "direction", "shapes", "programs / SM (fewest)"]
                   + [f"{p} bytes / min (geomean)" for p in providers], lines) + [""]
     out += [f"programs / SM: programs of the largest launch / {sms} (the fewest over the class's "

@@ -9,10 +9,13 @@ interpreter on the CPU (``TRITON_INTERPRET=1`` set before triton is first import
     print(t.table())                      # a line per kernel
 
 ``python -m perf.traffic`` counts every shape class of perf/shapes.py this way, forward and
-backward, in bfloat16 and float32, with the launch configuration the host takes without a GPU
-(an H100's), and writes ``perf/results/traffic.md``: per launch its grid, programs per SM, how
-many times x (and dy) were read, and bytes moved over the minimum of perf/model.py. Any provider
-of perf/providers.py whose kernels are Triton kernels can be counted (``--providers``).
+backward, in bfloat16 and float32, with the launch configuration the host plans without a CUDA
+device (for an emulated GPU, an H100 unless ``TRITON_INSTNORM_EMULATE`` names another), and
+writes ``perf/results/traffic.md``: per launch its grid, programs per SM (a cluster launch's
+CTAs), how many times x (and dy) were read, and bytes moved over the minimum of perf/model.py.
+``--clusters`` counts triton_instnorm_clusters instead (cluster launches on) into
+``perf/results/traffic_clusters.md``; ``--providers`` counts any provider of perf/providers.py
+whose kernels are Triton kernels.
 
 What is counted, per launch:
 
@@ -60,6 +63,7 @@ class Launch:
 
     kernel: str
     grid: tuple = (1, 1, 1)
+    ctas: int = 1  # CTAs per program (``num_ctas``: a cluster; the interpreter runs one)
     programs_run: int = 0
     loaded: dict = field(default_factory=lambda: defaultdict(int))
     stored: dict = field(default_factory=lambda: defaultdict(int))
@@ -111,17 +115,21 @@ class Traffic:
         """[(kernel, grid)] in launch order."""
         return [(launch.kernel, launch.grid) for launch in self.launches]
 
-    def table(self) -> str:
-        """A plain-text line per kernel: launches, programs, bytes loaded and stored."""
+    def kernels(self) -> dict[str, list[int]]:
+        """{kernel: [launches, programs, bytes loaded, bytes stored]}, in order of first launch."""
         totals = {}
         for launch in self.launches:
             row = totals.setdefault(launch.kernel, [0, 0, 0, 0])
             for i, value in enumerate((1, launch.programs, launch.bytes_loaded,
                                        launch.bytes_stored)):
                 row[i] += value
+        return totals
+
+    def table(self) -> str:
+        """A plain-text line per kernel: launches, programs, bytes loaded and stored."""
         lines = [f"{'kernel':<24} {'launches':>8} {'programs':>9} {'loaded':>14} {'stored':>14}"]
         lines += [f"{name:<24} {n:>8} {programs:>9} {loaded:>14,} {stored:>14,}"
-                  for name, (n, programs, loaded, stored) in totals.items()]
+                  for name, (n, programs, loaded, stored) in self.kernels().items()]
         return "\n".join(lines)
 
 
@@ -228,7 +236,7 @@ def _grid_call(executor, *args, **kwargs):
 
     if not _ACTIVE or _CURRENT:
         return _HOOKS["GridExecutor.__call__"](executor, *args, **kwargs)
-    launch = Launch(kernel=executor.fn.__name__)
+    launch = Launch(kernel=executor.fn.__name__, ctas=int(kwargs.get("num_ctas", 1)))
     for traffic in _ACTIVE:
         traffic.launches.append(launch)
     programs = _ACTIVE[-1].programs
@@ -302,8 +310,20 @@ def count(programs: str = "all"):
 # --------------------------------------------------------------------------- python -m perf.traffic
 
 TABLE_PATH = os.path.join(cli.RESULTS_DIR, "traffic.md")
+CLUSTER_TABLE_PATH = os.path.join(cli.RESULTS_DIR, "traffic_clusters.md")
 DTYPES = ["bfloat16", "float32"]
 DEFAULT_PROVIDERS = ["triton_instnorm"]  # eager PyTorch and torch.compile launch no Triton kernel
+
+
+def emulated_gpu() -> tuple[str, int]:
+    """(name, SMs) of the GPU the host plans launches for without a CUDA device."""
+    try:
+        from triton_instnorm.device import emulated
+    except ImportError:  # a package that plans for an H100 without a device description
+        from triton_instnorm.heuristics import ASSUMED_SMS
+        return "H100", ASSUMED_SMS
+    gpu = emulated()
+    return gpu.name, gpu.sms
 
 
 def measure(shape_class, shape, dtype: str, provider: str, programs: str) -> list[dict]:
@@ -325,8 +345,10 @@ def measure(shape_class, shape, dtype: str, provider: str, programs: str) -> lis
         rows.append({
             "shape_class": shape_class.name, "shape": model.shape_to_str(shape), "dtype": dtype,
             "direction": direction, "provider": provider,
-            "launches": ", ".join(f"{lc.kernel} {lc.grid_text()}" for lc in counted.launches),
-            "programs": max((lc.programs for lc in counted.launches), default=0),
+            "launches": ", ".join(f"{lc.kernel} {lc.grid_text()}"
+                                  + (f" ({lc.ctas}-CTA clusters)" if lc.ctas > 1 else "")
+                                  for lc in counted.launches),
+            "programs": max((lc.programs * lc.ctas for lc in counted.launches), default=0),
             "reads": [counted.loaded(t) / (t.numel() * t.element_size()) for t in read],
             "ratio": counted.moved() / minimum if counted.launches else None})
     return rows
@@ -344,15 +366,27 @@ def main(argv=None) -> int:
     p.add_argument("--programs", choices=("sample", "all"), default="sample",
                    help="programs run per launch (default %(default)s; the grid is always real)")
     p.add_argument("--smoke", action="store_true", help="the classes' tiny smoke shapes instead")
-    p.add_argument("--out", default=TABLE_PATH, help="markdown file (default %(default)s)")
+    p.add_argument("--clusters", action="store_true",
+                   help="count triton_instnorm_clusters (TRITON_INSTNORM_CLUSTERS=1) instead")
+    p.add_argument("--out", help=f"markdown file (default {cli.show(TABLE_PATH)}, with --clusters "
+                                 f"{cli.show(CLUSTER_TABLE_PATH)})")
     args = p.parse_args(argv)
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"  # counted through the interpreter, GPU or not
     import torch
     import triton
 
-    from triton_instnorm.heuristics import ASSUMED_SMS
+    from perf import providers
 
+    gpu_name, sms = emulated_gpu()
+    config = f"launch configuration of a {sms}-SM {gpu_name}"
+    if args.clusters:
+        why = providers.clusters_reason(torch.empty(0))
+        if why:
+            raise SystemExit(f"perf.traffic --clusters: {why}")
+        args.providers = [providers.CLUSTERS if p == providers.OURS else p for p in args.providers]
+        config += ", cluster launches on (TRITON_INSTNORM_CLUSTERS=1)"
+    args.out = args.out or (CLUSTER_TABLE_PATH if args.clusters else TABLE_PATH)
     rows, failures, start = [], [], time.monotonic()
     for cls in shapes.select_classes(args.classes):
         for shape in cls.smoke_shapes if args.smoke else cls.shapes:
@@ -366,13 +400,13 @@ def main(argv=None) -> int:
                         continue
                     print(f"{time.monotonic() - start:7.1f}s {label}", file=sys.stderr, flush=True)
     notes = [f"torch {torch.__version__}, triton {triton.__version__}, Triton interpreter on the "
-             f"CPU; launch configuration of a {ASSUMED_SMS}-SM H100",
+             f"CPU; {config}",
              f"programs run per launch: {args.programs}" + (
                  " (first, second and last per grid axis; the grid is the real one)"
                  if args.programs == "sample" else "")]
     notes += ["smoke shapes: tiny, not the perf classes' sizes"] if args.smoke else []
     notes += [f"not counted: {f}" for f in failures]
-    text = summary.traffic(rows, args.providers, notes, ASSUMED_SMS)
+    text = summary.traffic(rows, args.providers, notes, gpu_name, sms)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
