@@ -26,18 +26,15 @@ What is counted, per launch:
   costs when the cache does not hold it. No cache, atomics or tensor descriptors are modelled.
 - programs: the launch's grid, every axis, also when no program is run.
 
-How: while a ``count()`` block is open, the interpreter's builder has ``create_masked_load`` /
-``create_masked_store`` (which plain loads and stores call too) and ``set_grid_dim`` /
-``set_grid_idx`` wrapped, and ``GridExecutor.__call__`` records the kernel name and its tensor
-arguments' storages. Nothing depends on a kernel's argument names; works with the interpreters
-of triton 3.6 and 3.9.
+How: inside ``count()`` the interpreter builder's ``create_masked_load`` / ``_store`` (which plain
+loads and stores call too) and ``set_grid_dim`` / ``_idx`` are wrapped, and
+``GridExecutor.__call__`` records each launch's kernel and tensor arguments; nothing depends on
+argument names (triton 3.6 and 3.9).
 
-``count(programs=...)`` says which programs run: ``"all"`` (exact); ``"sample"``, per grid axis
-of more than three programs the first, the second and the last, the second standing for every
-interior one (exact when interior programs along an axis move the same bytes, as in every launch
-of these kernels: only a last row block or chunk is partial and only chunk 0 writes per-plane
-results; it makes full-size shapes countable in seconds, at ~0.4 M elements/s for a whole run,
-and leaves the skipped programs' outputs unwritten); ``"none"``, grids only.
+``count(programs=...)``: ``"all"`` programs run (exact); ``"sample"``: per grid axis the first,
+second and last, the second standing for every interior one (exact when interior programs move
+the same bytes, as in every launch of these kernels; full-size shapes in seconds; the skipped
+programs' outputs stay unwritten); ``"none"``: grids only.
 """
 
 from __future__ import annotations
