@@ -1,1 +1,1 @@
-"""Bandwidth benchmark and roofline plots for triton_instnorm: run `python -m perf.report`."""
+"""The benchmarks of triton_instnorm: a small library and its commands (perf/README.md)."""

@@ -1,4 +1,4 @@
-"""Instance-norm networks for the training-step benchmark (``python -m perf.models``).
+"""Instance-norm networks for the training-step benchmark (``python -m perf.training``).
 
 Each network comes as a *task*: an ``nn.Module`` whose ``forward(*batch)`` returns the training
 loss, so ``torch.compile(task)`` compiles the whole model with its loss, and the step is
@@ -22,16 +22,18 @@ loss, so ``torch.compile(task)`` compiles the whole model with its loss, and the
 
 ``to_triton(task)`` makes the triton_instnorm version of a task: ``convert_instance_norm`` swaps
 every torch InstanceNorm layer, and every ``AdaINLayer`` switches from the eager torch AdaIN to
-``triton_instnorm.adain``.
+``triton_instnorm.adain``. ``NETWORKS`` names each benchmarked network with its full and smoke
+sizes (smoke: a few channels, images that keep every instance-norm plane above one element),
+its batch and the precision it is timed in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import triton_instnorm
 
 EPS = 1e-5
 
@@ -132,7 +134,8 @@ class UNet3D(nn.Module):
         super().__init__()
         strides = [1] + [2] * (len(features) - 1)
         cins = [in_channels, *features[:-1]]
-        self.encoder = nn.ModuleList(unet_stage(i, o, s) for i, o, s in zip(cins, features, strides))
+        self.encoder = nn.ModuleList(unet_stage(i, o, s)
+                                     for i, o, s in zip(cins, features, strides))
         self.up = nn.ModuleList(nn.ConvTranspose3d(features[i + 1], features[i], 2, 2)
                                 for i in range(len(features) - 1))
         self.decoder = nn.ModuleList(unet_stage(2 * f, f, 1) for f in features[:-1])
@@ -172,12 +175,10 @@ def eager_adain(content, style, eps=EPS):
 
 
 class AdaINLayer(nn.Module):
-    use_triton = False  # set by to_triton
+    fn = staticmethod(eager_adain)  # to_triton sets triton_instnorm.adain
 
     def forward(self, content, style):
-        if self.use_triton:
-            return triton_instnorm.adain(content, style, eps=EPS)
-        return eager_adain(content, style)
+        return self.fn(content, style, eps=EPS)
 
 
 def _conv_relu(cin, cout):
@@ -191,7 +192,8 @@ def vgg_like_encoder(w=64):
         nn.Sequential(nn.Conv2d(3, 3, 1), *_conv_relu(3, w)),
         nn.Sequential(*_conv_relu(w, w), *pool, *_conv_relu(w, 2 * w)),
         nn.Sequential(*_conv_relu(2 * w, 2 * w), *pool, *_conv_relu(2 * w, 4 * w)),
-        nn.Sequential(*_conv_relu(4 * w, 4 * w), *_conv_relu(4 * w, 4 * w), *_conv_relu(4 * w, 4 * w),
+        nn.Sequential(*_conv_relu(4 * w, 4 * w), *_conv_relu(4 * w, 4 * w),
+                      *_conv_relu(4 * w, 4 * w),
                       *pool, *_conv_relu(4 * w, 8 * w)),
     ])
 
@@ -234,7 +236,8 @@ class AdaINStyleTransfer(nn.Module):
         loss = F.mse_loss(generated_levels[-1], target)
         for g, s in zip(generated_levels, style_levels):
             (g_mean, g_std), (s_mean, s_std) = _mean_std(g), _mean_std(s)
-            loss = loss + self.style_weight * (F.mse_loss(g_mean, s_mean) + F.mse_loss(g_std, s_std))
+            style = F.mse_loss(g_mean, s_mean) + F.mse_loss(g_std, s_std)
+            loss = loss + self.style_weight * style
         return loss
 
 
@@ -242,8 +245,77 @@ class AdaINStyleTransfer(nn.Module):
 
 def to_triton(task: nn.Module) -> nn.Module:
     """The triton_instnorm version of a task, in place (see the module docstring)."""
+    import triton_instnorm  # after the command decided on Triton's interpreter
+
     triton_instnorm.convert_instance_norm(task)
     for module in task.modules():
         if isinstance(module, AdaINLayer):
-            module.use_triton = True
+            module.fn = triton_instnorm.adain
     return task
+
+
+# --------------------------------------------------------------------------- benchmarked networks
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    task: str                 # the builder above
+    kwargs: dict              # its arguments at full size ...
+    smoke_kwargs: dict        # ... and in the smoke run
+    batch: int
+    smoke_batch: int
+    image: tuple              # (C, *spatial) of one input sample
+    smoke_image: tuple
+    inputs: str = "image_pair"   # image_pair: (image, target) / (content, style); segmentation
+    dtype: str = "float32"       # or "bfloat16 autocast"
+    memory_format: str = "contiguous"
+
+    def sizes(self, smoke: bool):
+        """(builder kwargs, input shape)."""
+        if smoke:
+            return self.smoke_kwargs, (self.smoke_batch, *self.smoke_image)
+        return self.kwargs, (self.batch, *self.image)
+
+
+_UNET = dict(task="unet3d_task", kwargs=dict(features=(32, 64, 128, 256, 320, 320)),
+             smoke_kwargs=dict(features=(4, 8, 16, 16)), batch=2, smoke_batch=2,
+             image=(1, 128, 128, 128), smoke_image=(1, 16, 16, 16), inputs="segmentation",
+             dtype="bfloat16 autocast")
+_CYCLEGAN = dict(task="cyclegan_task", kwargs=dict(width=64), smoke_kwargs=dict(width=4),
+                 image=(3, 256, 256), smoke_image=(3, 16, 16))
+NETWORKS = {n.name: n for n in (
+    Network("style_transfer", "style_transfer_task", dict(width=32), dict(width=4), 4, 2,
+            (3, 256, 256), (3, 16, 16)),
+    Network("cyclegan_b1", batch=1, smoke_batch=1, **_CYCLEGAN),
+    Network("cyclegan_b4", batch=4, smoke_batch=2, **_CYCLEGAN),
+    Network("unet3d", **_UNET),
+    Network("unet3d_channels_last", memory_format="channels_last_3d", **_UNET),
+    Network("adain", "AdaINStyleTransfer", dict(width=64), dict(width=4), 8, 2, (3, 256, 256),
+            (3, 32, 32)),
+)}
+
+
+def make_task(net: Network, variant: str, device, smoke: bool) -> nn.Module:
+    """The network's task, ``variant`` "pytorch" or "triton_instnorm", from seeded weights."""
+    torch.manual_seed(0)  # the same weights in both variants
+    task = globals()[net.task](**net.sizes(smoke)[0])
+    if variant == "triton_instnorm":
+        to_triton(task)
+    task = task.to(device)
+    if net.memory_format == "channels_last_3d":
+        task = task.to(memory_format=torch.channels_last_3d)
+    return task
+
+
+def make_batch(net: Network, device, smoke: bool):
+    """(image, target) or (content, style) pairs, or (volume, labels) for segmentation."""
+    shape = net.sizes(smoke)[1]
+    generator = torch.Generator().manual_seed(1)
+    first = torch.randn(shape, generator=generator)
+    if net.inputs == "segmentation":
+        second = torch.randint(0, 3, (shape[0], *shape[2:]), generator=generator)
+    else:
+        second = torch.rand(shape, generator=generator) * 2 - 1
+    if net.memory_format == "channels_last_3d":
+        first = first.contiguous(memory_format=torch.channels_last_3d)
+    return first.to(device), second.to(device)

@@ -1,4 +1,10 @@
-"""Roofline-style plots drawn from CSV rows (torch-free, matplotlib Agg)."""
+"""The plots, drawn from CSV rows with matplotlib (Agg: GPU machines and CI have no display).
+
+Bandwidth report: achieved GB/s vs plane size, one panel per (dtype, direction), sweeps as curves,
+other classes as points, copy in grey with a dotted line at the dtype's best copy GB/s; a roofline
+with the best copy GB/s in the CSV as memory roof and the device's fp32 peak as compute roof; the
+speedup of triton_instnorm over each baseline, geometric means over each class's shapes and
+dtypes. Training steps: ms per step, speedup and peak memory per network."""
 
 from __future__ import annotations
 
@@ -6,17 +12,18 @@ import os
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: GPU boxes and CI have no display
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from perf import model  # noqa: E402
+from perf.providers import BASELINES, OURS, PROVIDERS, ROOF  # noqa: E402
 from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
 from perf.summary import geomean, speedups  # noqa: E402
 
-COLORS = {"triton_instnorm": "tab:blue", "torch_eager": "tab:orange",
-          "torch_compile": "tab:green", "flag_gems": "tab:red", "liger_groupnorm": "tab:purple",
-          "copy": "0.45"}
+COLORS = {"triton_instnorm": "tab:blue", "triton_instnorm_clusters": "tab:cyan",
+          "torch_eager": "tab:orange", "torch_compile": "tab:green", "flag_gems": "tab:red",
+          "liger_groupnorm": "tab:purple", "copy": "0.45"}
 DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 PLOT_FILES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
 
@@ -26,8 +33,8 @@ def _present(rows, column, order):
     return [v for v in order if v in seen] + sorted(seen - set(order))
 
 
-def _is_sweep(shape_class: str) -> bool:
-    known = SHAPE_CLASSES.get(shape_class)
+def _is_sweep(row) -> bool:
+    known = SHAPE_CLASSES.get(row["shape_class"])
     return bool(known and known.is_sweep)
 
 
@@ -36,8 +43,40 @@ def _plane(row) -> int:
 
 
 def _grid(nrows, ncols, width=5.0, height=3.8):
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
-    return fig, axes
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+
+
+def _save(fig, title, path):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grouped_bars(ax, groups, series: dict, value, ylabel, title,
+                  missing="not measured (no GPU)", fmt="{:.3g}"):
+    """One bar per group and series, annotated. ``series``: {key: (label, color)};
+    ``value(group, key)``: a float or None."""
+    width = 0.8 / max(1, len(series))
+    measured = False
+    for k, (key, (label, color)) in enumerate(series.items()):
+        values = [value(g, key) for g in groups]
+        measured = measured or any(values)
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, [v or 0 for v in values], width, label=label, color=color)
+        for bar, v in zip(bars, values):
+            if v:
+                ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    if measured:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center")
 
 
 def plot_bandwidth_vs_plane(rows, path, title):
@@ -49,7 +88,7 @@ def plot_bandwidth_vs_plane(rows, path, title):
     """
     dtypes = _present(rows, "dtype", model.DTYPES)
     directions = _present(rows, "direction", model.DIRECTIONS)
-    providers = _present(rows, "provider", model.PROVIDERS)
+    providers = _present(rows, "provider", PROVIDERS)
     fig, axes = _grid(len(dtypes), len(directions))
     for i, dtype in enumerate(dtypes):
         for j, direction in enumerate(directions):
@@ -57,18 +96,21 @@ def plot_bandwidth_vs_plane(rows, path, title):
             panel = [r for r in rows if r["dtype"] == dtype and r["direction"] == direction]
             for provider in providers:
                 pts = [r for r in panel if r["provider"] == provider]
-                sweep = sorted((_plane(r), float(r["gbps"])) for r in pts if _is_sweep(r["shape_class"]))
-                other = [(_plane(r), float(r["gbps"])) for r in pts if not _is_sweep(r["shape_class"])]
-                is_roof = provider == model.ROOF_PROVIDER
+                sweep = sorted((_plane(r), float(r["gbps"])) for r in pts if _is_sweep(r))
+                other = [(_plane(r), float(r["gbps"])) for r in pts if not _is_sweep(r)]
+                is_roof = provider == ROOF
                 label = "copy (roof)" if is_roof else provider
                 style = dict(color=COLORS.get(provider), label=label)
                 if sweep:
-                    ax.plot(*zip(*sweep), "--" if is_roof else "-", marker=None if is_roof else ".", **style)
+                    ax.plot(*zip(*sweep), "--" if is_roof else "-",
+                            marker=None if is_roof else ".", **style)
                     style.pop("label")
                 if other:
-                    ax.scatter(*zip(*other), marker="x" if is_roof else "o", s=22, alpha=0.8, **style)
+                    ax.scatter(*zip(*other), marker="x" if is_roof else "o", s=22, alpha=0.8,
+                               **style)
                 if is_roof and pts:
-                    ax.axhline(max(float(r["gbps"]) for r in pts), color=COLORS["copy"], ls=":", lw=1)
+                    best = max(float(r["gbps"]) for r in pts)
+                    ax.axhline(best, color=COLORS["copy"], ls=":", lw=1)
             ax.set_xscale("log", base=2)
             ax.set_ylim(bottom=0)
             ax.set_title(f"{direction}, {dtype}", fontsize=10)
@@ -76,10 +118,7 @@ def plot_bandwidth_vs_plane(rows, path, title):
             ax.set_ylabel("achieved GB/s")
             ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{title}: bandwidth vs plane size (dotted: best copy GB/s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"{title}: bandwidth vs plane size (dotted: best copy GB/s)", path)
 
 
 def plot_roofline(rows, path, title, peak_tflops):
@@ -89,8 +128,8 @@ def plot_roofline(rows, path, title, peak_tflops):
     ``peak_tflops`` (fp32, non-tensor-core) when known, otherwise omitted.
     """
     directions = _present(rows, "direction", model.DIRECTIONS)
-    norm = [p for p in _present(rows, "provider", model.PROVIDERS) if p != model.ROOF_PROVIDER]
-    copy_rates = [float(r["gbps"]) for r in rows if r["provider"] == model.ROOF_PROVIDER]
+    norm = [p for p in _present(rows, "provider", PROVIDERS) if p != ROOF]
+    copy_rates = [float(r["gbps"]) for r in rows if r["provider"] == ROOF]
     roof_gbps = max(copy_rates) if copy_rates else None
     fig, axes = _grid(1, len(directions))
     for j, direction in enumerate(directions):
@@ -105,7 +144,7 @@ def plot_roofline(rows, path, title, peak_tflops):
                 xs, ys = [], []
                 for r in pts:
                     shape = model.shape_from_str(r["shape"])
-                    ai = model.flops_for(shape, direction) / model.norm_bytes(shape, dtype, direction)
+                    ai = model.flops(shape, direction) / model.norm_bytes(shape, dtype, direction)
                     xs.append(ai)
                     ys.append(float(r["gbps"]) * ai)  # GB/s * FLOP/byte = GFLOP/s
                 intensities += xs
@@ -134,53 +173,27 @@ def plot_roofline(rows, path, title, peak_tflops):
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].legend(fontsize=7, loc="upper left")
     suffix = "" if peak_tflops else " (no compute roof: unknown device, see --peak-tflops)"
-    fig.suptitle(f"{title}: roofline{suffix}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"{title}: roofline{suffix}", path)
 
 
 def plot_speedup(rows, path, title):
-    """triton_instnorm speedup over each measured baseline (eager, torch.compile, peers) per class.
-
-    Bars are geometric means over the class's shapes and dtypes; one panel per
-    direction.  Panels say so when a baseline was not measured.
-    """
+    """triton_instnorm's speedup over each measured baseline, one panel per direction; bars are
+    geometric means over each class's shapes and dtypes."""
     directions = _present(rows, "direction", model.DIRECTIONS)
     classes = sorted({r["shape_class"] for r in rows}, key=class_order)
-    baselines = [b for b in model.BASELINES if any(r["provider"] == b for r in rows)]
+    baselines = [b for b in BASELINES if any(r["provider"] == b for r in rows)]
+    ratios = {b: speedups(rows, b) for b in baselines}
     fig, axes = _grid(1, len(directions), width=max(4.5, 0.55 * len(classes) + 1.5))
-    width = 0.8 / max(1, len(baselines))
-    for j, direction in enumerate(directions):
-        ax = axes[0][j]
-        for k, baseline in enumerate(baselines):
-            per_key = speedups(rows, baseline)
-            values = []
-            for cls in classes:
-                ratios = [v for (c, _dt, d), vals in per_key.items() if c == cls and d == direction
-                          for v in vals]
-                values.append(geomean(ratios))
-            xs = [i + (k - (len(baselines) - 1) / 2) * width for i in range(len(classes))]
-            bars = ax.bar(xs, [0 if v != v else v for v in values], width,
-                          color=COLORS[baseline], label=f"vs {baseline}")
-            for bar, v in zip(bars, values):
-                if v == v:
-                    ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=7)
+    for ax, direction in zip(axes[0], directions):
+        def value(cls, baseline):
+            v = geomean(v for (c, _, d), vals in ratios[baseline].items()
+                        if c == cls and d == direction for v in vals)
+            return None if v != v else v
+        _grouped_bars(ax, classes, {b: (f"vs {b}", COLORS[b]) for b in baselines}, value,
+                      "speedup (baseline ms / triton ms)", direction, "no baseline measured",
+                      "{:.2f}")
         ax.axhline(1.0, color="k", lw=1)
-        ax.set_xticks(range(len(classes)))
-        ax.set_xticklabels(classes, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("speedup (baseline ms / triton ms)")
-        ax.set_title(direction, fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-        if not baselines:
-            ax.text(0.5, 0.5, "no baseline measured", transform=ax.transAxes, ha="center")
-    if baselines:
-        axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{title}: triton_instnorm speedup (geometric mean per class)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"{title}: triton_instnorm speedup (geometric mean per class)", path)
 
 
 def draw_all(rows, plots_dir, title, prefix, peak_tflops=None) -> list[str]:
@@ -193,38 +206,13 @@ def draw_all(rows, plots_dir, title, prefix, peak_tflops=None) -> list[str]:
     return paths
 
 
-# --------------------------------------------------------------------------- perf.models
+# --------------------------------------------------------------------------- training steps
 
-MODEL_SERIES_COLORS = {("pytorch", "eager"): "tab:orange", ("pytorch", "compile"): "tab:green",
-                       ("triton_instnorm", "eager"): "tab:blue", ("triton_instnorm", "compile"): "navy",
-                       "eager": "tab:blue", "compile": "navy"}
-
-
-def _grouped_bars(ax, groups, series, value, ylabel, title):
-    """One bar per (group, series); ``value(group, series)`` -> float or None (not measured)."""
-    width = 0.8 / max(1, len(series))
-    measured = False
-    for k, name in enumerate(series):
-        values = [value(g, name) for g in groups]
-        measured = measured or any(values)
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        label = name if isinstance(name, str) else " ".join(name)
-        bars = ax.bar(xs, [v or 0 for v in values], width, color=MODEL_SERIES_COLORS.get(name), label=label)
-        for bar, v in zip(bars, values):
-            if v:
-                ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    if not measured:
-        ax.text(0.5, 0.5, "not measured (no GPU)", transform=ax.transAxes, ha="center")
+VARIANT_COLORS = {("pytorch", "eager"): "tab:orange", ("pytorch", "compile"): "tab:green",
+                  (OURS, "eager"): "tab:blue", (OURS, "compile"): "navy"}
 
 
-def draw_models(rows, plots_dir, title, prefix) -> str:
+def draw_training(rows, plots_dir, title, prefix) -> list[str]:
     """``<plots_dir>/<prefix>_models.png``: ms per step, speedup and peak memory per network."""
     os.makedirs(plots_dir, exist_ok=True)
     networks = list(dict.fromkeys(r["network"] for r in rows))
@@ -237,17 +225,16 @@ def draw_models(rows, plots_dir, title, prefix) -> str:
             return float(text) if text else None
         return value
 
-    series = [(v, m) for m in modes for v in ("pytorch", "triton_instnorm")]
+    series = {(v, m): (f"{v} {m}", VARIANT_COLORS[v, m]) for m in modes for v in ("pytorch", OURS)}
     fig, axes = _grid(3, 1, width=max(6.0, 1.1 * len(networks) + 2), height=3.4)
-    _grouped_bars(axes[0][0], networks, series, column("ms_per_step"), "ms per training step", "step time")
+    _grouped_bars(axes[0][0], networks, series, column("ms_per_step"), "ms per training step",
+                  "step time")
     speedup = column("speedup_vs_pytorch")
-    _grouped_bars(axes[1][0], networks, modes, lambda n, m: speedup(n, ("triton_instnorm", m)),
+    _grouped_bars(axes[1][0], networks, {m: (m, VARIANT_COLORS[OURS, m]) for m in modes},
+                  lambda n, m: speedup(n, (OURS, m)),
                   "PyTorch ms / triton_instnorm ms", "speedup (same mode)")
     axes[1][0].axhline(1.0, color="k", lw=1)
     _grouped_bars(axes[2][0], networks, series, column("peak_mem_mb"), "MiB", "peak GPU memory")
-    fig.suptitle(f"{title}: training step of instance-norm networks")
-    fig.tight_layout()
     path = os.path.join(plots_dir, f"{prefix}_models.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _save(fig, f"{title}: training step of instance-norm networks", path)
+    return [path]

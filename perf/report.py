@@ -1,241 +1,231 @@
-"""The performance report: ``python -m perf.report [options]`` from the repository root.
+"""The bandwidth report: ``python -m perf.report [options]`` from the repository root.
 
-* CUDA GPU present: measure every provider / direction / dtype / shape class,
-  write ``perf/results/<device>.csv`` and ``.md``, draw ``plots/<device>_*.png``.
-* No GPU: say so in one line and redraw the plots from the newest committed
-  CSV under ``perf/results/`` (or say there is none and exit 0).
-* ``--smoke``: the whole pipeline on tiny shapes.  Without a GPU it runs on the
-  CPU through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
-  environment *before* triton (or triton_instnorm) is imported -- so this
-  module imports neither at top level.
+- CUDA GPU: times every shape class x dtype x direction x provider (perf/providers.py, with
+  perf/timing.py), writes ``perf/results/<device>.csv`` (rows of the cases measured replace their
+  old rows) and ``.md``, draws ``plots/<device>_*.png``.
+- No GPU and no ``--smoke``: one line, and the plots redrawn from the newest committed CSV.
+- ``--smoke``: the whole pipeline on tiny shapes into a temp dir; without a GPU through Triton's
+  interpreter (the numbers mean nothing) and without torch_compile unless ``--providers`` asks.
+
+The CSV is rewritten after every (shape, dtype), so a run stopped by ``--budget`` or killed keeps
+what it measured. A failed measurement (out of memory, a compile error, a peer that does not
+match PyTorch) is logged, counted in the summary and makes the exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import math
 import os
-import subprocess
 import sys
-import tempfile
+import time
+import traceback
 
-if __package__ in (None, ""):  # also allow `python perf/report.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-from perf import model, shapes, summary, traffic_report  # noqa: E402  (torch/triton-free)
+from perf import cli, model, providers, shapes, summary
+from perf.providers import CLUSTERS, COMPILE, NORM_PROVIDERS, PEER_PROVIDERS, PROVIDERS, ROOF
+from perf.timing import time_ms
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "perf", "results")
-PLOTS_DIR = os.path.join(REPO_ROOT, "plots")
-
-
-def _show(path: str) -> str:
-    """Path relative to the working directory when inside it, else absolute."""
-    rel = os.path.relpath(path)
-    return os.path.abspath(path) if rel.startswith("..") else rel
+CSV_COLUMNS = ["device", "torch", "triton", "date", "shape_class", "shape", "dtype",
+               "direction", "provider", "ms", "gbps", "pct_of_roof"]
+KEY_COLUMNS = ("shape_class", "shape", "dtype", "direction", "provider")
+TRAFFIC_TABLE = os.path.join(cli.RESULTS_DIR, "traffic.md")
 
 
-def _csv_list(choices):
-    def parse(text):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if choices is not None and t not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {choices}")
-        return items
-    return parse
+def sort_key(row: dict):
+    return (shapes.class_order(row["shape_class"]),
+            math.prod(model.shape_from_str(row["shape"])), row["shape"],
+            cli.rank(model.DTYPES, row["dtype"]), cli.rank(model.DIRECTIONS, row["direction"]),
+            cli.rank(PROVIDERS, row["provider"]))
+
+
+def default_providers(interpret: bool) -> list[str]:
+    """Ours, eager, torch.compile and the peers; without a GPU not torch.compile (inductor's CPU
+    compiles take minutes); triton_instnorm_clusters only when asked for."""
+    return [p for p in NORM_PROVIDERS + PEER_PROVIDERS if not (interpret and p == COMPILE)]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m perf.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=_csv_list(None),
-                   help=f"comma-separated shape classes (default all: {','.join(shapes.SHAPE_CLASSES)})")
-    p.add_argument("--dtypes", type=_csv_list(model.DTYPES), default=list(model.DTYPES),
+    p.add_argument("--classes", type=cli.csv_list(shapes.SHAPE_CLASSES),
+                   help="comma-separated shape classes (default all: "
+                        f"{','.join(shapes.SHAPE_CLASSES)})")
+    p.add_argument("--dtypes", type=cli.csv_list(model.DTYPES), default=model.DTYPES,
                    help=f"comma-separated (default {','.join(model.DTYPES)})")
-    p.add_argument("--directions", type=_csv_list(model.DIRECTIONS), default=list(model.DIRECTIONS),
+    p.add_argument("--directions", type=cli.csv_list(model.DIRECTIONS), default=model.DIRECTIONS,
                    help=f"comma-separated (default {','.join(model.DIRECTIONS)})")
-    p.add_argument("--providers", type=_csv_list(model.PROVIDERS), default=None,
-                   help="normalization providers (default: all; smoke on CPU: all but torch_compile, "
-                        "whose CPU compiles take minutes). copy, the roof, is always measured. "
-                        f"Peers ({','.join(model.PEER_PROVIDERS)}) that cannot run here are "
+    p.add_argument("--providers", type=cli.csv_list(PROVIDERS),
+                   help=f"comma-separated (default: {','.join(default_providers(False))}; "
+                        "without a GPU all but torch_compile). copy, the roof, is always "
+                        "measured; peers and triton_instnorm_clusters that cannot run here are "
                         "reported as unavailable with the reason.")
     p.add_argument("--module", action="store_true",
                    help="time triton_instnorm through its InstanceNorm{1,2,3}d modules "
                         "instead of the functional instance_norm")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes; on CPU through the Triton interpreter")
-    p.add_argument("--out", help="directory for the CSV and markdown summary "
-                                 "(default perf/results/, smoke: a new temp dir)")
-    p.add_argument("--plots", help="directory for the PNGs (default plots/, smoke: <out>/plots)")
-    p.add_argument("--fresh", action="store_true",
-                   help="overwrite the device CSV instead of replacing only re-measured rows")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="start no (shape, dtype) but the first after this many seconds; "
+                        "what was measured is written")
+    p.add_argument("--warm", action="store_true",
+                   help="run every provider and direction once per case, time and write nothing: "
+                        "fills Triton's and inductor's on-disk caches (several at once, before a "
+                        "timed run, compile in parallel)")
+    p.add_argument("--peak-tflops", type=float,
                    help="fp32 compute roof for the roofline plot (default: known-device table)")
-    args = p.parse_args(argv)
-    if args.classes:
-        shapes.select_classes(args.classes)  # fail early on a typo
-    return args
+    cli.add_output_args(p, cli.RESULTS_DIR)
+    return p.parse_args(argv)
 
 
-def _commit_time(path: str) -> int | None:
-    """Unix time of the last commit touching ``path``; None if untracked or no git."""
-    try:
-        out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", os.path.basename(path)],
-                             cwd=os.path.dirname(path), capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    text = out.stdout.strip()
-    return int(text) if out.returncode == 0 and text.isdigit() else None
+def measure(args, chosen, device, device_name, save):
+    """Time every case; ``save(rows)`` after each (shape, dtype). (rows, failures, {provider:
+    {dtype: why it could not run}}, cases left out by the budget)."""
+    env = cli.environment(device_name)
+    work = [(cls, shape, dtype) for cls in shapes.select_classes(args.classes)
+            for shape in (cls.smoke_shapes if args.smoke else cls.shapes) for dtype in args.dtypes]
+    rows, failures, unavailable, start = [], [], {}, time.monotonic()
 
+    def emit(cls, shape, dtype, direction, provider, ms, roof):
+        num_bytes = (model.copy_bytes(shape, dtype) if provider == ROOF
+                     else model.norm_bytes(shape, dtype, direction))
+        rate = model.gbps(num_bytes, ms)
+        rows.append({**env, "shape_class": cls.name, "shape": model.shape_to_str(shape),
+                     "dtype": dtype, "direction": direction, "provider": provider,
+                     "ms": f"{ms:.6g}", "gbps": f"{rate:.6g}",
+                     "pct_of_roof": f"{100.0 * rate / roof:.4g}"})
+        return rate
 
-def newest_csv(results_dir: str) -> str | None:
-    """The most recently committed CSV; if none is committed, the newest file on disk."""
-    paths = glob.glob(os.path.join(results_dir, "*.csv"))
-    committed = [(t, p) for p in paths if (t := _commit_time(p)) is not None]
-    if committed:
-        return max(committed)[1]
-    return max(paths, key=os.path.getmtime, default=None)
-
-
-def stored_rows(results_dir: str, columns: list[str] = model.CSV_COLUMNS):
-    """(path, rows, device) of the newest stored CSV under ``results_dir``; None if there is none."""
-    path = newest_csv(results_dir)
-    if path is None:
-        return None
-    rows = summary.read_csv(path, columns)
-    return path, rows, rows[0]["device"] if rows else os.path.basename(path)[:-4]
-
-
-def redraw(args) -> int:
-    """No GPU and no --smoke: one line of output, then plots from the stored CSV."""
-    results_dir = args.out or RESULTS_DIR
-    stored = stored_rows(results_dir)
-    if stored is None:
-        print(f"No CUDA GPU found and no CSV under {_show(results_dir)}/ yet: nothing to measure or plot.")
-        return 0
-    from perf import plots
-    path, rows, device = stored
-    plots_dir = args.plots or PLOTS_DIR
-    print(f"No CUDA GPU found: redrawing {_show(plots_dir)}/ from {_show(path)} "
-          f"({len(rows)} rows, measured on {device}).")
-    plots.draw_all(rows, plots_dir, device, model.slugify(device),
-                   args.peak_tflops or model.known_peak_tflops(device))
-    return 0
-
-
-def peer_statuses(requested: list[str], reasons: dict, outcome) -> dict[str, str]:
-    """{peer: "unavailable: <reason>" or "measured: ..."} for the summary's peer table."""
-    out = {}
-    for name in requested:
-        if reasons[name] is not None:
-            out[name] = f"unavailable: {reasons[name]}"
+    for done, (cls, shape, dtype) in enumerate(work):
+        if done and args.budget is not None and time.monotonic() - start > args.budget:
+            cli.log(f"budget of {args.budget:g} s spent: {len(work) - done} of {len(work)} "
+                    "(shape, dtype) cases left out")
+            return rows, failures, unavailable, len(work) - done
+        label = f"[{done + 1}/{len(work)}] {cls.name} {model.shape_to_str(shape)} {dtype}"
+        try:
+            case = providers.make_case(shape, dtype, cls.memory_format, device)
+        except Exception as exc:  # e.g. out of memory on a smaller GPU
+            failures.append(f"{label}: allocation failed: {exc}")
+            cli.log(f"{label}: SKIPPED ({type(exc).__name__}: {exc})")
             continue
-        rows = [r for r in outcome.rows if r["provider"] == name]
-        dtypes = sorted({r["dtype"] for r in rows}, key=model.DTYPES.index)
-        parts = [f"measured: {len(rows)} rows ({', '.join(dtypes) or 'none'})"]
-        by_reason = {}
-        for dtype, reason in outcome.unavailable.get(name, {}).items():
-            by_reason.setdefault(reason, []).append(dtype)
-        parts += [f"unavailable for {', '.join(d)}: {reason}" for reason, d in by_reason.items()]
-        failed = [f for f in outcome.failures if f" {name}:" in f]
-        parts += [f"{len(failed)} failed: {failed[0]}"] if failed else []
-        out[name] = "; ".join(parts)
-    return out
+        # The roof: one copy per (shape, dtype), a row per direction so every group is complete.
+        if not args.warm:
+            copy_ms = time_ms(providers.copy_fn(case), device, args.smoke)
+            roof = model.gbps(model.copy_bytes(shape, dtype), copy_ms)
+            for direction in args.directions:
+                emit(cls, shape, dtype, direction, ROOF, copy_ms, roof)
+            cli.log(f"{label} copy: {copy_ms:.4f} ms {roof:.1f} GB/s")
+        for provider in chosen:
+            try:
+                fn, inputs = providers.norm_fn(provider, case, args.module)
+            except providers.Unavailable as exc:
+                unavailable.setdefault(provider, {})[dtype] = str(exc)
+                cli.log(f"{label} {provider}: unavailable ({exc})")
+                continue
+            except Exception as exc:
+                failures.append(f"{label} {provider}: setup failed: {exc}")
+                cli.log(f"{label} {provider}: FAILED setup ({type(exc).__name__}: {exc})")
+                continue
+            for direction in args.directions:
+                try:
+                    timed = providers.direction_fn(fn, inputs, case.dy, direction)
+                    if args.warm:
+                        timed()
+                        cli.log(f"{label} {direction} {provider}: ran")
+                        continue
+                    ms = time_ms(timed, device, args.smoke)
+                except Exception as exc:
+                    failures.append(f"{label} {direction} {provider}: {type(exc).__name__}: {exc}")
+                    cli.log(f"{label} {direction} {provider}: FAILED\n"
+                            + traceback.format_exc(limit=3))
+                    continue
+                rate = emit(cls, shape, dtype, direction, provider, ms, roof)
+                cli.log(f"{label} {direction} {provider}: {ms:.4f} ms {rate:.1f} GB/s "
+                        f"{100 * rate / roof:.0f}% of copy")
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save(rows)
+    return rows, failures, unavailable, 0
 
 
-def start_device(command: str):
-    """(device, its name, whether the kernels run through Triton's interpreter).
-
-    Without a GPU, sets TRITON_INTERPRET=1, which triton reads when it is first imported: call
-    this before anything imports triton or triton_instnorm. ``command`` is what to run instead
-    when that is too late."""
-    import torch  # does not import triton
-
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.cuda.get_device_name(), False
-    if "triton_instnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--smoke without a GPU needs TRITON_INTERPRET=1 before triton_instnorm "
-                         f"is imported; run it as a fresh process: {command}")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return torch.device("cpu"), "CPU (Triton interpreter)", True
-
-
-def output_dirs(args, default_dir: str, smoke_prefix: str):
-    """(directory for CSV and markdown, directory for plots): a new temp dir in smoke runs."""
-    if args.smoke:
-        out_dir = args.out or tempfile.mkdtemp(prefix=smoke_prefix)
-        return out_dir, args.plots or os.path.join(out_dir, "plots")
-    return args.out or default_dir, args.plots or PLOTS_DIR
+def status(name: str, reason: str | None, rows, failures, unavailable) -> str:
+    """"unavailable: <why>" or "measured: N rows (dtypes)[; unavailable for ...][; failures]"."""
+    if reason is not None:
+        return f"unavailable: {reason}"
+    mine = [r for r in rows if r["provider"] == name]
+    dtypes = sorted({r["dtype"] for r in mine}, key=model.DTYPES.index)
+    parts = [f"measured: {len(mine)} rows ({', '.join(dtypes) or 'none'})"]
+    by_reason = {}
+    for dtype, why in unavailable.get(name, {}).items():
+        by_reason.setdefault(why, []).append(dtype)
+    parts += [f"unavailable for {', '.join(d)}: {why}" for why, d in by_reason.items()]
+    failed = [f for f in failures if f" {name}:" in f]
+    return "; ".join(parts + ([f"{len(failed)} failed: {failed[0]}"] if failed else []))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch  # does not import triton
-
     if not torch.cuda.is_available() and not args.smoke:
-        return redraw(args)
-    device, device_name, interpret = start_device("python -m perf.report --smoke")
-    from perf import bench, peers, plots  # imports torch, triton, triton_instnorm
+        def draw(rows, device):
+            from perf import plots
+            return plots.draw_all(rows, args.plots or cli.PLOTS_DIR, device, cli.slugify(device),
+                                  args.peak_tflops or model.known_peak_tflops(device))
+        return cli.redraw(args.out or cli.RESULTS_DIR, CSV_COLUMNS, draw)
+    device, device_name, interpret = cli.start_device("python -m perf.report --smoke")
+    import triton
 
-    providers = args.providers
-    if providers is None:
-        providers = list(model.NORM_PROVIDERS) + list(model.PEER_PROVIDERS)
-        if interpret:
-            providers.remove("torch_compile")
-    providers = [p for p in providers if p != model.ROOF_PROVIDER]
-    requested_peers = [p for p in providers if p in model.PEER_PROVIDERS]
-    peer_reasons = {name: peers.unavailable_reason(name, interpret) for name in requested_peers}
-    providers = [p for p in providers if peer_reasons.get(p) is None]
+    chosen = [p for p in args.providers or default_providers(interpret) if p != ROOF]
+    optional = {p: providers.unavailable_reason(p, interpret) for p in chosen
+                if p in PEER_PROVIDERS or p == CLUSTERS}
+    chosen = [p for p in chosen if optional.get(p) is None]
+    peers = {p: why for p, why in optional.items() if p in PEER_PROVIDERS}
 
-    out_dir, plots_dir = output_dirs(args, RESULTS_DIR, "instnorm-perf-smoke-")
-    slug = model.slugify(device_name)
-    csv_path = os.path.join(out_dir, f"{slug}.csv")
-    md_path = os.path.join(out_dir, f"{slug}.md")
+    out_dir, plots_dir = cli.output_dirs(args, cli.RESULTS_DIR, "instnorm-perf-smoke-")
+    slug = cli.slugify(device_name)
+    csv_path, md_path = os.path.join(out_dir, f"{slug}.csv"), os.path.join(out_dir, f"{slug}.md")
 
-    cfg = bench.RunConfig(
-        classes=shapes.select_classes(args.classes), dtypes=args.dtypes,
-        directions=args.directions, providers=providers, smoke=args.smoke,
-        use_module=args.module, device=device, device_name=device_name)
-    print(f"Measuring on {device_name}: {len(cfg.classes)} shape classes, dtypes {','.join(cfg.dtypes)}, "
-          f"providers {','.join(providers + [model.ROOF_PROVIDER])}"
+    def save(rows):
+        return cli.write_csv(csv_path, rows, CSV_COLUMNS, KEY_COLUMNS, sort_key, not args.fresh)
+
+    print(f"Measuring on {device_name}: {len(shapes.select_classes(args.classes))} shape classes, "
+          f"dtypes {','.join(args.dtypes)}, providers {','.join(chosen + [ROOF])}"
           f"{' (smoke, Triton interpreter)' if interpret else ' (smoke)' if args.smoke else ''}",
           file=sys.stderr)
-    if requested_peers:
-        print(peers.status_line(peer_reasons), file=sys.stderr)
-    outcome = bench.run(cfg)
-    new_rows, failures = outcome.rows, outcome.failures
-    rows = summary.write_csv(csv_path, new_rows, merge=not (args.fresh or args.smoke))
+    if peers:
+        print(providers.status_line(peers), file=sys.stderr)
+    if CLUSTERS in optional:
+        cli.log(f"{CLUSTERS}: {optional[CLUSTERS] or 'available'}")
+    if args.warm:
+        failures = measure(args, chosen, device, device_name, lambda rows: None)[1]
+        cli.log(f"warmed: {len(failures)} failure(s)")
+        return 1 if failures else 0
+    new_rows, failures, unavailable, left_out = measure(args, chosen, device, device_name, save)
+    rows = save(new_rows)
 
-    notes = [f"torch {torch.__version__}, triton {bench.triton.__version__}",
-             f"triton_instnorm timed through the "
-             f"{'InstanceNorm modules (--module)' if args.module else 'functional instance_norm'}"]
+    notes = [f"torch {torch.__version__}, triton {triton.__version__}",
+             "triton_instnorm timed through the "
+             + ("InstanceNorm modules (--module)" if args.module else "functional instance_norm")]
     if interpret:
         notes.append("SMOKE RUN on CPU through the Triton interpreter: the numbers mean nothing")
-    overall = summary.overall_speedups(new_rows)
-    notes += [f"overall geometric-mean speedup vs {b}: {v:.2f}x" for b, v in overall.items()]
+    if CLUSTERS in optional:
+        notes.append(f"{CLUSTERS} (TRITON_INSTNORM_CLUSTERS=1): "
+                     + status(CLUSTERS, optional[CLUSTERS], new_rows, failures, unavailable))
+    if left_out:
+        notes.append(f"--budget {args.budget:g} s spent: {left_out} (shape, dtype) cases "
+                     "not measured")
+    notes += [f"overall geometric-mean speedup vs {b}: {v:.2f}x"
+              for b, v in summary.overall_speedups(rows).items()]
     if failures:
         notes.append(f"{len(failures)} measurement(s) failed: " + "; ".join(failures[:5]))
-    text = summary.markdown(rows, f"Instance norm bandwidth on {device_name}", notes,
-                            peers=peer_statuses(requested_peers, peer_reasons, outcome))
-    text += traffic_report.section()  # bytes moved / minimum and programs, counted on the CPU
+    text = summary.bandwidth(rows, f"Instance norm bandwidth on {device_name}", notes, peers={
+        p: status(p, why, new_rows, failures, unavailable) for p, why in peers.items()})
+    text += summary.traffic_section(TRAFFIC_TABLE)  # bytes moved / minimum, counted on the CPU
     with open(md_path, "w") as f:
         f.write(text)
-    peak = args.peak_tflops or model.known_peak_tflops(device_name)
-    pngs = plots.draw_all(rows, plots_dir, device_name, slug, peak)
-
+    pngs, problems = cli.draw("draw_all", rows, plots_dir, device_name, slug,
+                              args.peak_tflops or model.known_peak_tflops(device_name))
     written = [f"{csv_path} ({len(new_rows)} new rows, {len(rows)} total)", md_path, *pngs]
-    return finish(text, written, f"{len(failures)} measurement(s) failed" if failures else "")
-
-
-def finish(text: str, written: list[str], failed: str) -> int:
-    """Print the summary and what was written; the exit code (1 when something failed)."""
-    print(text)
-    for path in written:
-        print(f"wrote {path}")
-    if failed:
-        print(f"{failed}; see stderr", file=sys.stderr)
-        return 1
-    return 0
+    return cli.finish(text, written, failures + problems)
 
 
 if __name__ == "__main__":

@@ -1,79 +1,41 @@
-"""CSV reading/writing and the markdown summary table (torch-free)."""
+"""The markdown summaries of the bandwidth report, the training steps and the traffic table,
+computed from their rows (no torch or triton work)."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections import defaultdict
 
-from perf import model
-from perf.shapes import class_order
+from perf import cli, model
+from perf.providers import BASELINES, OURS, PROVIDERS, ROOF
+from perf.shapes import SHAPE_CLASSES, class_order
 
-# A measurement is identified by these columns; re-measuring replaces the old row.
-KEY_COLUMNS = ("shape_class", "shape", "dtype", "direction", "provider")
-
-
-def read_csv(path: str, columns: list[str] = model.CSV_COLUMNS) -> list[dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != columns:
-            raise ValueError(f"{path}: columns {reader.fieldnames} != {columns}")
-        return list(reader)
-
-
-def _sort_key(row: dict):
-    return (class_order(row["shape_class"]), model.numel(model.shape_from_str(row["shape"])), row["shape"],
-            model.DTYPES.index(row["dtype"]) if row["dtype"] in model.DTYPES else 99,
-            model.DIRECTIONS.index(row["direction"]) if row["direction"] in model.DIRECTIONS else 99,
-            model.PROVIDERS.index(row["provider"]) if row["provider"] in model.PROVIDERS else 99)
-
-
-def write_csv(path: str, rows: list[dict], merge: bool, columns: list[str] = model.CSV_COLUMNS,
-              key_columns=KEY_COLUMNS, sort_key=_sort_key) -> list[dict]:
-    """Write rows; with ``merge`` keep earlier rows of this file that were not re-measured.
-
-    Merging lets a partial re-run (``--classes gan_2d``) update its rows without
-    dropping the rest of the device's table; every row keeps its own
-    torch/triton/date columns, so mixed runs stay traceable. ``columns``, ``key_columns``
-    and ``sort_key`` default to the bandwidth CSV's (perf.models passes its own).
-    """
-    if merge and os.path.exists(path):
-        fresh = {tuple(r[k] for k in key_columns) for r in rows}
-        old = [r for r in read_csv(path, columns) if tuple(r[k] for k in key_columns) not in fresh]
-        rows = old + rows
-    rows = sorted(rows, key=sort_key)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
+PER_SHAPE = "## Per shape"  # where the traffic table's per-class lines end
 
 
 def geomean(values) -> float:
     values = [v for v in values if v > 0]
-    if not values:
-        return float("nan")
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def index_rows(rows: list[dict]):
-    """{(shape_class, shape, dtype, direction): {provider: row}}"""
-    table = defaultdict(dict)
-    for r in rows:
-        table[(r["shape_class"], r["shape"], r["dtype"], r["direction"])][r["provider"]] = r
-    return table
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
 def speedups(rows: list[dict], baseline: str) -> dict:
-    """{(shape_class, dtype, direction): [t_baseline / t_triton per shape]}"""
+    """{(shape_class, dtype, direction): [baseline ms / triton_instnorm ms, per shape]}"""
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["shape_class"], r["shape"], r["dtype"], r["direction"])][r["provider"]] = r
     out = defaultdict(list)
-    for (cls, _shape, dtype, direction), by_provider in index_rows(rows).items():
-        ours, base = by_provider.get("triton_instnorm"), by_provider.get(baseline)
+    for (cls, _shape, dtype, direction), by_provider in table.items():
+        ours, base = by_provider.get(OURS), by_provider.get(baseline)
         if ours and base:
             out[(cls, dtype, direction)].append(float(base["ms"]) / float(ours["ms"]))
     return out
+
+
+def overall_speedups(rows: list[dict]) -> dict:
+    """{baseline: geometric-mean speedup of triton_instnorm over every shape, dtype, direction}"""
+    ratios = {b: [v for vals in speedups(rows, b).values() for v in vals] for b in BASELINES}
+    return {b: geomean(r) for b, r in ratios.items() if r}
 
 
 def _fmt(value: float) -> str:
@@ -83,63 +45,131 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def markdown(rows: list[dict], title: str, notes: list[str] = (), peers: dict[str, str] | None = None) -> str:
-    """One line per (shape class, dtype, direction): geometric means over the class's shapes.
+def _table(header, lines) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(cells) + " |" for cells in lines]
 
-    ``peers``: {peer provider: what happened to it} ("measured: ..." or "unavailable: <reason>"),
-    written as its own table so that a peer that could not run is listed, not silently missing.
-    """
-    providers = [p for p in model.PROVIDERS if any(r["provider"] == p for r in rows)]
-    norm = [p for p in providers if p != model.ROOF_PROVIDER]
-    vs = {b: speedups(rows, b) for b in model.BASELINES if b in providers}
+
+def _head(title: str, notes) -> list[str]:
+    return [f"# {title}", ""] + ([f"- {n}" for n in notes] + [""] if notes else [])
+
+
+def bandwidth(rows: list[dict], title: str, notes=(), peers: dict[str, str] | None = None) -> str:
+    """A line per (shape class, dtype, direction), geometric means over the class's shapes;
+    ``peers``: {peer: "measured: ..." or "unavailable: <reason>"}, a table of its own, so that
+    a peer that could not run is listed, not silently missing."""
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    norm = [p for p in providers if p != ROOF]
+    vs = {b: speedups(rows, b) for b in BASELINES if b in providers}
     groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[(r["shape_class"], r["dtype"], r["direction"])][r["provider"]].append(r)
 
-    header = ["class", "dtype", "direction", "shapes"]
-    header += [f"{p} GB/s (% roof)" for p in norm]
-    header += ["copy GB/s"] if model.ROOF_PROVIDER in providers else []
+    header = ["class", "dtype", "direction", "shapes"] + [f"{p} GB/s (% roof)" for p in norm]
+    header += ["copy GB/s"] if ROOF in providers else []
     header += [f"speedup vs {b.removeprefix('torch_')}" for b in vs]
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += [f"- {n}" for n in notes] + [""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-
-    def order(key):
-        cls, dtype, direction = key
-        return (class_order(cls), model.DTYPES.index(dtype) if dtype in model.DTYPES else 99,
-                model.DIRECTIONS.index(direction) if direction in model.DIRECTIONS else 99)
-
-    for key in sorted(groups, key=order):
+    lines = []
+    for key in sorted(groups, key=lambda k: (class_order(k[0]), cli.rank(model.DTYPES, k[1]),
+                                             cli.rank(model.DIRECTIONS, k[2]))):
         by_provider = groups[key]
-        shapes = {r["shape"] for rs in by_provider.values() for r in rs}
-        cells = [*key, str(len(shapes))]
+        cells = [*key, str(len({r["shape"] for rs in by_provider.values() for r in rs}))]
         for p in norm:
             rs = by_provider.get(p, [])
             gb = geomean(float(r["gbps"]) for r in rs)
             pct = geomean(float(r["pct_of_roof"]) for r in rs if r["pct_of_roof"])
             cells.append(f"{_fmt(gb)} ({_fmt(pct)}%)" if rs else "–")
-        if model.ROOF_PROVIDER in providers:
-            cells.append(_fmt(geomean(float(r["gbps"]) for r in by_provider.get(model.ROOF_PROVIDER, []))))
+        if ROOF in providers:
+            cells.append(_fmt(geomean(float(r["gbps"]) for r in by_provider.get(ROOF, []))))
         for b in vs:
             ratio = geomean(vs[b].get(key, []))
             cells.append("–" if ratio != ratio else f"{ratio:.2f}x")
-        lines.append("| " + " | ".join(cells) + " |")
-
-    lines += ["", "GB/s and % of roof: geometric mean over the class's shapes; "
-              "% of roof = achieved GB/s / GB/s of `y.copy_(x)` on the same tensor. "
-              "speedup = baseline ms / triton_instnorm ms (geometric mean; > 1 means faster)."]
+        lines.append(cells)
+    out = _head(title, notes) + _table(header, lines) + [
+        "", "GB/s and % of roof: geometric mean over the class's shapes; % of roof = achieved "
+        "GB/s / GB/s of `y.copy_(x)` on the same tensor. speedup = baseline ms / triton_instnorm "
+        "ms (geometric mean; > 1 means faster)."]
     if peers:
-        lines += ["", "## Peer providers", "", "| peer | status |", "|---|---|"]
-        lines += [f"| {name} | {text} |" for name, text in peers.items()]
-    return "\n".join(lines) + "\n"
+        out += ["", "## Peer providers", ""] + _table(["peer", "status"], peers.items())
+    return "\n".join(out) + "\n"
 
 
-def overall_speedups(rows: list[dict]) -> dict:
-    """{baseline: geometric-mean speedup of triton_instnorm over all shapes/dtypes/directions}"""
-    out = {}
-    for baseline in model.BASELINES:
-        ratios = [v for vals in speedups(rows, baseline).values() for v in vals]
-        if ratios:
-            out[baseline] = geomean(ratios)
-    return out
+def training(rows: list[dict], title: str, notes) -> str:
+    """A line per (network, mode), rows in CSV order: PyTorch's variant next to ours."""
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["network"], r["mode"]), {})[r["variant"]] = r
+    header = ["network", "batch x input", "dtype", "layout", "mode", "PyTorch ms/step",
+              "triton_instnorm ms/step", "speedup", "PyTorch peak MiB", "triton_instnorm peak MiB",
+              "check (loss / grad rel. err.)"]
+    lines = []
+    for (network, mode), by_variant in pairs.items():
+        ref, ours = by_variant.get("pytorch", {}), by_variant.get(OURS, {})
+        first, speedup = ref or ours, ours.get("speedup_vs_pytorch")
+        lines.append([
+            network, first["input_shape"], first["dtype"], first["memory_format"], mode,
+            ref.get("ms_per_step", "–"), ours.get("ms_per_step", "–"),
+            f"{float(speedup):.2f}x" if speedup else "–", ref.get("peak_mem_mb") or "–",
+            ours.get("peak_mem_mb") or "–",
+            f"{ours['check']} ({ours['loss_rel_err']} / {ours['grad_rel_err']})" if ours else "–"])
+    return "\n".join(_head(title, notes) + _table(header, lines) + [
+        "", "speedup = PyTorch ms / triton_instnorm ms per training step (same mode); > 1 means "
+        "faster. peak MiB: torch.cuda.max_memory_allocated over the timed steps. check: the first "
+        "step's loss and gradients of the triton_instnorm variant against PyTorch's."]) + "\n"
+
+
+def traffic(rows: list[dict], providers: list[str], notes, gpu_name: str, sms: int) -> str:
+    """A line per (class, dtype, direction), then per class a line per shape and direction."""
+    def ratio(row):
+        return "–" if row is None else (
+            "no Triton launch" if row["ratio"] is None else f"{row['ratio']:.2f}")
+
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["shape_class"], r["dtype"], r["direction"])][r["provider"]].append(r)
+    lines = []
+    for key, by_provider in groups.items():
+        ours = by_provider.get(providers[0], [])
+        fewest = f"{min(r['programs'] for r in ours) / sms:.2f}" if ours else "–"
+        cells = [*key, str(len(ours)), fewest]
+        for p in providers:
+            ratios = [r["ratio"] for r in by_provider.get(p, []) if r["ratio"] is not None]
+            cells.append(f"{geomean(ratios):.2f}" if ratios else "–")
+        lines.append(cells)
+    out = _head(f"Memory traffic and programs per launch (CPU count, {gpu_name} launch "
+                "configuration)", notes)
+    out += _table(["class", "dtype", "direction", "shapes", "programs / SM (fewest)"]
+                  + [f"{p} bytes / min (geomean)" for p in providers], lines) + [""]
+    out += [f"programs / SM: programs of the largest launch / {sms} (the fewest over the class's "
+            "shapes). bytes / min: bytes loaded and stored by all launches of a call / the "
+            "minimum of perf/model.py (`norm_bytes`), geometric mean over the shapes.", "",
+            PER_SHAPE, "", "reads of x (dy): bytes loaded from x (dy) / its size (1.00: every "
+            "element once; the forward also loads one pivot element per plane).", ""]
+    header = ["shape", "dtype", "direction", f"{providers[0]} launches (grid)", "programs / SM",
+              "reads of x (dy)"] + [f"{p} bytes / min" for p in providers]
+    by_key = {(r["shape_class"], r["shape"], r["dtype"], r["direction"], r["provider"]): r
+              for r in rows}
+    for cls in SHAPE_CLASSES.values():
+        keys = [k for k in by_key if k[0] == cls.name and k[4] == providers[0]]
+        if not keys:
+            continue
+        table = []
+        for key in keys:
+            row = by_key[key]
+            reads = f"{row['reads'][0]:.2f}" + "".join(f" ({r:.2f})" for r in row["reads"][1:])
+            table.append([row["shape"], row["dtype"], row["direction"], row["launches"] or "–",
+                          f"{row['programs'] / sms:.2f}", reads]
+                         + [ratio(by_key.get(key[:4] + (p,))) for p in providers])
+        out += [f"### {cls.name} ({cls.memory_format})", ""] + _table(header, table) + [""]
+    return "\n".join(out) + "\n"
+
+
+def traffic_section(path: str) -> str:
+    """For the bandwidth summary: the traffic table's lines per class (headings one level
+    down), pointing to the file for the per-shape tables."""
+    if not os.path.exists(path):
+        return "\n## Memory traffic\n\nNo traffic table yet: run `python -m perf.traffic`.\n"
+    with open(path) as f:
+        text = f.read().split(PER_SHAPE)[0].rstrip()
+    text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    shown = os.path.relpath(path, cli.REPO_ROOT)
+    return f"\n{text}\n\nPer shape and launch: `{path if shown.startswith('..') else shown}`.\n"

@@ -1,67 +1,64 @@
-"""Memory traffic and grid sizes of Triton kernels, counted on the CPU through Triton's interpreter.
-
-Why: how many bytes a kernel path moves and how many programs it launches decide most of its
-speed on a GPU, and both can be known without one. Counting them per call of the public API
-pins the kernels' traffic in tests (an extra sweep over x fails them) and gives the perf report
-a "bytes moved / minimum" figure and the grid of every launch.
-
-Usage (the kernels must run through the interpreter: ``TRITON_INTERPRET=1`` set before triton
-is first imported)::
+"""Bytes loaded and stored, and programs launched, by Triton kernels, counted through Triton's
+interpreter on the CPU (``TRITON_INTERPRET=1`` set before triton is first imported)::
 
     from perf import traffic
     with traffic.count() as t:
         y = triton_instnorm.instance_norm(x)
-    t.kernels()        # {name: Totals(launches, programs, bytes_loaded, bytes_stored)}
-    t.loaded(x), t.stored(y), t.moved()   # bytes, per tensor or in all
-    t.launches         # [Launch(kernel, grid, programs_run, constexprs, ...)] in launch order
+    t.loaded(x), t.stored(y), t.moved()   # bytes: of one tensor's storage, or in all
+    t.launches                            # [Launch(kernel, grid, programs_run, ...)], in order
+    print(t.table())                      # a line per kernel
+
+``python -m perf.traffic`` counts every shape class of perf/shapes.py this way, forward and
+backward, in bfloat16 and float32, with the launch configuration the host plans without a CUDA
+device (for an emulated GPU, an H100 unless ``TRITON_INSTNORM_EMULATE`` names another), and
+writes ``perf/results/traffic.md``: per launch its grid, programs per SM (a cluster launch's
+CTAs), how many times x (and dy) were read, and bytes moved over the minimum of perf/model.py.
+``--clusters`` counts triton_instnorm_clusters instead (cluster launches on) into
+``perf/results/traffic_clusters.md``; ``--providers`` counts any provider of perf/providers.py
+whose kernels are Triton kernels.
 
 What is counted, per launch:
 
-- **bytes**: every load and store the interpreter executes (``tl.load`` / ``tl.store``: scalar or
-  block, masked or not), unmasked lanes only, times the pointer's element size; attributed to
-  the tensor argument whose storage each lane falls in (``loaded(x)`` covers x's whole storage,
-  so views of one storage count together). Lanes, not distinct addresses: an element loaded
-  twice counts twice, which is what a second sweep costs when the cache does not hold it.
-  Caches, atomics and tensor-descriptor copies are not modelled (these kernels use none).
-- **programs**: the launch's grid, every axis, also when no program is run.
+- bytes: every load and store the interpreter executes (``tl.load`` / ``tl.store``, scalar or
+  block, masked or not), unmasked lanes only, times the pointer's element size, attributed to the
+  tensor argument whose storage each lane falls in (views of one storage count together). Lanes,
+  not distinct addresses: an element loaded twice counts twice, which is what a second sweep
+  costs when the cache does not hold it. No cache, atomics or tensor descriptors are modelled.
+- programs: the launch's grid, every axis, also when no program is run.
 
-How: while a ``count()`` is open, the interpreter's builder has its ``create_masked_load`` /
-``create_masked_store`` (which plain loads and stores call too) and ``set_grid_dim`` /
-``set_grid_idx`` wrapped, and ``GridExecutor.__call__`` records the kernel name, the tensor
-arguments' storages and the constexpr values of each launch. Nothing depends on a kernel's
-argument names. Tested with the interpreters of triton 3.6 and 3.9.
+How: inside ``count()`` the interpreter builder's ``create_masked_load`` / ``_store`` (which plain
+loads and stores call too) and ``set_grid_dim`` / ``_idx`` are wrapped, and
+``GridExecutor.__call__`` records each launch's kernel and tensor arguments; nothing depends on
+argument names (triton 3.6 and 3.9).
 
-Which programs run (``count(programs=...)``):
-
-- ``"all"`` (default): every program; the counts are exact.
-- ``"sample"``: per grid axis of more than three programs, the first, the second and the last;
-  the second stands for every interior program (its bytes are weighted by their number). Exact
-  whenever interior programs along each axis move the same bytes (true of every launch of these
-  kernels: only a last row block or chunk is partial and only chunk 0 writes per-plane results);
-  makes full-size shapes countable in seconds. Outputs of the skipped programs stay unwritten.
-- ``"none"``: no program runs: grids only, instant at any size.
+``count(programs=...)``: ``"all"`` programs run (exact); ``"sample"``: per grid axis the first,
+second and last, the second standing for every interior one (exact when interior programs move
+the same bytes, as in every launch of these kernels; full-size shapes in seconds; the skipped
+programs' outputs stay unwritten); ``"none"``: grids only.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
+import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+from perf import cli, model, shapes, summary
 
 PROGRAM_MODES = ("all", "sample", "none")
 
 
 @dataclass
 class Launch:
-    """One kernel launch: its grid and the bytes its programs loaded and stored.
-
-    ``loaded`` / ``stored`` map the storage address of a tensor argument (None: lanes outside
-    every tensor argument) to bytes."""
+    """One kernel launch. ``loaded`` / ``stored``: bytes by the storage address of a tensor
+    argument (None: lanes outside every tensor argument)."""
 
     kernel: str
-    constexprs: dict
     grid: tuple = (1, 1, 1)
     ctas: int = 1  # CTAs per program (``num_ctas``: a cluster; the interpreter runs one)
     programs_run: int = 0
@@ -88,21 +85,6 @@ class Launch:
         return "x".join(str(d) for d in dims)
 
 
-@dataclass
-class Totals:
-    """Sums over the launches of one kernel."""
-
-    launches: int = 0
-    programs: int = 0
-    bytes_loaded: int = 0
-    bytes_stored: int = 0
-
-
-def storage_key(tensor) -> int:
-    """The key ``Launch.loaded`` / ``stored`` use for a tensor: its storage's address."""
-    return tensor.untyped_storage().data_ptr()
-
-
 class Traffic:
     """What one ``count()`` block launched; filled in while the block runs."""
 
@@ -110,48 +92,41 @@ class Traffic:
         self.programs = programs
         self.launches: list[Launch] = []
 
-    def _select(self, field_name: str, tensor, kernel) -> int:
-        key = None if tensor is None else storage_key(tensor)
-        total = 0
-        for launch in self.launches:
-            if kernel is not None and launch.kernel != kernel:
-                continue
-            by_storage = getattr(launch, field_name)
-            total += sum(by_storage.values()) if tensor is None else by_storage.get(key, 0)
-        return total
+    def _select(self, field_name: str, tensor) -> int:
+        key = None if tensor is None else tensor.untyped_storage().data_ptr()
+        return sum(sum(by_storage.values()) if tensor is None else by_storage.get(key, 0)
+                   for by_storage in (getattr(launch, field_name) for launch in self.launches))
 
-    def loaded(self, tensor=None, kernel: str | None = None) -> int:
-        """Bytes loaded (from ``tensor``'s storage, by ``kernel``; None: all)."""
-        return self._select("loaded", tensor, kernel)
+    def loaded(self, tensor=None) -> int:
+        """Bytes loaded from ``tensor``'s storage (None: in all)."""
+        return self._select("loaded", tensor)
 
-    def stored(self, tensor=None, kernel: str | None = None) -> int:
-        """Bytes stored (into ``tensor``'s storage, by ``kernel``; None: all)."""
-        return self._select("stored", tensor, kernel)
+    def stored(self, tensor=None) -> int:
+        """Bytes stored into ``tensor``'s storage (None: in all)."""
+        return self._select("stored", tensor)
 
-    def moved(self, tensor=None, kernel: str | None = None) -> int:
-        return self.loaded(tensor, kernel) + self.stored(tensor, kernel)
-
-    def kernels(self) -> dict[str, Totals]:
-        """{kernel name: Totals}, in order of first launch."""
-        out: dict[str, Totals] = {}
-        for launch in self.launches:
-            tot = out.setdefault(launch.kernel, Totals())
-            tot.launches += 1
-            tot.programs += launch.programs
-            tot.bytes_loaded += launch.bytes_loaded
-            tot.bytes_stored += launch.bytes_stored
-        return out
+    def moved(self, tensor=None) -> int:
+        return self.loaded(tensor) + self.stored(tensor)
 
     def grids(self) -> list[tuple[str, tuple]]:
         """[(kernel, grid)] in launch order."""
         return [(launch.kernel, launch.grid) for launch in self.launches]
 
+    def kernels(self) -> dict[str, list[int]]:
+        """{kernel: [launches, programs, bytes loaded, bytes stored]}, in order of first launch."""
+        totals = {}
+        for launch in self.launches:
+            row = totals.setdefault(launch.kernel, [0, 0, 0, 0])
+            for i, value in enumerate((1, launch.programs, launch.bytes_loaded,
+                                       launch.bytes_stored)):
+                row[i] += value
+        return totals
+
     def table(self) -> str:
-        """A plain-text line per kernel."""
+        """A plain-text line per kernel: launches, programs, bytes loaded and stored."""
         lines = [f"{'kernel':<24} {'launches':>8} {'programs':>9} {'loaded':>14} {'stored':>14}"]
-        for name, tot in self.kernels().items():
-            lines.append(f"{name:<24} {tot.launches:>8} {tot.programs:>9} "
-                         f"{tot.bytes_loaded:>14,} {tot.bytes_stored:>14,}")
+        lines += [f"{name:<24} {n:>8} {programs:>9} {loaded:>14,} {stored:>14,}"
+                  for name, (n, programs, loaded, stored) in self.kernels().items()]
         return "\n".join(lines)
 
 
@@ -199,12 +174,6 @@ def _regions(tensors):
     keys = sorted(spans)
     return (np.array(keys, dtype=np.uint64), np.array([spans[k] for k in keys], dtype=np.uint64),
             keys)
-
-
-def _constexprs(executor, args, kwargs) -> dict:
-    names = list(executor.arg_names)
-    values = dict(zip(names, args), **kwargs)
-    return {name: values[name] for name in executor.constexprs if name in values}
 
 
 def _record(field_name: str, ptrs, mask):
@@ -264,8 +233,7 @@ def _grid_call(executor, *args, **kwargs):
 
     if not _ACTIVE or _CURRENT:
         return _HOOKS["GridExecutor.__call__"](executor, *args, **kwargs)
-    launch = Launch(kernel=executor.fn.__name__, constexprs=_constexprs(executor, args, kwargs),
-                    ctas=int(kwargs.get("num_ctas", 1)))
+    launch = Launch(kernel=executor.fn.__name__, ctas=int(kwargs.get("num_ctas", 1)))
     for traffic in _ACTIVE:
         traffic.launches.append(launch)
     programs = _ACTIVE[-1].programs
@@ -315,21 +283,13 @@ def _uninstall():
     _HOOKS.clear()
 
 
-def interpreting() -> bool:
-    """True when Triton kernels defined from now on run through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 @contextlib.contextmanager
 def count(programs: str = "all"):
-    """Counts the launches, grids and bytes of the Triton kernels run inside the block.
-
-    ``programs``: ``"all"`` (exact), ``"sample"`` (first, second and last program per axis,
-    extrapolated) or ``"none"`` (grids only); see the module docstring. Blocks nest: an inner
-    block's launches are also counted by the outer ones, run as the inner one says."""
+    """Counts the launches, grids and bytes of the Triton kernels run inside the block. Blocks
+    nest: an inner block's launches are also counted by the outer ones, run as the inner says."""
     if programs not in PROGRAM_MODES:
         raise ValueError(f"programs must be one of {PROGRAM_MODES}, got {programs!r}")
-    if not interpreting():
+    if not cli.interpreting():
         raise RuntimeError("perf.traffic counts through Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
     traffic = Traffic(programs)
@@ -344,16 +304,110 @@ def count(programs: str = "all"):
             _uninstall()
 
 
-def main(argv=None) -> int:
-    """``python -m perf.traffic``: the per-shape-class table (see perf/traffic_report.py)."""
-    if not interpreting():
-        os.environ["TRITON_INTERPRET"] = "1"  # before perf.traffic_report imports triton
-    from perf import traffic_report
+# --------------------------------------------------------------------------- python -m perf.traffic
 
-    return traffic_report.main(argv)
+TABLE_PATH = os.path.join(cli.RESULTS_DIR, "traffic.md")
+CLUSTER_TABLE_PATH = os.path.join(cli.RESULTS_DIR, "traffic_clusters.md")
+DTYPES = ["bfloat16", "float32"]
+DEFAULT_PROVIDERS = ["triton_instnorm"]  # eager PyTorch and torch.compile launch no Triton kernel
+
+
+def emulated_gpu() -> tuple[str, int]:
+    """(name, SMs) of the GPU the host plans launches for without a CUDA device."""
+    from triton_instnorm.device import emulated
+
+    gpu = emulated()
+    return gpu.name, gpu.sms
+
+
+def measure(shape_class, shape, dtype: str, provider: str, programs: str) -> list[dict]:
+    """Rows (forward, backward) of one (shape, dtype, provider)."""
+    import torch
+
+    from perf import providers
+
+    case = providers.make_case(shape, dtype, shape_class.memory_format, torch.device("cpu"))
+    fn, inputs = providers.norm_fn(provider, case)
+    with count(programs) as fwd:
+        y = fn(*inputs)
+    with count(programs) as bwd:
+        torch.autograd.grad(y, inputs, case.dy)
+    rows = []
+    for direction, counted, read in (("forward", fwd, (case.x,)),
+                                     ("backward", bwd, (case.x, case.dy))):
+        minimum = model.norm_bytes(shape, dtype, direction)
+        rows.append({
+            "shape_class": shape_class.name, "shape": model.shape_to_str(shape), "dtype": dtype,
+            "direction": direction, "provider": provider,
+            "launches": ", ".join(f"{lc.kernel} {lc.grid_text()}"
+                                  + (f" ({lc.ctas}-CTA clusters)" if lc.ctas > 1 else "")
+                                  for lc in counted.launches),
+            "programs": max((lc.programs * lc.ctas for lc in counted.launches), default=0),
+            "reads": [counted.loaded(t) / (t.numel() * t.element_size()) for t in read],
+            "ratio": counted.moved() / minimum if counted.launches else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.traffic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=cli.csv_list(shapes.SHAPE_CLASSES),
+                   help="comma-separated shape classes (default: all)")
+    p.add_argument("--dtypes", type=cli.csv_list(model.DTYPES), default=DTYPES,
+                   help=f"comma-separated (default {','.join(DTYPES)})")
+    p.add_argument("--providers", type=cli.csv_list(), default=DEFAULT_PROVIDERS,
+                   help="comma-separated providers of perf/providers.py (default %(default)s)")
+    p.add_argument("--programs", choices=("sample", "all"), default="sample",
+                   help="programs run per launch (default %(default)s; the grid is always real)")
+    p.add_argument("--smoke", action="store_true", help="the classes' tiny smoke shapes instead")
+    p.add_argument("--clusters", action="store_true",
+                   help="count triton_instnorm_clusters (TRITON_INSTNORM_CLUSTERS=1) instead")
+    p.add_argument("--out", help=f"markdown file (default {cli.show(TABLE_PATH)}, with --clusters "
+                                 f"{cli.show(CLUSTER_TABLE_PATH)})")
+    args = p.parse_args(argv)
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # counted through the interpreter, GPU or not
+    import torch
+    import triton
+
+    from perf import providers
+
+    gpu_name, sms = emulated_gpu()
+    config = f"launch configuration of a {sms}-SM {gpu_name}"
+    if args.clusters:
+        why = providers.clusters_reason(torch.empty(0))
+        if why:
+            raise SystemExit(f"perf.traffic --clusters: {why}")
+        args.providers = [providers.CLUSTERS if p == providers.OURS else p for p in args.providers]
+        config += ", cluster launches on (TRITON_INSTNORM_CLUSTERS=1)"
+    args.out = args.out or (CLUSTER_TABLE_PATH if args.clusters else TABLE_PATH)
+    rows, failures, start = [], [], time.monotonic()
+    for cls in shapes.select_classes(args.classes):
+        for shape in cls.smoke_shapes if args.smoke else cls.shapes:
+            for dtype in args.dtypes:
+                for provider in args.providers:
+                    label = f"{cls.name} {model.shape_to_str(shape)} {dtype} {provider}"
+                    try:
+                        rows += measure(cls, shape, dtype, provider, args.programs)
+                    except Exception as exc:  # a provider that is not installed or cannot run
+                        failures.append(f"{label}: {type(exc).__name__}: {exc}")
+                        continue
+                    print(f"{time.monotonic() - start:7.1f}s {label}", file=sys.stderr, flush=True)
+    notes = [f"torch {torch.__version__}, triton {triton.__version__}, Triton interpreter on the "
+             f"CPU; {config}",
+             f"programs run per launch: {args.programs}" + (
+                 " (first, second and last per grid axis; the grid is the real one)"
+                 if args.programs == "sample" else "")]
+    notes += ["smoke shapes: tiny, not the perf classes' sizes"] if args.smoke else []
+    notes += [f"not counted: {f}" for f in failures]
+    text = summary.traffic(rows, args.providers, notes, gpu_name, sms)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

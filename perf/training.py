@@ -1,55 +1,74 @@
-"""Training steps for ``perf.models``: the step, its timing, and the check of the two variants.
+"""Training steps of real instance-norm networks: ``python -m perf.training [options]``.
 
-Imports torch, triton and triton_instnorm (through perf.networks): perf.models imports it only
-after deciding whether ``TRITON_INTERPRET`` must be set.
+Times a full training step (zero_grad, forward with the loss, backward, Adam step) of each
+network of perf/networks.py in four variants: PyTorch's layers (``pytorch``) and the same model
+after ``networks.to_triton`` (``triton_instnorm``), each eager and under ``torch.compile`` of the
+whole task, from the same weights and batch. Per variant: a first step (the compile), warm-up
+steps, then timed steps (perf/timing.py); each variant is built, timed and freed before the next,
+so its peak memory is its own.
 
-The check runs before any timed step: one float32 step of each variant, TF32 off, from the same
-weights and batch; the triton_instnorm variant must give PyTorch's loss and gradients within
-``TOLERANCES``. Networks timed under bfloat16 autocast are checked in float32 too: under bf16
-autocast two correct implementations differ as much as autocast differs from float32 (on the
-smoke U-Net, 10-100% per-tensor gradient differences for *both* variants against float32), so a
-bf16 comparison could not tell a wrong kernel from rounding.
+The check, before anything is timed: one eager float32 step of each variant, TF32 off; the loss
+must agree within a relative 1e-4 and every parameter's gradient within a relative (L2) 1e-3,
+leaving out gradients under 1e-3 of the largest (a conv bias right before an instance norm has a
+zero gradient in exact arithmetic, and its rounding noise differs between any two
+implementations). Networks timed under bfloat16 autocast are checked in float32 too: under
+autocast two correct implementations differ as much as autocast differs from float32, so a bf16
+comparison could not tell a wrong kernel from rounding. In every mode the triton_instnorm variant
+must also launch its kernels (``triton_instnorm.launch.LAUNCHES``). A failure goes into the
+``check`` column and makes the exit code 1; the times are still written.
+
+Outputs as perf.report's: ``perf/results/models/<device>.csv`` and ``.md``,
+``plots/<device>_models.png``; without a GPU, one line and the plot redrawn from the newest
+committed CSV; ``--smoke``: tiny networks into a temp dir, without a GPU through Triton's
+interpreter and without torch.compile (minutes of inductor per network) unless ``--modes`` asks.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import gc
-import statistics
-import time
+import math
+import os
+import sys
 
 import torch
 
-from perf import networks
-from triton_instnorm.launch import LAUNCHES
+from perf import cli, model, summary
+from perf.networks import NETWORKS, make_batch, make_task
+from perf.timing import time_steps
 
-# (loss, gradient) relative error allowed between the variants' float32 check steps: only the
-# order of the reductions in the instance norms differs.
-TOLERANCES = (1e-4, 1e-3)
-
-
-def make_task(builder: str, kwargs: dict, variant: str, device, memory_format: str):
-    torch.manual_seed(0)  # the same weights in both variants
-    task = getattr(networks, builder)(**kwargs)
-    if variant == "triton_instnorm":
-        networks.to_triton(task)
-    task = task.to(device)
-    if memory_format == "channels_last_3d":
-        task = task.to(memory_format=torch.channels_last_3d)
-    return task
+RESULTS_DIR = os.path.join(cli.RESULTS_DIR, "models")
+COLUMNS = ["device", "torch", "triton", "date", "network", "batch", "input_shape", "dtype",
+           "memory_format", "variant", "mode", "ms_per_step", "speedup_vs_pytorch", "peak_mem_mb",
+           "loss", "loss_rel_err", "grad_rel_err", "instnorm_launches", "check"]
+KEY_COLUMNS = ("network", "variant", "mode")
+VARIANTS = ["pytorch", "triton_instnorm"]
+MODES = ["eager", "compile"]
+TOLERANCES = (1e-4, 1e-3)  # (loss, gradient) relative error between the float32 check steps
 
 
-def make_batch(shape, inputs: str, device, memory_format: str):
-    """(image, target) or (content, style) pairs, or (volume, labels) for segmentation."""
-    generator = torch.Generator().manual_seed(1)
-    first = torch.randn(shape, generator=generator)
-    if inputs == "segmentation":
-        second = torch.randint(0, 3, (shape[0], *shape[2:]), generator=generator)
-    else:
-        second = torch.rand(shape, generator=generator) * 2 - 1
-    if memory_format == "channels_last_3d":
-        first = first.contiguous(memory_format=torch.channels_last_3d)
-    return first.to(device), second.to(device)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m perf.training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--networks", type=cli.csv_list(NETWORKS), default=list(NETWORKS),
+                   help=f"comma-separated (default all: {','.join(NETWORKS)})")
+    p.add_argument("--modes", type=cli.csv_list(MODES),
+                   help="eager,compile (default both; smoke without a GPU: eager)")
+    p.add_argument("--warmup", type=int, help="untimed steps before the timed ones, the first "
+                                              "included (default 3; smoke 1)")
+    p.add_argument("--steps", type=int, help="timed steps (default 10; smoke 1)")
+    cli.add_output_args(p, RESULTS_DIR)
+    args = p.parse_args(argv)
+    args.warmup = max(1, args.warmup or (1 if args.smoke else 3))
+    args.steps = args.steps or (1 if args.smoke else 10)
+    return args
+
+
+def sort_key(row: dict):
+    return (cli.rank(list(NETWORKS), row["network"]), row["network"],
+            cli.rank(MODES, row["mode"]), cli.rank(VARIANTS, row["variant"]))
 
 
 class Trainer:
@@ -61,11 +80,11 @@ class Trainer:
         self.run_task = torch.compile(task) if mode == "compile" else task
         self.named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam([p for _, p in self.named], lr=1e-4)
-        self.device_type, self.autocast = device.type, autocast
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
 
     def loss_and_grads(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+        with self.autocast:
             loss = self.run_task(*batch)
         loss.backward()
         return loss
@@ -75,16 +94,6 @@ class Trainer:
         self.optimizer.step()
         return loss
 
-    def counted_step(self, batch):
-        """A step; (its loss, the triton_instnorm kernel launches it made)."""
-        before = sum(LAUNCHES.values())
-        loss = self.step(batch).item()
-        return loss, sum(LAUNCHES.values()) - before
-
-    def grads(self):
-        return {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().float().cpu()
-                for n, p in self.named}
-
 
 def free(device):
     gc.collect()
@@ -92,36 +101,9 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def time_steps(trainer: Trainer, batch, device, warmup: int, steps: int):
-    """(median ms per step, peak MiB allocated during the timed steps; NaN on the CPU)."""
-    for _ in range(warmup):
-        trainer.step(batch)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            trainer.step(batch)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            trainer.step(batch)
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else float("nan")
-    return statistics.median(times), peak
-
-
-# --------------------------------------------------------------------------- the check
-
 @contextlib.contextmanager
 def full_precision():
-    """float32 convolutions and matmuls without TF32 (CUDA's convolution default) for the check."""
+    """float32 convolutions and matmuls without TF32 (CUDA's convolution default)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -130,34 +112,137 @@ def full_precision():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def check_step(task, batch, device):
-    """One eager float32 step: (loss, {parameter name: gradient on the CPU})."""
-    trainer = Trainer(task, "eager", autocast=False, device=device)
-    with full_precision():
-        loss = trainer.loss_and_grads(batch).item()
-    return loss, trainer.grads()
-
-
 def grad_error(got: dict, want: dict) -> float:
-    """Largest per-tensor ||got - want|| / ||want|| over the tensors that carry gradient.
-
-    Tensors whose reference gradient is under 1e-3 of the largest are left out: a conv bias
-    right before an instance norm has a zero gradient in exact arithmetic, and its rounding
-    noise differs between any two implementations.
-    """
+    """Largest per-tensor ||got - want|| / ||want||, leaving out tensors whose reference gradient
+    is under 1e-3 of the largest (see the module docstring)."""
     norms = {n: want[n].norm().item() for n in want}
     largest = max(norms.values(), default=0.0)
-    errors = [(got[n] - want[n]).norm().item() / norms[n] for n in want if norms[n] > 1e-3 * largest]
+    errors = [(got[n] - want[n]).norm().item() / norms[n] for n in want
+              if norms[n] > 1e-3 * largest]
     return max(errors, default=0.0)
 
 
 def compare(reference, candidate) -> dict:
-    """The CSV's check columns for two check steps (loss, grads)."""
+    """The CSV's check columns for two check steps (loss, {parameter: gradient})."""
     (ref_loss, ref_grads), (loss, grads) = reference, candidate
     loss_err = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
     grad_err = grad_error(grads, ref_grads)
-    loss_tol, grad_tol = TOLERANCES
-    problems = [f"loss rel. error {loss_err:.2e} > {loss_tol:g}"] if not loss_err <= loss_tol else []
-    problems += [f"grad rel. error {grad_err:.2e} > {grad_tol:g}"] if not grad_err <= grad_tol else []
+    problems = [f"{what} rel. error {err:.2e} > {tol:g}" for what, err, tol in
+                (("loss", loss_err, TOLERANCES[0]), ("grad", grad_err, TOLERANCES[1]))
+                if not err <= tol]
     return {"loss_rel_err": f"{loss_err:.3g}", "grad_rel_err": f"{grad_err:.3g}",
             "check": "FAIL: " + "; ".join(problems) if problems else "ok"}
+
+
+def check_network(net, device, smoke: bool) -> dict:
+    """The float32 check step of both variants, compared (see the module docstring)."""
+    steps = []
+    for variant in VARIANTS:
+        trainer = Trainer(make_task(net, variant, device, smoke), "eager", False, device)
+        with full_precision():
+            loss = trainer.loss_and_grads(make_batch(net, device, smoke)).item()
+        steps.append((loss, {n: (torch.zeros_like(p) if p.grad is None else p.grad).float().cpu()
+                             for n, p in trainer.named}))
+        del trainer
+        free(device)
+    checked = compare(*steps)
+    cli.log(f"{net.name}: check {checked['check']} (loss {checked['loss_rel_err']}, "
+            f"gradients {checked['grad_rel_err']} relative error)")
+    return checked
+
+
+def run_variant(net, variant: str, mode: str, args, device):
+    """(first step's loss, its kernel launches, median ms per step, peak MiB)."""
+    from triton_instnorm.launch import LAUNCHES  # after the command decided on the interpreter
+
+    batch = make_batch(net, device, args.smoke)
+    trainer = Trainer(make_task(net, variant, device, args.smoke), mode,
+                      net.dtype != "float32", device)
+    before = sum(LAUNCHES.values())
+    loss = trainer.step(batch).item()  # the first warm-up step (compiles)
+    launches = sum(LAUNCHES.values()) - before
+    ms, peak = time_steps(functools.partial(trainer.step, batch), device, args.warmup - 1,
+                          args.steps)
+    cli.log(f"{net.name} {variant} {mode}: {ms:.4g} ms/step, peak {peak:.0f} MiB, "
+            f"{launches} triton_instnorm launches in the first step")
+    del trainer, batch
+    free(device)
+    return loss, launches, ms, peak
+
+
+def run_network(net, modes, args, device, env) -> list[dict]:
+    """The check, then per mode the pytorch and the triton_instnorm variant: CSV rows. The
+    triton_instnorm rows fail their check too in a mode that launched none of its kernels."""
+    checked = check_network(net, device, args.smoke)
+    shape = net.sizes(args.smoke)[1]
+    rows = []
+    for mode in modes:
+        results = {v: run_variant(net, v, mode, args, device) for v in VARIANTS}
+        for variant, (loss, launches, ms, peak) in results.items():
+            check = {"loss_rel_err": "", "grad_rel_err": "", "check": "reference"}
+            if variant != "pytorch":
+                problems = [] if launches else ["no triton_instnorm kernel launched"]
+                if checked["check"] != "ok":
+                    problems.append(checked["check"].removeprefix("FAIL: "))
+                check = {**checked, "check": "FAIL: " + "; ".join(problems) if problems else "ok"}
+            rows.append({
+                **env, "network": net.name, "batch": str(shape[0]),
+                "input_shape": model.shape_to_str(shape), "dtype": net.dtype,
+                "memory_format": net.memory_format, "variant": variant, "mode": mode,
+                "ms_per_step": f"{ms:.6g}", "speedup_vs_pytorch":
+                    "" if variant == "pytorch" else f"{results['pytorch'][2] / ms:.4g}",
+                "peak_mem_mb": "" if math.isnan(peak) else f"{peak:.1f}",
+                "loss": f"{loss:.8g}", "instnorm_launches": str(launches), **check})
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available() and not args.smoke:
+        def draw(rows, device):
+            from perf import plots
+            return plots.draw_training(rows, args.plots or cli.PLOTS_DIR, device,
+                                       cli.slugify(device))
+        return cli.redraw(args.out or RESULTS_DIR, COLUMNS, draw)
+    device, device_name, interpret = cli.start_device("python -m perf.training --smoke")
+    import triton
+
+    modes = args.modes or (["eager"] if interpret else MODES)
+    notes = [f"torch {torch.__version__}, triton {triton.__version__}",
+             "step: zero_grad, forward with the loss, backward, Adam step; torch.compile wraps the "
+             "whole task (model and loss)"]
+    if interpret and "compile" not in modes:
+        notes.append("torch.compile skipped in smoke mode on CPU (inductor compiles of whole "
+                     "networks take minutes there); add it with --modes eager,compile")
+        print(notes[-1])
+    if interpret:
+        notes.append("SMOKE RUN on CPU through the Triton interpreter: the times mean nothing")
+    out_dir, plots_dir = cli.output_dirs(args, RESULTS_DIR, "instnorm-training-smoke-")
+    print(f"Training steps on {device_name}: {','.join(args.networks)}; modes {','.join(modes)}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps{' (smoke)' if args.smoke else ''}",
+          file=sys.stderr)
+
+    env, new_rows, failures = cli.environment(device_name), [], []
+    for name in args.networks:
+        try:
+            new_rows += run_network(NETWORKS[name], modes, args, device, env)
+        except Exception as exc:  # out of memory, a compile error: the other networks still run
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            cli.log(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+    failures += [f"{r['network']} {r['mode']}: {r['check']}" for r in new_rows
+                 if r["check"].startswith("FAIL")]
+    slug = cli.slugify(device_name)
+    csv_path, md_path = os.path.join(out_dir, f"{slug}.csv"), os.path.join(out_dir, f"{slug}.md")
+    rows = cli.write_csv(csv_path, new_rows, COLUMNS, KEY_COLUMNS, sort_key, not args.fresh)
+    if failures:
+        notes.append(f"{len(failures)} failure(s): " + "; ".join(failures[:5]))
+    text = summary.training(rows, f"Training steps of instance-norm networks on {device_name}",
+                            notes)
+    with open(md_path, "w") as f:
+        f.write(text)
+    pngs, problems = cli.draw("draw_training", rows, plots_dir, device_name, slug)
+    return cli.finish(text, [csv_path, md_path, *pngs], failures + problems)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

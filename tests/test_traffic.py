@@ -34,12 +34,12 @@ from utils import make_inputs, randn_like
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton_instnorm as tin  # noqa: E402
-from perf import bench, model, traffic, traffic_report  # noqa: E402
+from perf import cli, model, providers, summary, traffic  # noqa: E402
 from perf.shapes import SHAPE_CLASSES  # noqa: E402
 from triton_instnorm import device, heuristics  # noqa: E402
 from triton_instnorm.kernels import constants  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not traffic.interpreting(),
+pytestmark = pytest.mark.skipif(not cli.interpreting(),
                                 reason="traffic is counted through Triton's interpreter only")
 
 
@@ -296,11 +296,10 @@ def test_sampled_programs_count_what_all_programs_count(case):
 
 def test_report_table_and_section(tmp_path):
     out = tmp_path / "traffic.md"
-    traffic_report.main(["--smoke", "--classes", "gan_2d", "--dtypes", "bfloat16",
-                         "--out", str(out)])
+    traffic.main(["--smoke", "--classes", "gan_2d", "--dtypes", "bfloat16", "--out", str(out)])
     text = out.read_text()
     assert "| 1x4x32x32 | bfloat16 | forward | _fwd 4 | 0.03 | 1.00 |" in text
-    assert "## Memory traffic" in traffic_report.section(str(out))
+    assert "## Memory traffic" in summary.traffic_section(str(out))
 
 
 # ------------------------------------------------------------------ perf shape classes, full size
@@ -367,7 +366,7 @@ def _entry_id(e):
 def _full_size(entry, dtype=torch.bfloat16, zeros=False):
     """x, w, b, dy at full size: uninitialized (nothing is read when no program runs) or zeros
     (no plane triggers the overflow rescan, which random data does not either)."""
-    fmt = bench.TORCH_MEMORY_FORMATS[SHAPE_CLASSES[entry.shape_class].memory_format]
+    fmt = providers.TORCH_MEMORY_FORMATS[SHAPE_CLASSES[entry.shape_class].memory_format]
     x, dy = (torch.empty(entry.shape, dtype=dtype, memory_format=fmt) for _ in range(2))
     if zeros:
         x.zero_(), dy.zero_()

@@ -1,31 +1,27 @@
-"""The peer providers of the benchmark (perf/peers.py): wiring, availability and values.
+"""The benchmark's providers (perf/providers.py): ours, the cluster switch, and the peers.
 
-* Wiring, without the packages: stand-in ``flag_gems`` / ``liger_kernel`` modules record how the
-  provider calls them, so the call (function, arguments, parameters) is checked on any machine;
-  stand-ins that skip the peer's autograd Function or compute wrong values must be rejected.
-* Values, with the packages: Liger's kernels run on Triton's interpreter (float32, float16; see
-  perf/peers.py for the two interpreter adaptations) and are compared with float64 eager
-  PyTorch on every shape class's smoke shapes. FlagGems cannot run on the interpreter
-  (perf/README.md says why), so its value test needs CUDA; on the CPU its reason is checked.
+* Peer wiring, without the packages: stand-in ``flag_gems`` / ``liger_kernel`` modules record how
+  the provider calls them, so the call (function, arguments, parameters) is checked on any
+  machine; stand-ins that skip the peer's autograd Function or compute wrong values are rejected.
+* Peer values, with the packages (perf tier): Liger's kernels run on Triton's interpreter
+  (float32, float16) and are compared with float64 eager PyTorch on every shape class's smoke
+  shapes. FlagGems cannot run on the interpreter, so its value test needs CUDA.
 """
 
 import importlib.util
+import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import DEVICE
+from perf import providers
+from perf.shapes import SHAPE_CLASSES
 
-from perf import bench, peers  # noqa: E402
-from perf.shapes import SHAPE_CLASSES  # noqa: E402
-
-from conftest import DEVICE  # noqa: E402
-
-EPS = bench.EPS
+EPS = providers.EPS
 ON_INTERPRETER = DEVICE == "cpu"
 
 
@@ -34,11 +30,45 @@ def installed(module):
 
 
 def smoke_cases():
-    return [(cls.name, shape, cls.memory_format) for cls in SHAPE_CLASSES.values() for shape in cls.smoke_shapes]
+    return [(cls.name, shape, cls.memory_format) for cls in SHAPE_CLASSES.values()
+            for shape in cls.smoke_shapes]
 
 
 def make_case(shape=(2, 3, 5, 7), dtype="float32", memory_format="contiguous"):
-    return bench.make_case(shape, dtype, memory_format, torch.device(DEVICE))
+    return providers.make_case(shape, dtype, memory_format, torch.device(DEVICE))
+
+
+# --------------------------------------------------------------------------- ours
+
+@pytest.mark.parametrize("use_module", [False, True])
+def test_ours_runs_the_kernels(launches, use_module):
+    case = make_case((2, 3, 4, 4, 4))
+    norm, inputs = providers.norm_fn("triton_instnorm", case, use_module)
+    y = norm(*inputs)
+    assert launches("_fwd") == 1
+    want = F.instance_norm(case.x, weight=case.weight, bias=case.bias, eps=EPS)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_clusters_provider_sets_its_switch_or_says_why_not(monkeypatch):
+    """Either unavailable with a reason (this package or Triton launches no clusters here), or
+    ours with TRITON_INSTNORM_CLUSTERS=1 while it is timed; the other providers unset it."""
+    monkeypatch.setenv(providers.CLUSTERS_ENV, "1")
+    case = make_case()
+    providers.norm_fn("torch_eager", case)
+    assert providers.CLUSTERS_ENV not in os.environ
+    reason = providers.unavailable_reason(providers.CLUSTERS, interpret=ON_INTERPRETER)
+    if reason is not None:
+        assert "cluster" in reason
+        with pytest.raises(providers.Unavailable, match="cluster"):
+            providers.norm_fn(providers.CLUSTERS, case)
+        return
+    norm, inputs = providers.norm_fn(providers.CLUSTERS, case)
+    assert os.environ[providers.CLUSTERS_ENV] == "1"
+    torch.testing.assert_close(norm(*inputs), F.instance_norm(case.x, weight=case.weight,
+                                                              bias=case.bias, eps=EPS))
+    providers.norm_fn("triton_instnorm", case)
+    assert providers.CLUSTERS_ENV not in os.environ
 
 
 # --------------------------------------------------------------------------- stand-ins
@@ -55,13 +85,15 @@ def _stand_in_function(module_name, qualname, drop_bias=False):
 
         @staticmethod
         def backward(ctx, dy):
-            # Contiguous: torch's CPU backward is wrong for N=1 channels_last (see perf/peers.py).
-            x, weight, bias = (t.detach().contiguous().requires_grad_(True) for t in ctx.saved_tensors)
+            # Contiguous: torch's CPU backward is wrong for N=1 channels_last (perf/providers.py).
+            x, weight, bias = (t.detach().contiguous().requires_grad_(True)
+                               for t in ctx.saved_tensors)
             dy = dy.contiguous()
             with torch.enable_grad():
                 y = F.instance_norm(x, weight=weight, bias=None if drop_bias else bias, eps=EPS)
                 grads = torch.autograd.grad(y, (x, weight, bias), dy, allow_unused=True)
-            return tuple(torch.zeros_like(t) if g is None else g for t, g in zip((x, weight, bias), grads))
+            return tuple(torch.zeros_like(t) if g is None else g
+                         for t, g in zip((x, weight, bias), grads))
 
     Function.__module__, Function.__qualname__ = module_name, qualname
     return Function
@@ -69,7 +101,8 @@ def _stand_in_function(module_name, qualname, drop_bias=False):
 
 def _install_modules(monkeypatch, modules: dict):
     for name, attrs in modules.items():
-        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, __spec__=None, **attrs))
+        module = types.SimpleNamespace(__name__=name, __spec__=None, **attrs)
+        monkeypatch.setitem(sys.modules, name, module)
 
 
 @pytest.fixture
@@ -117,41 +150,46 @@ def fake_liger(monkeypatch):
 
 def test_flag_gems_provider_calls_instance_norm(fake_flag_gems):
     case = make_case()
-    norm, inputs = peers.build("flag_gems", case, EPS, interpret=False)
+    norm, inputs = providers.build_peer("flag_gems", case, interpret=False)
     assert inputs == (case.x, case.weight, case.bias)
     call = fake_flag_gems.calls[-1]
     assert call["x"] is case.x and call["weight"] is case.weight and call["bias"] is case.bias
     assert call["use_input_stats"] is True and call["eps"] == EPS
     y = norm(*inputs)
-    assert torch.allclose(y, F.instance_norm(case.x, weight=case.weight, bias=case.bias, eps=EPS), atol=1e-6)
+    want = F.instance_norm(case.x, weight=case.weight, bias=case.bias, eps=EPS)
+    assert torch.allclose(y, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode, message", [("eager", "not flag_gems.fused.instance_norm.InstanceNorm"),
+@pytest.mark.parametrize("mode, message", [("eager", "not flag_gems.fused.instance_norm."),
                                            ("wrong", "differs from eager PyTorch")])
 def test_flag_gems_provider_rejects_fallback_and_wrong_values(fake_flag_gems, mode, message):
     fake_flag_gems.mode = mode
-    with pytest.raises(peers.PeerMismatch, match=message):
-        peers.build("flag_gems", make_case(), EPS, interpret=False)
+    with pytest.raises(providers.PeerMismatch, match=message):
+        providers.build_peer("flag_gems", make_case(), interpret=False)
 
 
-@pytest.mark.parametrize("memory_format, shape", [("contiguous", (2, 3, 5, 7)), ("channels_last_3d", (1, 3, 4, 4, 4))])
-def test_liger_provider_builds_group_norm_with_one_channel_per_group(fake_liger, memory_format, shape):
+@pytest.mark.parametrize("memory_format, shape", [("contiguous", (2, 3, 5, 7)),
+                                                  ("channels_last_3d", (1, 3, 4, 4, 4))])
+def test_liger_provider_builds_group_norm_with_one_channel_per_group(fake_liger, memory_format,
+                                                                     shape):
     case = make_case(shape, memory_format=memory_format)
-    norm, (x, weight, bias) = peers.build("liger_groupnorm", case, EPS, interpret=False)
+    norm, (x, weight, bias) = providers.build_peer("liger_groupnorm", case, interpret=False)
     assert fake_liger == [dict(num_channels=shape[1], num_groups=shape[1], eps=EPS, bias=True)]
     assert x is case.x and weight is not case.weight  # the module's own parameters ...
-    assert torch.equal(weight, case.weight) and torch.equal(bias, case.bias)  # ... holding the case's values
+    # ... holding the case's values
+    assert torch.equal(weight, case.weight) and torch.equal(bias, case.bias)
     assert weight.dtype == case.x.dtype and weight.requires_grad
 
 
 def test_missing_package_is_reported_with_its_install_command(monkeypatch):
-    ghost = peers.Peer("ghost", "no_such_module_for_peers_test.sub", "pip install ghost", "x.Y", None)
-    monkeypatch.setitem(peers.PEERS, "ghost", ghost)
-    reason = peers.unavailable_reason("ghost", interpret=False)
+    ghost = providers.Peer("ghost", "no_such_module_for_peers_test.sub", "pip install ghost",
+                           "x.Y", None)
+    monkeypatch.setitem(providers.PEERS, "ghost", ghost)
+    reason = providers.unavailable_reason("ghost", interpret=False)
     assert reason == "no_such_module_for_peers_test not installed (pip install ghost)"
-    with pytest.raises(peers.Unavailable, match="not installed"):
-        peers.build("ghost", make_case(), EPS, interpret=False)
-    line = peers.status_line({"ghost": reason, "other": None})
+    with pytest.raises(providers.Unavailable, match="not installed"):
+        providers.build_peer("ghost", make_case(), interpret=False)
+    line = providers.status_line({"ghost": reason, "other": None})
     assert line == f"peer providers: ghost: unavailable: {reason}; other: available"
 
 
@@ -159,24 +197,26 @@ def test_missing_package_is_reported_with_its_install_command(monkeypatch):
 
 needs_liger = pytest.mark.skipif(not installed("liger_kernel"), reason="liger-kernel not installed")
 needs_flag_gems = pytest.mark.skipif(not installed("flag_gems"), reason="flag-gems not installed")
+# Values on the smoke shapes: the benchmark's check, slow on the interpreter (perf tier).
 
 
+@pytest.mark.perf
 @needs_liger
 @pytest.mark.parametrize("name, shape, memory_format", smoke_cases())
 def test_liger_matches_eager_on_smoke_shapes(name, shape, memory_format):
     dtypes = ["float32", "float16"] if ON_INTERPRETER else ["float32", "bfloat16", "float16"]
     for dtype in dtypes:
         case = make_case(shape, dtype, memory_format)
-        norm, inputs = peers.build("liger_groupnorm", case, EPS)  # raises on a mismatch
-        errors = peers.check_against_eager("liger_groupnorm", norm, inputs, case.dy, EPS)
-        assert max(errors.values()) <= peers.TOLERANCES[case.x.dtype], (name, dtype, errors)
+        norm, inputs = providers.build_peer("liger_groupnorm", case)  # raises on a mismatch
+        errors = providers.check_against_eager("liger_groupnorm", norm, inputs, case.dy)
+        assert max(errors.values()) <= providers.TOLERANCES[case.x.dtype], (name, dtype, errors)
 
 
 @needs_liger
 @pytest.mark.skipif(not ON_INTERPRETER, reason="the interpreter's missing bfloat16 atomics")
 def test_liger_bfloat16_unavailable_on_interpreter():
-    with pytest.raises(peers.Unavailable, match="no bfloat16 atomics"):
-        peers.build("liger_groupnorm", make_case(dtype="bfloat16"), EPS)
+    with pytest.raises(providers.Unavailable, match="no bfloat16 atomics"):
+        providers.build_peer("liger_groupnorm", make_case(dtype="bfloat16"))
 
 
 @needs_liger
@@ -186,7 +226,7 @@ def test_liger_interpreter_adaptations_are_undone():
     from triton.runtime import interpreter
     before = interpreter._implicit_cvt, group_norm.rsqrt
     case = make_case()
-    norm, inputs = peers.build("liger_groupnorm", case, EPS)
+    norm, inputs = providers.build_peer("liger_groupnorm", case)
     norm(*inputs)
     assert (interpreter._implicit_cvt, group_norm.rsqrt) == before
 
@@ -194,18 +234,19 @@ def test_liger_interpreter_adaptations_are_undone():
 @needs_flag_gems
 @pytest.mark.skipif(not ON_INTERPRETER, reason="on CUDA FlagGems runs: see the value test")
 def test_flag_gems_on_interpreter_is_unavailable_with_reason():
-    reason = peers.unavailable_reason("flag_gems", interpret=True)
+    reason = providers.unavailable_reason("flag_gems", interpret=True)
     assert reason is not None and "interpreter" in reason
-    with pytest.raises(peers.Unavailable, match="libentry"):
-        peers.build("flag_gems", make_case(), EPS)
+    with pytest.raises(providers.Unavailable, match="libentry"):
+        providers.build_peer("flag_gems", make_case())
 
 
+@pytest.mark.perf
 @needs_flag_gems
-@pytest.mark.skipif(ON_INTERPRETER, reason="FlagGems cannot run on Triton's interpreter (perf/README.md)")
+@pytest.mark.skipif(ON_INTERPRETER, reason="FlagGems cannot run on Triton's interpreter")
 @pytest.mark.parametrize("name, shape, memory_format", smoke_cases())
 def test_flag_gems_matches_eager_on_smoke_shapes(name, shape, memory_format):
     for dtype in ("float32", "bfloat16", "float16"):
         case = make_case(shape, dtype, memory_format)
-        norm, inputs = peers.build("flag_gems", case, EPS)
-        errors = peers.check_against_eager("flag_gems", norm, inputs, case.dy, EPS)
-        assert max(errors.values()) <= peers.TOLERANCES[case.x.dtype], (name, dtype, errors)
+        norm, inputs = providers.build_peer("flag_gems", case)
+        errors = providers.check_against_eager("flag_gems", norm, inputs, case.dy)
+        assert max(errors.values()) <= providers.TOLERANCES[case.x.dtype], (name, dtype, errors)

@@ -1,57 +1,48 @@
-"""The training-step benchmark (``python -m perf.models``): smoke pipeline, networks and check.
+"""The training-step benchmark (``python -m perf.training``): smoke pipeline, networks and check.
 
-The smoke run goes in a subprocess (TRITON_INTERPRET must be set before triton is imported) and
-writes under pytest's tmp_path only. The in-process tests build the smoke networks directly and
-show that the check catches a wrong conversion or a model that never reaches the kernels.
+The smoke run goes in a subprocess and writes under pytest's tmp_path only. The in-process tests
+build the smoke networks and show that the check catches a wrong conversion or a model that
+never reaches the kernels.
 """
-
-import csv
-import sys
 
 import pytest
 import torch
-from _perf_cli import PNG_MAGIC, REPO_ROOT, repo_outputs, run_perf
+from _perf_cli import PNG_MAGIC, read_csv, repo_outputs, run_perf
 
-sys.path.insert(0, str(REPO_ROOT))
+import triton_instnorm
+from conftest import DEVICE
+from perf import networks, training
+from perf.networks import NETWORKS
 
-from perf import models, networks, training  # noqa: E402
-
-import triton_instnorm  # noqa: E402
-from conftest import DEVICE  # noqa: E402
+pytestmark = pytest.mark.perf
 
 HAS_GPU = torch.cuda.is_available()
 NORMS = (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 
 
-def run_models(*args, timeout=900):
-    return run_perf("models", *args, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("models_smoke")
+    pytest.importorskip("matplotlib")  # the plot
+    out = tmp_path_factory.mktemp("training_smoke")
     before = repo_outputs()
-    # On CPU the defaults (eager only: torch.compile is skipped and said so); on a GPU eager too,
-    # to keep the suite short: test_smoke_torch_compile_one_network covers compile.
-    proc = run_models("--smoke", "--out", str(out), *(["--modes", "eager"] if HAS_GPU else []))
+    # Eager only, GPU or not: test_smoke_torch_compile_one_network covers compile.
+    proc = run_perf("training", "--smoke", "--out", str(out), "--modes", "eager", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert repo_outputs() == before, "the smoke run must not touch perf/results/ or plots/"
-    (csv_path,) = out.glob("*.csv")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        return out, proc, reader.fieldnames, list(reader)
+    return (out, proc, *read_csv(out))
 
 
 def test_smoke_rows_every_network_checked(smoke_run):
     out, proc, columns, rows = smoke_run
-    assert columns == models.COLUMNS
+    assert columns == training.COLUMNS
     keys = {(r["network"], r["variant"], r["mode"]) for r in rows}
-    assert keys == {(n, v, "eager") for n in models.NETWORKS for v in models.VARIANTS}
+    assert keys == {(n, v, "eager") for n in NETWORKS for v in training.VARIANTS}
     for r in rows:
         assert r["device"] and r["torch"] and r["triton"] and r["date"].endswith("Z")
         assert float(r["ms_per_step"]) > 0 and float(r["loss"]) > 0
         if r["variant"] == "pytorch":
-            assert r["check"] == "reference" and r["instnorm_launches"] == "0" and not r["speedup_vs_pytorch"]
+            assert r["check"] == "reference" and r["instnorm_launches"] == "0"
+            assert not r["speedup_vs_pytorch"]
         else:
             assert r["check"] == "ok", r
             assert int(r["instnorm_launches"]) > 0 and float(r["speedup_vs_pytorch"]) > 0
@@ -65,8 +56,6 @@ def test_smoke_rows_every_network_checked(smoke_run):
 
 def test_smoke_outputs(smoke_run):
     out, proc, _, _ = smoke_run
-    if not HAS_GPU:
-        assert "torch.compile skipped in smoke mode on CPU" in proc.stdout
     text = next(out.glob("*.md")).read_text()
     assert "| network | batch x input |" in text and "| adain |" in text
     (png,) = (out / "plots").glob("*_models.png")
@@ -76,33 +65,37 @@ def test_smoke_outputs(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_torch_compile_one_network(tmp_path):
-    """torch.compile of the whole AdaIN task, both variants (on CPU: a minute or two of inductor)."""
-    proc = run_models("--smoke", "--networks", "adain", "--modes", "compile", "--out", str(tmp_path))
+    """torch.compile of the whole AdaIN task, both variants (CPU: a minute or two of inductor)."""
+    pytest.importorskip("matplotlib")  # the plot
+    proc = run_perf("training", "--smoke", "--networks", "adain", "--modes", "compile",
+                    "--out", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(next(tmp_path.glob("*.csv")), newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert {(r["variant"], r["mode"]) for r in rows} == {(v, "compile") for v in models.VARIANTS}
+    rows = read_csv(tmp_path)[1]
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, "compile") for v in training.VARIANTS}
     (ours,) = [r for r in rows if r["variant"] == "triton_instnorm"]
     assert ours["check"] == "ok" and int(ours["instnorm_launches"]) > 0
 
 
 @pytest.mark.skipif(HAS_GPU, reason="with a GPU the plain command measures")
 def test_without_gpu_says_so_and_redraws(smoke_run, tmp_path):
-    out, _, _, _ = smoke_run
-    proc = run_models("--out", str(out), "--plots", str(tmp_path / "redrawn"), timeout=300)
+    out = smoke_run[0]
+    proc = run_perf("training", "--out", str(out), "--plots", str(tmp_path / "redrawn"),
+                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(proc.stdout.strip().splitlines()) == 1 and "needs a CUDA GPU" in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 1 and "No CUDA GPU" in proc.stdout
     assert len(list((tmp_path / "redrawn").glob("*_models.png"))) == 1
-    proc = run_models("--out", str(tmp_path / "empty"), "--plots", str(tmp_path / "none"), timeout=300)
+    proc = run_perf("training", "--out", str(tmp_path / "empty"), "--plots", str(tmp_path / "none"),
+                    timeout=300)
     assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 1
     assert "no CSV" in proc.stdout and not (tmp_path / "none").exists()
 
 
 # --------------------------------------------------------------------------- networks
 
-@pytest.mark.parametrize("name, norms", [("style_transfer", 15), ("cyclegan_b1", 23), ("unet3d", 14)])
+@pytest.mark.parametrize("name, norms", [("style_transfer", 15), ("cyclegan_b1", 23),
+                                         ("unet3d", 14)])
 def test_conversion_swaps_every_instance_norm(name, norms):
-    net = models.NETWORKS[name]
+    net = NETWORKS[name]
     task = getattr(networks, net.task)(**net.smoke_kwargs)
     assert sum(isinstance(m, NORMS) for m in task.modules()) == norms
     affine = net.name != "cyclegan_b1"
@@ -119,15 +112,11 @@ def test_eager_adain_matches_triton_adain():
     want = triton_instnorm.adain(content, style, eps=networks.EPS)
     torch.testing.assert_close(networks.eager_adain(content, style), want, rtol=1e-5, atol=1e-5)
     layer = networks.to_triton(networks.AdaINStyleTransfer(width=2)).adain
-    assert layer.use_triton
+    assert layer.fn is triton_instnorm.adain
     torch.testing.assert_close(layer(content, style), want)
 
 
 # --------------------------------------------------------------------------- the check can fail
-
-def _cfg():
-    return models.RunConfig(torch.device(DEVICE), smoke=True, warmup=1, steps=1, env={})
-
 
 def test_check_catches_a_wrong_conversion(monkeypatch):
     convert = networks.to_triton
@@ -140,13 +129,14 @@ def test_check_catches_a_wrong_conversion(monkeypatch):
         return task
 
     monkeypatch.setattr(networks, "to_triton", wrong_eps)
-    checked = models.check_network(models.NETWORKS["style_transfer"], _cfg())
+    checked = training.check_network(NETWORKS["style_transfer"], torch.device(DEVICE), smoke=True)
     assert checked["check"].startswith("FAIL: ") and "grad rel. error" in checked["check"]
 
 
 def test_check_catches_a_model_that_never_launches_the_kernels(monkeypatch):
     monkeypatch.setattr(networks, "to_triton", lambda task: task)  # still PyTorch's AdaIN
-    rows = models.run_network(models.NETWORKS["adain"], ["eager"], _cfg())
+    args = training.parse_args(["--smoke", "--warmup", "1", "--steps", "1"])
+    rows = training.run_network(NETWORKS["adain"], ["eager"], args, torch.device(DEVICE), {})
     ours = [r for r in rows if r["variant"] == "triton_instnorm"]
     assert [r["check"] for r in ours] == ["FAIL: no triton_instnorm kernel launched"]
 
@@ -158,4 +148,5 @@ def test_grad_error_ignores_only_gradients_that_are_zero_in_exact_arithmetic():
     got["w"] = torch.ones(10) * 1.01
     assert training.grad_error(got, want) == pytest.approx(0.01, rel=1e-4)
     checked = training.compare((1.0, want), (1.0 + 2e-4, got))
-    assert checked["check"] == "FAIL: loss rel. error 2.00e-04 > 0.0001; grad rel. error 1.00e-02 > 0.001"
+    assert checked["check"] == ("FAIL: loss rel. error 2.00e-04 > 0.0001; "
+                                "grad rel. error 1.00e-02 > 0.001")
