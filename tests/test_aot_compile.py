@@ -280,7 +280,8 @@ def test_report(fast):
     for r in fast["results"]:
         s = r.get("ptx_summary") or {}
         print(f"{'ok ' if r['ok'] else 'ERR'} {r.get('seconds', 0):5.2f}s {r['kernel']:21s} "
-              f"warps={r['num_warps']!s:<4} regs={r.get('registers')} spill={r.get('spill_stores')} "
+              f"warps={r['num_warps']!s:<4} regs={r.get('registers')} "
+              f"spill={r.get('spill_stores')} "
               f"ld.v4={s.get('ld_global_v4')} ld.v2={s.get('ld_global_v2')} "
               f"div.rn.f32={s.get('div_rn_f32')} div.full.f32={s.get('div_full_f32')} "
               f"f64={s.get('f64_ops')} {r['spec']}")

@@ -40,7 +40,8 @@ _HOOK_DICTS = (
 )
 
 
-def convert_instance_norm(module: torch.nn.Module, fuse_activation: bool = False) -> torch.nn.Module:
+def convert_instance_norm(module: torch.nn.Module,
+                          fuse_activation: bool = False) -> torch.nn.Module:
     """Replace every ``torch.nn.InstanceNorm1d/2d/3d`` in ``module`` by ``triton_instnorm``'s.
 
     Works in place and returns ``module``; when ``module`` is itself such a layer, returns its
@@ -64,9 +65,10 @@ def revert_instance_norm(module: torch.nn.Module) -> torch.nn.Module:
     The inverse of :func:`convert_instance_norm`, with the same rules (in place, same Parameter
     objects, the replacement returned for a layer passed on its own). Activation modules that
     ``fuse_activation=True`` fused are put back where they were, so the result computes what the
-    model computed before the conversion, with its ``state_dict`` keys. Raises ``ValueError``, before changing anything, if any other
-    layer has an ``activation`` (one built with ``activation=``, or a fused layer passed without
-    the module that held its activation): torch's layer cannot express it.
+    model computed before the conversion, with its ``state_dict`` keys. Raises ``ValueError``,
+    before changing anything, if any other layer has an ``activation`` (one built with
+    ``activation=``, or a fused layer passed without the module that held its activation):
+    torch's layer cannot express it.
     """
     restorable = {id(m) for m in fusion.fused_norms(module)}
     for name, m in module.named_modules():
