@@ -18,6 +18,8 @@ from test_aot_compile import BIG_TILE, CL_SPLIT, LOOPED, SPLIT, _compile, _failu
 from triton_instnorm import device
 from triton_instnorm.kernels.constants import FROM_TILE
 
+pytestmark = pytest.mark.perf  # a performance audit: the second test tier
+
 CLUSTER_8 = (1, 2, 256, 256)  # 65,536 elements: 8 CTAs
 CLUSTER_4 = (1, 2, 32768)  # 4 CTAs
 CLUSTER_2 = (1, 2, 128, 128)  # 16,384: 2 CTAs

@@ -9,9 +9,13 @@ this path once had (custom-op dispatch, launch plan recomputed per call: 4-8x to
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf import overhead  # noqa: E402
+
+pytestmark = pytest.mark.perf  # a performance audit: the second test tier
 
 
 def test_host_cost_within_bounds_of_torch():

@@ -39,8 +39,9 @@ from perf.shapes import SHAPE_CLASSES  # noqa: E402
 from triton_instnorm import device, heuristics  # noqa: E402
 from triton_instnorm.kernels import constants  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not cli.interpreting(),
-                                reason="traffic is counted through Triton's interpreter only")
+pytestmark = [pytest.mark.perf,  # a performance audit: the second test tier
+              pytest.mark.skipif(not cli.interpreting(),
+                                 reason="traffic is counted through Triton's interpreter only")]
 
 
 @pytest.fixture(autouse=True)
