@@ -35,6 +35,8 @@ BAD_CALLS = {
     "running_mean 2d": lambda f: f(_t(*X), _t(1, 3), _t(1, 3)),
     "momentum None": lambda f: f(_t(*X), _t(3), _t(3).abs(), momentum=None),
     "running_mean requires grad": lambda f: f(_t(*X), _t(3, requires_grad=True), _t(3).abs()),
+    "running_var requires grad": lambda f: f(_t(*X), _t(3), _t(3).abs().requires_grad_()),
+    "running stats expanded": lambda f: f(_t(*X), _t(1).expand(3), _t(1).abs().expand(3)),
     "float input half weight": lambda f: f(_t(*X), weight=_t(3, dtype=torch.float16)),
     "double input float weight": lambda f: f(_t(*X, dtype=torch.float64), weight=_t(3)),
     "half input bf16 weight": lambda f: f(_t(*X, dtype=torch.float16),
@@ -135,3 +137,45 @@ def test_parameter_dtype_rules_match_torch(xd):
             else:
                 got = tin.instance_norm(x, weight=w, bias=b)
                 assert got.dtype == want.dtype, (xd, wd, bd)
+
+
+@pytest.mark.parametrize("xd", _DT)
+def test_running_stat_dtype_rules_match_torch(xd):
+    """Running statistics of every dtype pair, with no parameters, parameters in the input's dtype
+    and float32 ones: accepted or refused as PyTorch does (running statistics in the parameters'
+    dtype are read as they are; in another dtype, converted)."""
+    x = _t(2, 3, 4, dtype=xd)
+    for wd in dict.fromkeys([None, xd, torch.float32]):
+        w = None if wd is None else torch.ones(3, dtype=wd, device=DEVICE)
+        for md in _DT:
+            for vd in _DT:
+                def call(f, use_input_stats=(md == vd)):
+                    mean = torch.zeros(3, dtype=md, device=DEVICE)
+                    var = torch.ones(3, dtype=vd, device=DEVICE)
+                    return f(x, mean, var, w, w, use_input_stats=use_input_stats), (mean, var)
+
+                try:
+                    want, want_running = call(F.instance_norm)
+                except RuntimeError as e:
+                    with pytest.raises(RuntimeError) as got:
+                        call(tin.instance_norm)
+                    _same_message(got.value, e, device_dependent=True)
+                else:
+                    got, got_running = call(tin.instance_norm)
+                    assert got.dtype == want.dtype, (xd, wd, md, vd)
+                    torch.testing.assert_close(got_running, want_running, atol=1e-2, rtol=1e-2)
+
+
+def test_running_var_expanded_updates_running_mean_then_raises():
+    """torch writes running_mean, then fails on the expanded running_var: the same side effect."""
+    x = _t(*X)
+    means = [torch.zeros(3, device=DEVICE) for _ in range(2)]
+    for f, mean in zip((F.instance_norm, tin.instance_norm), means):
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            f(x, mean, torch.ones(1, device=DEVICE).expand(3))
+    assert means[0].abs().sum() > 0
+    torch.testing.assert_close(means[1], means[0])
+    # read only: evaluation with expanded statistics works
+    stats = torch.zeros(1, device=DEVICE).expand(3), torch.ones(1, device=DEVICE).expand(3)
+    torch.testing.assert_close(tin.instance_norm(x, *stats, use_input_stats=False),
+                               F.instance_norm(x, *stats, use_input_stats=False))

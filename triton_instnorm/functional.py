@@ -148,9 +148,10 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
         if t.numel() * n != n * c:
             raise RuntimeError(f"{name} should contain {n * c} elements not {t.numel() * n}")
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
-        raise RuntimeError("The function 'native_batch_norm' is not differentiable with respect "
-                           "to argument 'running_mean'. This input cannot have requires_grad True.")
-    check_param_dtypes(input, weight, bias)
+        name = "running_mean" if running_mean.requires_grad else "running_var"
+        raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect "
+                           f"to argument '{name}'. This input cannot have requires_grad True.")
+    check_param_dtypes(input, weight, bias, running_mean, running_var)
     device = input.device
     for _, t in params:
         if t.device != device:
@@ -159,25 +160,28 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
                 f"{device} and {t.device}!")
 
 
-def check_param_dtypes(input, weight, bias):
-    """batch_norm's dtype rule for weight and bias: parameters in the input's dtype, or all
-    float32 for half / bfloat16 input. CUDA accepts the same combinations (its native kernel wants
-    parameters in the input dtype or its accumulation type, cuDNN float32 for half input) but
-    words the error by backend; we raise the same RuntimeError with the CPU text. Running
-    statistics may have any floating dtype (CPU torch accepts any; cuDNN wants the weight's)."""
-    if (weight is None or weight.dtype == input.dtype) and (
-            bias is None or bias.dtype == input.dtype):
-        return
+def check_param_dtypes(input, weight, bias, running_mean=None, running_var=None):
+    """batch_norm's CPU dtype rule. The parameters' dtype is the weight's (else the bias's, else
+    the input's). Running statistics in another dtype are converted, so any floating pair passes;
+    running statistics in the parameters' dtype are used as they are, so running_var must share
+    it. The parameters, and those running statistics, must then be in the input's dtype, or
+    all float32 for half / bfloat16 input. CUDA accepts the same combinations (its native kernel
+    wants parameters in the input dtype or its accumulation type, cuDNN float32 for half input)
+    but words the error by backend; we raise the same RuntimeError with the CPU text."""
+    param_dtype = next((t.dtype for t in (weight, bias) if t is not None), input.dtype)
     params = [t.dtype for t in (weight, bias) if t is not None]
-    if input.dtype in (torch.float16, torch.bfloat16) and params[0] == torch.float32:
-        if all(d == torch.float32 for d in params):
-            return  # mixed precision: half / bfloat16 input, float32 parameters
-    elif weight is not None and weight.dtype == input.dtype:
-        raise RuntimeError(f"expected scalar type {_C10_NAMES[input.dtype]} but found "
-                           f"{_C10_NAMES[bias.dtype]}")
-    elif all(d == torch.float32 for d in params):
+    if running_mean is not None and running_mean.dtype == param_dtype:
+        params.append(running_var.dtype)
+    if param_dtype == input.dtype:
+        for dtype in params:
+            if dtype != input.dtype:
+                raise RuntimeError(f"expected scalar type {_C10_NAMES[input.dtype]} but found "
+                                   f"{_C10_NAMES[dtype]}")
+        return
+    if any(d != torch.float32 for d in params):
+        raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+    if input.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
-    raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
 
 
 def instance_norm(
@@ -232,6 +236,8 @@ def instance_norm(
         if update:
             _zero_dim_running_stats(input, running_mean, running_var, momentum, eps)
         running_mean, running_var = running_mean.reshape(1), running_var.reshape(1)
+    if update and (_overlaps(running_mean) or _overlaps(running_var)):
+        _overlapping_running_stats(input, running_mean, running_var, momentum, eps)
     if input.numel() == 0:
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and (
@@ -257,6 +263,23 @@ def _empty(input, running_mean, running_var, update):
             running_mean.fill_(float("nan"))
             running_var.fill_(float("nan"))
     return input.clone()
+
+
+def _overlaps(t):
+    """Several elements of the 1-d ``t`` share memory (an expanded tensor)."""
+    return t.numel() > 1 and 0 in t.stride()
+
+
+def _overlapping_running_stats(input, running_mean, running_var, momentum, eps):
+    """Training with running statistics that cannot be written element by element raises torch's
+    error: torch computes the output, then fails to copy into running_mean, or, when only
+    running_var overlaps, updates running_mean and fails on running_var."""
+    if not _overlaps(running_mean):
+        with torch.no_grad():
+            instance_norm(input, running_mean, running_var.clone(), momentum=momentum, eps=eps)
+    raise RuntimeError("unsupported operation: more than one element of the written-to tensor "
+                       "refers to a single memory location. Please clone() the tensor before "
+                       "performing the operation.")
 
 
 def _zero_dim_running_stats(input, running_mean, running_var, momentum, eps):

@@ -234,6 +234,16 @@ def _load_running(running, c, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _store_running(pointer, c, stride, value, mask):
+    """Stores a running statistic in its tensor's dtype. Below float64 it rounds through float32,
+    as torch converts double to half and bfloat16 (and as Triton's interpreter needs: its direct
+    float64 to bfloat16 cast is wrong)."""
+    if pointer.dtype.element_ty != tl.float64:
+        value = value.to(tl.float32)
+    tl.store(pointer + c * stride, value.to(pointer.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _row(Buffer, name, num_planes, plane):
     """Pointers to row ``name`` of a (rows, N * C) buffer at each plane (Stats, PlaneSums)."""
     return Buffer + name * tl.cast(num_planes, tl.int64) + plane  # 4 * N * C can wrap int32

@@ -13,7 +13,7 @@ from .common import (
     CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
     _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
-    _program_channels, _program_planes, _std, _store_stats, _swept_tile, _tile,
+    _program_channels, _program_planes, _std, _store_running, _store_stats, _swept_tile, _tile,
 )
 from .moments import (
     _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
@@ -185,6 +185,5 @@ def _update_running_stats(
     running_mean = (1.0 - m) * running_mean + m * mean_avg
     running_var = (1.0 - m) * running_var + m * (var_avg * (hw / (hw - 1.0)))  # unbiased, as torch
     mean_pointer, mean_stride, var_pointer, var_stride = running
-    tl.store(mean_pointer + c * mean_stride, running_mean.to(mean_pointer.dtype.element_ty),
-             mask=mask)
-    tl.store(var_pointer + c * var_stride, running_var.to(var_pointer.dtype.element_ty), mask=mask)
+    _store_running(mean_pointer, c, mean_stride, running_mean, mask)
+    _store_running(var_pointer, c, var_stride, running_var, mask)
