@@ -2,6 +2,7 @@
 leaves unfused whatever could see the difference."""
 
 import copy
+import functools
 import types
 
 import pytest
@@ -233,6 +234,110 @@ class _LoopLooksIntoElement(nn.Module):
         return x
 
 
+class _IteratesSequential(nn.Module):
+    """Feature taps: the parent runs the Sequential's layers itself (and branches, so it is not
+    traced); the Sequential's own chain must not fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq, self.flag = nn.Sequential(nn.InstanceNorm2d(3, affine=True), nn.ReLU()), False
+
+    def forward(self, x):
+        taps = []
+        for layer in self.seq:
+            x = layer(x)
+            taps.append(x)
+        if self.flag:
+            return x
+        return tuple(taps)
+
+
+class _ReadsModulesDict(_IteratesSequential):
+    def forward(self, x):
+        taps = []
+        for layer in self.seq._modules.values():
+            x = layer(x)
+            taps.append(x)
+        return tuple(taps)
+
+
+class _ListsSequential(_IteratesSequential):
+    norm_calls = 2
+
+    def forward(self, x):
+        layers = list(self.seq)
+        return layers[0](x), self.seq(x)
+
+
+def _pre_activation(block, x):
+    if x.dim() == 3:  # an untraceable helper
+        x = x.unsqueeze(0)
+    return block.norm(x)
+
+
+class _HandsBlockToFunction(nn.Module):
+    norm_calls = 2
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Straight()
+
+    def forward(self, x):
+        return self.block(x) + _pre_activation(self.block, x)
+
+
+class _PreActivationHead(nn.Module):
+    def forward(self, block, x):
+        return block.norm(x)
+
+
+class _HandsBlockToModule(_HandsBlockToFunction):
+    def __init__(self):
+        super().__init__()
+        self.head = _PreActivationHead()
+
+    def forward(self, x):
+        return self.block(x) + self.head(self.block, x)
+
+
+class _StoredCallable(_HandsBlockToFunction):
+    def __init__(self):
+        super().__init__()
+        self.pre_activation = functools.partial(_pre_activation, self.block)
+
+    def forward(self, x):
+        return self.block(x) + self.pre_activation(x)
+
+
+class _ActivationUnderNoGrad(_Case):
+    def forward(self, x):
+        y = self.norm(x)
+        with torch.no_grad():
+            target = self.act(y)  # a target without gradient
+        return x * target
+
+
+class _PicksByIndex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers, self.depth = nn.ModuleList([nn.InstanceNorm2d(3), nn.ReLU()]), 2
+
+    def forward(self, x):
+        for i in range(self.depth):  # the depth may change between calls
+            x = self.layers[i](x)
+        return x
+
+
+_FEATURES = []
+
+
+class _StoresGlobally(_Case):
+    def forward(self, x):
+        y = self.norm(x)
+        _FEATURES.append(y)
+        return self.act(y)
+
+
 def _hooked():
     model = _Straight()
     model.act.register_forward_hook(lambda m, args, out: None)
@@ -259,7 +364,12 @@ UNFUSED = {
     "parent-indexes-sequential": _ParentIndexesSequential,
     "loop-looks-into-element": _LoopLooksIntoElement,
     "hooked-activation": _hooked, "instance-forward": _instance_forward,
-    "shared-norm": _shared_norm,
+    "shared-norm": _shared_norm, "iterates-sequential": _IteratesSequential,
+    "reads-modules-dict": _ReadsModulesDict, "lists-sequential": _ListsSequential,
+    "hands-block-to-function": _HandsBlockToFunction,
+    "hands-block-to-module": _HandsBlockToModule, "stored-callable": _StoredCallable,
+    "activation-under-no-grad": _ActivationUnderNoGrad, "picks-by-index": _PicksByIndex,
+    "stores-globally": _StoresGlobally,
 }
 
 
@@ -281,4 +391,25 @@ def test_left_unfused(case, launches):
     assert not any(type(m) is FusedActivation for m in converted.modules())
     calls = ref.named_modules(remove_duplicate=False)  # a shared norm runs at each place
     norms = [m for _, m in calls if type(m) is nn.InstanceNorm2d]
-    _check_equivalent(ref, converted, (2, 3, 4, 5), launches, len(norms))
+    calls = getattr(ref, "norm_calls", len(norms))
+    _check_equivalent(ref, converted, (2, 3, 4, 5), launches, calls)
+
+
+def test_trace_leaves_no_proxy_in_globals():
+    _FEATURES.clear()
+    _fuse(_StoresGlobally())
+    assert _FEATURES == []
+
+
+def test_partial_revert_undoes_a_shared_fusion_whole(launches):
+    """One activation module serves two blocks; reverting one block puts it back in both."""
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    ref = nn.Sequential(*(nn.Sequential(nn.InstanceNorm2d(3, affine=True), act)
+                          for _ in range(2))).to(DEVICE, F64)
+    model = _fuse(ref)
+    assert list(_activations(model).values()) == ["relu", "relu"]
+    tin.revert_instance_norm(model[0])
+    assert type(model[0][0]) is nn.InstanceNorm2d and model[1][0].activation is None
+    assert model[0][1] is model[1][1] and type(model[1][1]) is nn.ReLU
+    _check_equivalent(ref, model, (2, 3, 4, 5), launches, 1)

@@ -4,22 +4,28 @@ A ``Call`` is one call of a module in some forward; its ``source`` is the call w
 only argument, when that output goes nowhere else. ``survey`` finds them:
 
 - ``nn.Sequential`` (its own ``forward``): each child's output feeds the next child only.
+- A forward whose source shows it reaching past its children, or that cannot be read: its whole
+  subtree is ``blocked``. Reaching past: ``self.block.act``, ``self.seq[1]``,
+  ``self.seq._modules``, iterating a module that is not a container, a submodule handed to a
+  function or another module (a trace would not see a block called inside a leaf), or held in a
+  name and used other than by calling it, ``self`` handed on, its own methods.
 - A forward that is straight-line code (no ``if``, ternary, ``and``/``or``, ``while``, ``try``,
-  ``match``, filtered comprehension, own method or ``super()``; the functions it calls are taken
-  as traced) is traced with ``torch.fx``, every submodule a leaf, in training and in eval mode
-  (identical graphs required), on a throw-away copy of its module tree: tensors on the meta device,
-  no hooks, and forwards on the norms and activations that fail when called without
-  ``Module.__call__``. Nothing is left on the model. An output the forward stores on a module is
-  one more user. A forward that cannot call any candidate is not traced.
+  ``match``, grad-mode or autocast switch outside a ``with``, filtered comprehension, own method,
+  stored callable or ``super()``; the functions it calls are taken as traced) is traced with
+  ``torch.fx``, every submodule a leaf, in training and in eval mode (identical graphs required),
+  on a throw-away copy of its module tree: tensors on the meta device, no hooks, and forwards on
+  the norms and activations that fail when called without ``Module.__call__``. Nothing is left on
+  the model. An output the forward stores on a module is one more user. A forward that cannot
+  call any candidate is not traced. The modules a forward uses inside ``with`` blocks (no_grad,
+  autocast: regions a trace does not record) are ``blocked``.
 - Any other forward (it branches, fails to trace, its module cannot be copied, or it has its own
   ``__call__`` or instance ``forward``) is taken to call its own children, directly or through
-  ``ModuleList``/``ModuleDict``: the candidates among those are ``blocked``. If its source shows it
-  reaching further (``self.block.act``, ``self.seq[1]``, a submodule held in a name and used other
-  than by calling it, ``self`` handed on, its own methods) or cannot be read, its whole subtree is
-  blocked.
+  ``ModuleList``/``ModuleDict``: the candidates among those are ``blocked``.
 
 Not seen: modules reached through unregistered references or globals, and tensors stored outside
-the model.
+the model other than in the globals and closure cells a forward's own code names. Tracing runs
+a forward's Python code once on the copy: side effects outside the model happen then (the
+proxies it stores in those globals are taken out again).
 """
 
 import ast
@@ -29,6 +35,7 @@ import functools
 import inspect
 import itertools
 import textwrap
+import types
 
 import torch
 from torch import fx, nn
@@ -37,6 +44,10 @@ __all__ = ["Call", "plain_call", "survey"]
 
 _BRANCHES = tuple(getattr(ast, name) for name in (
     "If", "IfExp", "BoolOp", "While", "Try", "TryStar", "Match") if hasattr(ast, name))
+# Grad-mode and autocast switches: a trace does not record the regions they make.
+_MODE_SWITCHES = {"set_grad_enabled", "no_grad", "enable_grad", "inference_mode", "autocast",
+                  "set_autocast_enabled", "set_autocast_dtype", "_set_grad_enabled"}
+_DATA = (torch.Tensor, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 
 class Call:
@@ -71,16 +82,18 @@ def _parse(forward):
 
 
 def _read_forward(module, relevant):
-    """(straight, reaches_in) for ``module``'s own forward. ``straight``: it can take one path only
-    (see the module docstring). ``reaches_in``: it may call a relevant module that is not its child
-    nor an element of a container child. Unreadable source: (False, True)."""
+    """(straight, reaches_in, in_regions) for ``module``'s own forward. ``straight``: it can take
+    one path only (see the module docstring). ``reaches_in``: it may call a relevant module that is
+    not its child nor an element of a container child. ``in_regions``: the ids of the modules it
+    uses inside ``with`` blocks, whose grad mode or autocast a trace does not see (a norm and its
+    activation there might run in different modes). Unreadable source: (False, True, set())."""
     try:
         func, parents = _parse(type(module).forward)
         this = (func.args.posonlyargs + func.args.args)[0].arg
     except Exception:  # noqa: BLE001 - no source (built in, generated, lambda): assume the worst
-        return False, True
+        return False, True, set()
     straight = not any(isinstance(n, _BRANCHES) or isinstance(n, ast.comprehension) and n.ifs
-                       for n in ast.walk(func))
+                       or _switches_mode(n, parents, func) for n in ast.walk(func))
     reaches_in, module_nodes = False, {}
     for node in ast.walk(func):
         if isinstance(node, ast.Name) and node.id == "super":
@@ -105,7 +118,55 @@ def _read_forward(module, relevant):
         isinstance(n, ast.Name) and n.id in bound and isinstance(n.ctx, ast.Load)
         and not (isinstance(parents.get(n), ast.Call) and parents[n].func is n)
         for n in ast.walk(func))
-    return straight, reaches_in
+    reaches_in |= any(relevant(obj) and not _plain_use(node, kind, parents)
+                      for node, (kind, obj) in module_nodes.items())
+    # An element picked by a value (``self.layers[i]``, ``self.acts[self.mode]``) may be another
+    # one at the next call: the trace would hold only this one.
+    straight &= all(kind != "element" or isinstance(node.slice, ast.Constant)
+                    for node, (kind, _) in module_nodes.items())
+    in_regions = set()
+    for region in ast.walk(func):
+        if isinstance(region, (ast.With, ast.AsyncWith)):
+            inside = list(ast.walk(region))
+            in_regions |= {id(sub) for n in inside if n in module_nodes
+                           for sub in module_nodes[n][1].modules()}
+            reaches_in |= any(isinstance(n, ast.Name) and n.id in bound for n in inside)
+    return straight, reaches_in, in_regions
+
+
+def _switches_mode(node, parents, func):
+    """``node`` calls a grad-mode or autocast switch (``torch.set_grad_enabled(False)``) that
+    holds for the code after it; not as a ``with`` item, nor as a decorator of the forward."""
+    if not isinstance(node, ast.Call) or isinstance(parents.get(node), ast.withitem) or (
+            node in func.decorator_list):
+        return False
+    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
+        node.func, "id", None)
+    return name in _MODE_SWITCHES
+
+
+def _plain_use(node, kind, parents):
+    """The submodule expression ``node`` is called, followed further (``.attr``, ``[i]``: judged
+    there), or bound to a name (judged by the name's uses); a container may also be iterated
+    (directly or through zip/enumerate/reversed) or measured with len. Anything else (iterating
+    an ``nn.Sequential``, handing a block to a function or another module) may reach past it."""
+    up = parents.get(node)
+    if isinstance(up, ast.Call) and up.func is node:
+        return True
+    if isinstance(up, (ast.Attribute, ast.Subscript)) and up.value is node:
+        return True
+    while isinstance(up, (ast.Tuple, ast.List)):
+        up = parents.get(up)
+    if isinstance(up, (ast.Assign, ast.AnnAssign, ast.NamedExpr)):
+        return True
+    if kind != "container":
+        return False
+    if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id == "len":
+        return True
+    while isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in (
+            "zip", "enumerate", "reversed"):
+        node, up = up, parents.get(up)
+    return isinstance(up, (ast.For, ast.comprehension)) and up.iter is node
 
 
 def _yields_modules(expr, module_nodes):
@@ -136,7 +197,7 @@ def _follow(module, node, parents, relevant, module_nodes):
             if not (elements or _is_container(obj)):
                 return "in" if relevant(obj) else "data"  # ``self.seq[1]``: past a child
             elements, cur = True, up
-            module_nodes[up] = "element"
+            module_nodes[up] = ("element", obj)
             continue
         if not (isinstance(up, ast.Attribute) and up.value is cur):
             return "escapes" if cur is node else "child"
@@ -149,8 +210,16 @@ def _follow(module, node, parents, relevant, module_nodes):
             if sub is None:
                 return "data"
             obj, cur = sub, up
-            module_nodes[up] = "container" if _is_container(sub) else "module"
+            module_nodes[up] = ("container" if _is_container(sub) else "module", sub)
             continue
+        if obj is not module and not _is_container(obj):
+            # past a child: its tensors and plain values are data, anything else (its
+            # ``_modules``, a method, a stored callable) may reach its submodules
+            value = obj._parameters.get(up.attr, obj._buffers.get(up.attr, obj.__dict__.get(
+                up.attr, inspect.getattr_static(type(obj), up.attr, None))))
+            return "data" if isinstance(value, _DATA) or not relevant(obj) else "in"
+        if up.attr in obj.__dict__ and callable(obj.__dict__[up.attr]):
+            return "escapes"  # a stored function or lambda: code this reading does not see
         if up.attr in obj.__dict__ or up.attr in obj._parameters or up.attr in obj._buffers:
             return "data"
         static = inspect.getattr_static(type(obj), up.attr, None)
@@ -246,6 +315,30 @@ def _stored_nodes(value, depth=3):
             yield from _stored_nodes(state, depth - 1)
 
 
+def _stored_outside(forward):
+    """fx nodes the trace left in the globals and closure cells that ``forward``'s own code names
+    (``FEATURES.append(h)``): users of those outputs. The trace ran the real code, so the proxies
+    it stored in a list, dict or set there are taken out again."""
+    fn = inspect.unwrap(forward)
+    values = [fn.__globals__[name] for name in fn.__code__.co_names if name in fn.__globals__]
+    values += [cell.cell_contents for cell in fn.__closure__ or ()
+               if cell.cell_contents is not None]
+    nodes = set()
+    for v in values:
+        if isinstance(v, (types.ModuleType, types.FunctionType, type, nn.Module)):
+            continue
+        with contextlib.suppress(Exception):  # an object whose state cannot be read is skipped
+            nodes |= set(_stored_nodes(v))
+            if isinstance(v, list):
+                v[:] = [e for e in v if not isinstance(e, fx.Proxy)]
+            elif isinstance(v, dict):
+                for k in [k for k, e in v.items() if isinstance(e, fx.Proxy)]:
+                    del v[k]
+            elif isinstance(v, set):
+                v.difference_update({e for e in v if isinstance(e, fx.Proxy)})
+    return nodes
+
+
 def _traced_calls(module, probed, metas):
     """The calls of ``module``'s forward, the same in training and eval mode, else None."""
     try:
@@ -263,6 +356,7 @@ def _trace(module, probed, metas, training):
     graph = _OwnForward().trace(shadow)
     stored = {n for m in shadow.modules() for k, v in m.__dict__.items()
               if k not in ("_modules", "_parameters", "_buffers") for n in _stored_nodes(v)}
+    stored |= _stored_outside(type(module).forward)
     calls = {node: Call(originals[id(shadow.get_submodule(node.target))])
              for node in graph.nodes if node.op == "call_module"}
     for node, call in calls.items():
@@ -297,9 +391,16 @@ def survey(root, candidates):
                 call.source = previous
             calls += chain
             continue
-        straight, reaches_in = _read_forward(m, relevant) if plain_call(m) else (False, True)
-        reach = None if reaches_in else {id(sub) for sub in _direct_reach(m)}
-        if reach is not None and not reach & candidates:
+        straight, reaches_in, in_regions = _read_forward(m, relevant) if plain_call(m) else (
+            False, True, set())
+        blocked |= in_regions
+        if reaches_in:
+            # A trace would not see it all either: a block handed to a leaf module is called
+            # inside that leaf.
+            blocked |= {id(sub) for sub in m.modules()}
+            continue
+        reach = {id(sub) for sub in _direct_reach(m)}
+        if not reach & candidates:
             continue  # it can call none of them: no need to trace it
         if straight and metas is None:
             metas = _metas(root)
@@ -307,7 +408,7 @@ def survey(root, candidates):
         if traced is not None:
             calls += traced
         else:
-            blocked |= reach if reach is not None else {id(sub) for sub in m.modules()}
+            blocked |= reach
     return calls, blocked
 
 

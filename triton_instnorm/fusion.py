@@ -23,9 +23,14 @@ called at several places is fine: every call counts. Neither module may have hoo
 ``__call__``/instance ``forward``, and no global module hook may exist.
 
 Left unfused: functional activations (``F.relu(self.norm(x))``), a norm output used twice or
-stored, and the norms and activations that a forward which does not trace straight (it branches,
-fails to trace) may call. Changes made to the model after conversion are not seen: revert, change,
-convert again.
+stored, the norms and activations that a forward which does not trace straight may call (it
+branches, fails to trace, switches grad mode or autocast outside a ``with``), and those a forward
+uses inside ``with`` blocks (a norm and its activation could run in different grad or autocast
+modes). A forward that iterates a block (an ``nn.Sequential``),
+reads into it, or hands it to a function or another module leaves that block's whole subtree
+unfused. Changes made to the model after conversion are not seen: revert, change, convert again.
+Reverting part of a model undoes each fusion it holds whole, in the rest of the model too (an
+activation module shared with norms elsewhere goes back to all its places).
 """
 
 from torch import nn
@@ -41,14 +46,16 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 class FusedActivation(nn.Identity):
-    """Stands where an activation module was; ``original`` is that module and ``norms`` the layers
-    that now apply it (neither is registered as a child: ``state_dict`` and ``named_modules`` stay
-    as before the fusion, less the activation)."""
+    """Stands where an activation module was; ``original`` is that module, ``norms`` the layers
+    that now apply it and ``slots`` the (module, name) places it was registered at (none is
+    registered as a child: ``state_dict`` and ``named_modules`` stay as before the fusion, less
+    the activation)."""
 
     def __init__(self, original: nn.Module, norms) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "norms", tuple(norms))
+        object.__setattr__(self, "slots", [])
 
     def extra_repr(self) -> str:
         return f"fused into the preceding norm: {self.original!r}"
@@ -119,6 +126,7 @@ def fuse_activations(root: nn.Module) -> nn.Module:
         for name, child in m._modules.items():
             if child is not None and id(child) in replacement:
                 m._modules[name] = replacement[id(child)]
+                replacement[id(child)].slots.append((m, name))
     return root
 
 
@@ -132,11 +140,15 @@ def fused_norms(root: nn.Module):
 
 
 def unfuse_activations(root: nn.Module) -> nn.Module:
-    """Undo ``fuse_activations``: activation modules back, norms plain."""
-    for m in root.modules():
-        for name, child in list(m._modules.items()):
-            if type(child) is FusedActivation:
-                for norm in child.norms:
-                    norm.activation = None
-                m._modules[name] = child.original
+    """Undo ``fuse_activations``: activation modules back, norms plain. A fusion is undone whole:
+    an activation module in ``root`` that also served norms elsewhere goes back to all its
+    places, and those norms become plain too, inside ``root`` or not."""
+    found = {id(child): child for m in root.modules() for child in m._modules.values()
+             if type(child) is FusedActivation}
+    for fused in found.values():
+        for norm in fused.norms:
+            norm.activation = None
+        for m, name in fused.slots:
+            if m._modules.get(name) is fused:
+                m._modules[name] = fused.original
     return root
