@@ -119,3 +119,38 @@ def test_repr_shows_activation():
         "track_running_stats=False, activation='relu')")
     assert "negative_slope=0.1" in repr(tin.InstanceNorm3d(3, activation="leaky_relu",
                                                            negative_slope=0.1))
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that keeps torch's default ``__torch_function__`` (outputs come back as
+    the subclass) and overrides ``new_empty`` with another signature, as MONAI's MetaTensor
+    does."""
+
+    def new_empty(self, size, dtype=None, device=None, requires_grad=False):
+        assert isinstance(size, (tuple, list, torch.Size)), "size must be a sequence here"
+        return self.as_subclass(torch.Tensor).new_empty(size, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_tensor_subclass_in_and_out_as_torch(affine, launches):
+    """A subclass reaches the kernels and comes back as torch's layer returns it."""
+    torch.manual_seed(0)
+    ref = torch.nn.InstanceNorm2d(3, affine=affine, track_running_stats=True).to(DEVICE)
+    ours = tin.convert_instance_norm(copy.deepcopy(ref))
+    x = (torch.randn(2, 3, 5, 4, device=DEVICE) * 3 + 1).as_subclass(_Tagged)
+    before = launches("_fwd")
+    want, got = ref(x), ours(x)
+    assert launches("_fwd") - before == 1
+    assert type(got) is type(want) is _Tagged
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_monai_meta_tensor_keeps_its_metadata():
+    monai_data = pytest.importorskip("monai.data")
+    x = monai_data.MetaTensor(torch.randn(2, 3, 4, 4, device=DEVICE),
+                              meta={"filename_or_obj": "case.nii"})
+    ref = torch.nn.InstanceNorm2d(3, affine=True).to(DEVICE)
+    got, want = tin.convert_instance_norm(copy.deepcopy(ref))(x), ref(x)
+    assert type(got) is type(want) and got.meta["filename_or_obj"] == "case.nii"
+    torch.testing.assert_close(got.as_tensor(), want.as_tensor())

@@ -14,8 +14,9 @@ import sys
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import kernels, launch, ops
+from . import launch, ops
 from .eager import ACTIVATIONS, TORCH_INSTANCE_NORM, apply_activation
 
 _C10_NAMES = {
@@ -26,9 +27,6 @@ _C10_NAMES = {
 }
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _OPTIONAL_TENSOR = (Tensor, type(None))
-# What triton made of the kernels when it was imported: the interpreter's stand-ins when
-# TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
-_INTERPRETED = type(kernels._fwd).__name__ == "InterpretedFunction"
 
 
 def kernels_available(t: Tensor) -> bool:
@@ -36,7 +34,7 @@ def kernels_available(t: Tensor) -> bool:
     if t.is_cuda:
         return True
     if t.is_cpu:
-        return _INTERPRETED
+        return launch.INTERPRETED
     return t.is_meta
 
 
@@ -206,6 +204,13 @@ def instance_norm(
     Arguments are taken as torch takes them (numpy scalars and 0-dim tensors for the floats,
     0-dim parameters when C == 1), with torch's errors for the rest.
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        # tensor subclasses and torch function modes first, as torch's function does
+        return handle_torch_function(
+            instance_norm, (input, running_mean, running_var, weight, bias), input,
+            running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+            use_input_stats=use_input_stats, momentum=momentum, eps=eps, activation=activation,
+            negative_slope=negative_slope)
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)

@@ -36,8 +36,27 @@ LAUNCHES = collections.Counter()
 
 def run(kernel, grid, **arguments):
     """``kernel[grid](**arguments)`` on the device of its tensors, counted in ``LAUNCHES``."""
+    if INTERPRETED:
+        arguments = {name: _plain(v) for name, v in arguments.items()}
     kernel[grid](**arguments)
     LAUNCHES[kernel.fn.__name__] += 1
+
+
+# What triton made of the kernels when it was imported: the interpreter's stand-ins when
+# TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
+INTERPRETED = type(_fwd).__name__ == "InterpretedFunction"
+
+
+def _plain(v):
+    """Tensor subclasses as plain tensors on the same memory: Triton's interpreter copies its
+    arguments with methods a subclass may override (MONAI's MetaTensor.new_empty takes other
+    arguments). A GPU launch reads only data_ptr(), which subclasses keep."""
+    if isinstance(v, tuple):
+        return tuple(_plain(e) for e in v)
+    if isinstance(v, torch.Tensor) and type(v) is not torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return v.as_subclass(torch.Tensor)
+    return v
 
 
 def split_float(v: float):
@@ -84,6 +103,8 @@ class Planes:
 def _spatial_stride(t: torch.Tensor):
     """Stride of the flattened spatial dims, or None if they cannot be flattened in place."""
     shape, strides = t.shape, t.stride()
+    if torch.compiler.is_compiling():  # dynamo traces through the cache (and warns about it)
+        return _flat_stride(shape, strides)
     try:
         return _cached_flat_stride(shape, strides)
     except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable
