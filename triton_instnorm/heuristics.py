@@ -41,12 +41,12 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   single-CTA tile, and the reductions cross the CTAs through distributed shared memory (64 bytes
   per CTA, 128 for float64). ``MAX_CLUSTER_CTAS = 8``, the portable cluster size (16 CTAs need
   the non-portable opt-in and a GPC with 16 free SMs, which can leave SMs idle): planes up to
-  8 x 8192 = 65,536 elements are read once. The same ladder for every dtype and both directions,
-  because the tile is held in the accumulation dtype whatever the input's (a kernel holding the
-  input in its own dtype halves its ladder for float32): compiled for sm_90 and sm_100, the
-  cluster variants take 40-80 registers per thread for 2- and 4-byte inputs, as many as their
-  single-CTA tiles, and spill nothing; float64 takes 80-128 and its gelu backward spills at the
-  128-register cap, as its single-CTA tile already does (tests/test_aot_devices.py). Not for
+  8 x 8192 = 65,536 elements are read once. The same ladder for 2- and 4-byte inputs and both
+  directions, because the tile is held in the accumulation dtype whatever the input's (a kernel
+  holding the input in its own dtype halves its ladder for float32): compiled for sm_90 and
+  sm_100, those cluster variants take 40-80 registers per thread, as many as their single-CTA
+  tiles, and spill nothing (tests/test_aot_devices.py). Not for float64, whose gelu backward
+  spills at the 128-register cap on one CTA already and would in a cluster too. Not for
   channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
   reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
 - Warps (``_warps``): at most ``LANE_ELEMENTS = 16`` elements per lane and live tile, between
@@ -200,7 +200,7 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
         # Small planes are packed several per program while the GPU stays filled.
         block_r = max(1, min(small_cap // hw_p2, rows_p2, occupancy))
         return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
-    ctas = cluster_ctas(hw_p2, clusters)
+    ctas = cluster_ctas(hw_p2, clusters and itemsize <= 4)
     if ctas:
         return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
     return Config(1, loop_cap, False, warps(loop_cap))
