@@ -31,28 +31,7 @@ warm-up, rows interleaved within a round so that a change in load hits all of th
 garbage collector paused while a row is timed; the median round is reported. The ratios to
 torch's row, measured in the same rounds, are the figures to compare across runs.
 
-Two runs each, alternating, on a 2-core CPU host under a load average of 5-9 (torch 2.13,
-Python 3.11); before: the layer calling the ``torch.library`` custom ops in eager mode and
-recomputing views and the launch plan on every call. us per call (x torch's ``F.instance_norm``
-in the same run):
-
-    =====================================  ================  ================
-    row                                    before            after
-    =====================================  ================  ================
-    forward, no_grad: module               52-53 (2.6-2.8x)  17-19 (0.8-0.9x)
-    forward, no_grad: functional           45-47 (2.3-2.5x)  14-15 (0.6-0.8x)
-    forward: module                        91-110 (4.5-4.8x) 22 (1.1-1.2x)
-    forward: functional                    95-100 (4.4-4.6x) 18-19 (0.9x)
-    forward: torch's nn.InstanceNorm2d     24-29 (1.2-1.3x)  24-25 (1.2-1.3x)
-    forward: torch's F.instance_norm       20-23             19-20
-    forward+backward: module               231-243 (3-3.9x)  74-76 (1.3x)
-    forward+backward: functional           223-292 (3.7x)    71 (1.2x)
-    forward+backward: torch                60-80             57-59
-    =====================================  ================  ================
-
-Split of the module forward after (before): torch's module code 3-4 us (same), argument checks
-4-5 us (8-19), autograd and dispatch 5 us (51-57: the custom op's Python dispatch), launch
-preparation 8-9 us (25-32: views, strides and the launch plan recomputed per call).
+Measured figures: perf/README.md; the history of this path's cost: perf/NOTES.md.
 """
 
 from __future__ import annotations
