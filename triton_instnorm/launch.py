@@ -26,6 +26,7 @@ from .kernels import (
     _bwd, _bwd_combine, _bwd_split_sums, _fwd, _fwd_combine, _fwd_split_stats, _stats_bwd,
     _sum_partials_over_n, _update_running_stats,
 )
+from .kernels.common import INTERPRETED
 from .kernels.constants import (
     FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS, NUM_SUMS,
     SUM_DZ, SUM_DZ_XHAT,
@@ -40,11 +41,6 @@ def run(kernel, grid, **arguments):
         arguments = {name: _plain(v) for name, v in arguments.items()}
     kernel[grid](**arguments)
     LAUNCHES[kernel.fn.__name__] += 1
-
-
-# What triton made of the kernels when it was imported: the interpreter's stand-ins when
-# TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
-INTERPRETED = type(_fwd).__name__ == "InterpretedFunction"
 
 
 def _plain(v):

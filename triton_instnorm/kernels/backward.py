@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .common import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
-    _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _partial,
+    _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _narrow, _partial,
     _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row, _std,
     _swept_tile, _tile,
 )
@@ -77,8 +77,8 @@ def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
     dx_start, dx_stride = dx_planes
     dx_scale, mean_dz, mean_dz_xhat = coefficients
     grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
-    tl.store(dx_start[:, None] + offs[None, :] * dx_stride, grad.to(dx_start.dtype.element_ty),
-             mask=tile_mask)
+    tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
+             _narrow(grad, dx_start.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -237,9 +237,9 @@ def _sum_partials_over_n(
             db += tl.load(_row(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
         plane += C
     if DW is not None:
-        tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=mask)
+        tl.store(DW + c, _narrow(dw, DW.dtype.element_ty), mask=mask)
     if DB is not None:
-        tl.store(DB + c, db.to(DB.dtype.element_ty), mask=mask)
+        tl.store(DB + c, _narrow(db, DB.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -274,5 +274,5 @@ def _stats_bwd(
         offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
         x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
         grad = grad_mean[:, None] + grad_std[:, None] * x_hat
-        tl.store(dx_start[:, None] + offs[None, :] * dx_stride, grad.to(dx[0].dtype.element_ty),
-                 mask=tile_mask)
+        tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
+                 _narrow(grad, dx[0].dtype.element_ty), mask=tile_mask)

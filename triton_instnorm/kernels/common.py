@@ -235,12 +235,29 @@ def _load_running(running, c, mask, ACC: tl.constexpr):
 
 @triton.jit
 def _store_running(pointer, c, stride, value, mask):
-    """Stores a running statistic in its tensor's dtype. Below float64 it rounds through float32,
-    as torch converts double to half and bfloat16 (and as Triton's interpreter needs: its direct
-    float64 to bfloat16 cast is wrong)."""
-    if pointer.dtype.element_ty != tl.float64:
+    """Stores a running statistic in its tensor's dtype."""
+    tl.store(pointer + c * stride, _narrow(value, pointer.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _narrow(value, DTYPE: tl.constexpr):
+    """``value`` in ``DTYPE``, rounded to nearest even, as a GPU converts. Below float64 through
+    float32: torch converts double to half and bfloat16 that way, and Triton's interpreter gets
+    a direct float64 to bfloat16 cast wrong. The interpreter also truncates float32 to bfloat16,
+    so there the rounding is done on the bits first (compiled code never takes that branch)."""
+    if DTYPE != tl.float64:
         value = value.to(tl.float32)
-    tl.store(pointer + c * stride, value.to(pointer.dtype.element_ty), mask=mask)
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+    return value.to(DTYPE)
+
+
+# What triton made of the kernels when it was imported: the interpreter's stand-ins when
+# TRITON_INTERPRET=1 was set then (it is read at that moment, not later).
+INTERPRETED = type(_narrow).__name__ == "InterpretedFunction"
+_INTERPRETED = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import triton.language as tl
 from .common import (
     CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
-    _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
+    _load_running, _load_stats, _narrow, _partial, _plane_block, _plane_nc, _plane_start,
     _program_channels, _program_planes, _std, _store_running, _store_stats, _swept_tile, _tile,
 )
 from .moments import (
@@ -31,7 +31,7 @@ def _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constex
     delta = xt.to(pivot.dtype) - pivot[:, None]
     x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
     out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
-    tl.store(y_start[:, None] + offs[None, :] * y_stride, out.to(y_start.dtype.element_ty),
+    tl.store(y_start[:, None] + offs[None, :] * y_stride, _narrow(out, y_start.dtype.element_ty),
              mask=tile_mask)
 
 
