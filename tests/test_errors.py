@@ -37,6 +37,9 @@ BAD_CALLS = {
     "running_mean requires grad": lambda f: f(_t(*X), _t(3, requires_grad=True), _t(3).abs()),
     "running_var requires grad": lambda f: f(_t(*X), _t(3), _t(3).abs().requires_grad_()),
     "running stats expanded": lambda f: f(_t(*X), _t(1).expand(3), _t(1).abs().expand(3)),
+    "running stats on meta": lambda f: f(_t(*X), torch.zeros(3, device="meta"),
+                                         torch.ones(3, device="meta")),
+    "input on meta": lambda f: f(_t(*X).to("meta"), weight=_t(3)),
     "float input half weight": lambda f: f(_t(*X), weight=_t(3, dtype=torch.float16)),
     "double input float weight": lambda f: f(_t(*X, dtype=torch.float64), weight=_t(3)),
     "half input bf16 weight": lambda f: f(_t(*X, dtype=torch.float16),
@@ -179,3 +182,18 @@ def test_running_var_expanded_updates_running_mean_then_raises():
     stats = torch.zeros(1, device=DEVICE).expand(3), torch.ones(1, device=DEVICE).expand(3)
     torch.testing.assert_close(tin.instance_norm(x, *stats, use_input_stats=False),
                                F.instance_norm(x, *stats, use_input_stats=False))
+
+
+def test_complex_running_stats_as_torch():
+    """torch takes the real part of complex running statistics, warns once, and writes them
+    back."""
+    x = _t(*X)
+    running = [(torch.zeros(3, dtype=torch.complex64, device=DEVICE),
+                torch.ones(3, dtype=torch.complex64, device=DEVICE)) for _ in range(2)]
+    outs = []
+    for f, (mean, var) in zip((F.instance_norm, tin.instance_norm), running):
+        with warnings.catch_warnings():  # (torch warns once per process)
+            warnings.simplefilter("ignore")
+            outs.append(f(x, mean, var))
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(running[1], running[0])

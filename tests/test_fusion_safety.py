@@ -1,6 +1,7 @@
 """convert_instance_norm(fuse_activation=True) leaves the user's forwards running as written, and
 leaves unfused whatever could see the difference."""
 
+import collections
 import copy
 import functools
 import types
@@ -338,6 +339,65 @@ class _StoresGlobally(_Case):
         return self.act(y)
 
 
+class _PicksFromModulesDict(_Case):
+    def __init__(self):
+        super().__init__()
+        self.mode = "act"
+
+    def forward(self, x):
+        return self._modules[self.mode](self.norm(x))  # the mode may change between calls
+
+
+class _PicksFromPlainDict(_Case):
+    def __init__(self):
+        super().__init__()
+        self.table, self.mode = {"act": self.act, "other": self.other}, "act"
+
+    def forward(self, x):
+        return self.table[self.mode](self.norm(x))
+
+
+class _StoresInDeque(_Case):
+    def __init__(self):
+        super().__init__()
+        self.recent = collections.deque(maxlen=2)
+
+    def forward(self, x):
+        y = self.norm(x)
+        self.recent.append(y)
+        return self.act(y)
+
+
+class _Recorder:
+    def __init__(self):
+        self.buffers = {"features": []}
+
+    def add(self, t):
+        self.buffers["features"].append(t)
+
+
+class _StoresInRecorder(_Case):
+    def __init__(self):
+        super().__init__()
+        self.recorder = _Recorder()
+
+    def forward(self, x):
+        y = self.norm(x)
+        self.recorder.add(y)
+        return self.act(y)
+
+
+def _without_grad(fn, t):
+    with torch.no_grad():
+        return fn(t)
+
+
+class _HelperSwitchesGradMode(_Case):
+    def forward(self, x):
+        y = self.norm(x)
+        return x * _without_grad(lambda t: self.act(t), y)
+
+
 def _hooked():
     model = _Straight()
     model.act.register_forward_hook(lambda m, args, out: None)
@@ -369,7 +429,9 @@ UNFUSED = {
     "hands-block-to-function": _HandsBlockToFunction,
     "hands-block-to-module": _HandsBlockToModule, "stored-callable": _StoredCallable,
     "activation-under-no-grad": _ActivationUnderNoGrad, "picks-by-index": _PicksByIndex,
-    "stores-globally": _StoresGlobally,
+    "stores-globally": _StoresGlobally, "picks-from-modules-dict": _PicksFromModulesDict,
+    "picks-from-plain-dict": _PicksFromPlainDict, "stores-in-deque": _StoresInDeque,
+    "stores-in-recorder": _StoresInRecorder, "helper-switches-grad-mode": _HelperSwitchesGradMode,
 }
 
 
@@ -395,10 +457,37 @@ def test_left_unfused(case, launches):
     _check_equivalent(ref, converted, (2, 3, 4, 5), launches, calls)
 
 
+_GLOBAL_QUEUE = collections.deque()
+
+
+class _StoresInGlobalDeque(_Case):
+    def forward(self, x):
+        y = self.norm(x)
+        _GLOBAL_QUEUE.append(y)
+        return self.act(y)
+
+
 def test_trace_leaves_no_proxy_in_globals():
-    _FEATURES.clear()
-    _fuse(_StoresGlobally())
-    assert _FEATURES == []
+    _FEATURES.clear(), _GLOBAL_QUEUE.clear()
+    for model in (_StoresGlobally(), _StoresInGlobalDeque()):
+        assert not any(_activations(_fuse(model)).values())
+    assert _FEATURES == [] and not _GLOBAL_QUEUE
+
+
+def test_constant_negative_index_still_fuses(launches):
+    class LastBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_Straight(), _Straight()])
+
+        def forward(self, x):
+            return self.blocks[-1](self.blocks[0](x))
+
+    torch.manual_seed(0)
+    ref = LastBlock().to(DEVICE, F64)
+    fused = _fuse(ref)
+    assert list(_activations(fused).values()) == ["relu", "relu"]
+    _check_equivalent(ref, fused, (2, 3, 4, 5), launches, 2)
 
 
 def test_partial_revert_undoes_a_shared_fusion_whole(launches):

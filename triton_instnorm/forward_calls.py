@@ -29,13 +29,15 @@ proxies it stores in those globals are taken out again).
 """
 
 import ast
+import collections
 import contextlib
 import copy
 import functools
+import gc
 import inspect
 import itertools
 import textwrap
-import types
+import weakref
 
 import torch
 from torch import fx, nn
@@ -122,7 +124,7 @@ def _read_forward(module, relevant):
                       for node, (kind, obj) in module_nodes.items())
     # An element picked by a value (``self.layers[i]``, ``self.acts[self.mode]``) may be another
     # one at the next call: the trace would hold only this one.
-    straight &= all(kind != "element" or isinstance(node.slice, ast.Constant)
+    straight &= all(kind != "element" or _constant(node.slice)
                     for node, (kind, _) in module_nodes.items())
     in_regions = set()
     for region in ast.walk(func):
@@ -186,6 +188,23 @@ def _elements(value):
         n for v in value.elts for n in _elements(v)]
 
 
+def _holds(value, relevant):
+    """``value`` is a dict, list, tuple or set with a relevant module among its values."""
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        return False
+    return any(isinstance(v, nn.Module) and relevant(v) for v in value)
+
+
+def _constant(index):
+    """``self.layers[0]``, ``self.layers[-1]``, ``self.acts["relu"]``: the same element at every
+    call."""
+    if isinstance(index, ast.UnaryOp) and isinstance(index.op, ast.USub):
+        index = index.operand
+    return isinstance(index, ast.Constant)
+
+
 def _follow(module, node, parents, relevant, module_nodes):
     """Where the expression ``self...`` starting at ``node`` leads: 'data', 'child' (a child or
     a container element), 'in' (past a child) or 'escapes' (``self`` itself handed on, or one of
@@ -220,6 +239,8 @@ def _follow(module, node, parents, relevant, module_nodes):
             return "data" if isinstance(value, _DATA) or not relevant(obj) else "in"
         if up.attr in obj.__dict__ and callable(obj.__dict__[up.attr]):
             return "escapes"  # a stored function or lambda: code this reading does not see
+        if up.attr in obj.__dict__ and _holds(obj.__dict__[up.attr], relevant):
+            return "in"  # ``self._modules[name]``, a plain dict or list of submodules
         if up.attr in obj.__dict__ or up.attr in obj._parameters or up.attr in obj._buffers:
             return "data"
         static = inspect.getattr_static(type(obj), up.attr, None)
@@ -241,12 +262,31 @@ class _Bypassed:
 
 
 class _OwnForward(fx.Tracer):
-    """Records one module's own forward: every submodule is a leaf, buffers are proxies."""
+    """Records one module's own forward: every submodule is a leaf, buffers are proxies. For each
+    submodule call it also keeps a weak reference to its output's proxy (``outputs``) and the
+    grad mode and autocast state it ran in (``modes``): a helper function the forward calls may
+    switch them, and the graph does not record that."""
 
     proxy_buffer_attributes = True
 
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.modes = {}, {}
+
     def is_leaf_module(self, m, qualified_name):
         return True
+
+    def call_module(self, m, forward, args, kwargs):
+        proxy = super().call_module(m, forward, args, kwargs)
+        if isinstance(proxy, fx.Proxy):
+            self.outputs[proxy.node] = weakref.ref(proxy)
+            self.modes[proxy.node] = _modes()
+        return proxy
+
+
+def _modes():
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")))
 
 
 def _meta(t):
@@ -299,53 +339,38 @@ def _shadow(root, probed, metas):
     return memo[id(root)], originals
 
 
-def _stored_nodes(value, depth=3):
-    """fx nodes whose proxies ``value`` holds (a forward stored them: invisible users)."""
-    if isinstance(value, fx.Proxy):
-        yield value.node
-    elif depth and isinstance(value, (list, tuple, set, frozenset)):
-        for v in value:
-            yield from _stored_nodes(v, depth - 1)
-    elif depth and isinstance(value, dict):
-        for v in itertools.chain(value.keys(), value.values()):
-            yield from _stored_nodes(v, depth - 1)
-    elif depth and not isinstance(value, (nn.Module, torch.Tensor, type)):
-        state = getattr(value, "__dict__", None)
-        if isinstance(state, dict):
-            yield from _stored_nodes(state, depth - 1)
-
-
-def _stored_outside(forward):
-    """fx nodes the trace left in the globals and closure cells that ``forward``'s own code names
-    (``FEATURES.append(h)``): users of those outputs. The trace ran the real code, so the proxies
-    it stored in a list, dict or set there are taken out again."""
-    fn = inspect.unwrap(forward)
-    values = [fn.__globals__[name] for name in fn.__code__.co_names if name in fn.__globals__]
-    values += [cell.cell_contents for cell in fn.__closure__ or ()
-               if cell.cell_contents is not None]
-    nodes = set()
-    for v in values:
-        if isinstance(v, (types.ModuleType, types.FunctionType, type, nn.Module)):
-            continue
-        with contextlib.suppress(Exception):  # an object whose state cannot be read is skipped
-            nodes |= set(_stored_nodes(v))
-            if isinstance(v, list):
-                v[:] = [e for e in v if not isinstance(e, fx.Proxy)]
-            elif isinstance(v, dict):
-                for k in [k for k, e in v.items() if isinstance(e, fx.Proxy)]:
-                    del v[k]
-            elif isinstance(v, set):
-                v.difference_update({e for e in v if isinstance(e, fx.Proxy)})
-    return nodes
+def _held_outputs(tracer):
+    """The call_module nodes whose proxies something still holds after the trace: the forward
+    stored them (on a module, in a global or closed-over container, anywhere), invisible users.
+    The trace ran the real code, so proxies it left in lists, deques and sets outside the copy
+    are taken out again."""
+    held = [(node, ref()) for node, ref in tracer.outputs.items() if ref() is not None]
+    if held:
+        gc.collect()  # only garbage cycles may still hold the others
+        held = [(node, ref()) for node, ref in tracer.outputs.items() if ref() is not None]
+    for _, proxy in held:
+        for holder in gc.get_referrers(proxy):
+            if isinstance(holder, (list, collections.deque)):
+                with contextlib.suppress(Exception):
+                    while proxy in holder:
+                        holder.remove(proxy)
+            elif isinstance(holder, set):
+                holder.discard(proxy)
+    return {node for node, _ in held}
 
 
 def _traced_calls(module, probed, metas):
     """The calls of ``module``'s forward, the same in training and eval mode, else None."""
     try:
-        (graph, calls), (other, _) = (_trace(module, probed, metas, t) for t in (True, False))
+        (graph, calls), (other, twins) = (_trace(module, probed, metas, t) for t in (True, False))
     except Exception:  # noqa: BLE001 - anything untraceable stays as it is
         return None
-    return calls if graph == other else None
+    if graph != other:
+        return None
+    for call, twin in zip(calls, twins, strict=True):
+        if twin.source is None:  # (a mode switched differently in eval mode)
+            call.source = None
+    return calls
 
 
 def _trace(module, probed, metas, training):
@@ -353,15 +378,15 @@ def _trace(module, probed, metas, training):
     shadow, originals = _shadow(module, probed, metas)
     for m in shadow.modules():
         m.training = training
-    graph = _OwnForward().trace(shadow)
-    stored = {n for m in shadow.modules() for k, v in m.__dict__.items()
-              if k not in ("_modules", "_parameters", "_buffers") for n in _stored_nodes(v)}
-    stored |= _stored_outside(type(module).forward)
+    tracer = _OwnForward()
+    graph = tracer.trace(shadow)
+    stored = _held_outputs(tracer)
     calls = {node: Call(originals[id(shadow.get_submodule(node.target))])
              for node in graph.nodes if node.op == "call_module"}
     for node, call in calls.items():
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if source in calls and len(source.users) == 1 and source not in stored:
+        if (source in calls and len(source.users) == 1 and source not in stored
+                and tracer.modes[source] == tracer.modes[node]):
             call.source = calls[source]
     return str(graph), list(calls.values())
 

@@ -152,6 +152,9 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
     check_param_dtypes(input, weight, bias, running_mean, running_var)
     device = input.device
     for _, t in params:
+        if t.device != device and "meta" in (t.device.type, device.type):
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
+                               f"{device}!")
         if t.device != device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found at least two devices, "
@@ -220,7 +223,9 @@ def instance_norm(
         eps = _as_float(eps)
     if type(negative_slope) is not float:
         negative_slope = float_arg("instance_norm", "negative_slope", None, negative_slope)
-    if not kernels_available(input):
+    if not kernels_available(input) or (running_mean is not None and (
+            running_mean.is_complex() or running_var.is_complex())):
+        # (complex running statistics: torch takes their real part, warns and writes them back)
         y = TORCH_INSTANCE_NORM(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
         return apply_activation(y, activation, negative_slope)

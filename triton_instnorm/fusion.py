@@ -8,7 +8,9 @@ the activation module, wherever it is registered, is replaced by ``FusedActivati
 every module's code runs as written (grad mode and autocast regions, attributes it sets, hooks on
 other modules, ``load_state_dict(assign=True)``, ``.to()``). ``state_dict`` keys do not change.
 
-What fusion changes: the fused norm's own output is the activated one. Iterating or indexing an
+What fusion changes: the fused norm's own output is the activated one; in float16 / bfloat16 the
+activation runs before the output is rounded, so a fused LeakyReLU, SiLU or GELU differs from the
+unfused pair by up to one rounding of the output (ReLU is exact). Iterating or indexing an
 ``nn.Sequential`` (``seq[:2](x)``), calling the norm or the activation module outside the model's
 forwards, and forward hooks registered later on the norm see the activated tensor (or an
 identity); ``named_modules`` shows a ``FusedActivation``.
