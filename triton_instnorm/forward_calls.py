@@ -10,22 +10,20 @@ only argument, when that output goes nowhere else. ``survey`` finds them:
   function or another module (a trace would not see a block called inside a leaf), or held in a
   name and used other than by calling it, ``self`` handed on, its own methods.
 - A forward that is straight-line code (no ``if``, ternary, ``and``/``or``, ``while``, ``try``,
-  ``match``, grad-mode or autocast switch outside a ``with``, filtered comprehension, own method,
-  stored callable or ``super()``; the functions it calls are taken as traced) is traced with
-  ``torch.fx``, every submodule a leaf, in training and in eval mode (identical graphs required),
-  on a throw-away copy of its module tree: tensors on the meta device, no hooks, and forwards on
-  the norms and activations that fail when called without ``Module.__call__``. Nothing is left on
-  the model. An output the forward stores on a module is one more user. A forward that cannot
-  call any candidate is not traced. The modules a forward uses inside ``with`` blocks (no_grad,
-  autocast: regions a trace does not record) are ``blocked``.
+  ``match``, filtered comprehension, element picked by a value, own method, stored callable or
+  ``super()``; the functions it calls are taken as traced) is traced (``forward_trace.py``), in
+  training and in eval mode (identical graphs required), on a throw-away copy of its module tree.
+  An output that anything still holds after the trace is one more user, and a call's output
+  feeds the next call only if both ran in the same grad mode and autocast state (``with
+  torch.no_grad()``, a helper that switches it). A forward that cannot call any candidate is not
+  traced.
 - Any other forward (it branches, fails to trace, its module cannot be copied, or it has its own
   ``__call__`` or instance ``forward``) is taken to call its own children, directly or through
   ``ModuleList``/``ModuleDict``: the candidates among those are ``blocked``.
 
-Not seen: modules reached through unregistered references or globals, and tensors stored outside
-the model other than in the globals and closure cells a forward's own code names. Tracing runs
-a forward's Python code once on the copy: side effects outside the model happen then (the
-proxies it stores in those globals are taken out again).
+Not seen: modules reached through unregistered references or globals. Tracing runs a forward's
+Python code once per mode on the copy: side effects outside the model happen then (the proxies it
+leaves in lists, deques and sets are taken out again).
 """
 
 import ast
@@ -43,9 +41,6 @@ __all__ = ["Call", "plain_call", "survey"]
 
 _BRANCHES = tuple(getattr(ast, name) for name in (
     "If", "IfExp", "BoolOp", "While", "Try", "TryStar", "Match") if hasattr(ast, name))
-# Grad-mode and autocast switches: a trace does not record the regions they make.
-_MODE_SWITCHES = {"set_grad_enabled", "no_grad", "enable_grad", "inference_mode", "autocast",
-                  "set_autocast_enabled", "set_autocast_dtype", "_set_grad_enabled"}
 _DATA = (torch.Tensor, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 
@@ -74,18 +69,16 @@ def _parse(forward):
 
 
 def _read_forward(module, relevant):
-    """(straight, reaches_in, in_regions) for ``module``'s own forward. ``straight``: it can take
-    one path only (see the module docstring). ``reaches_in``: it may call a relevant module that is
-    not its child nor an element of a container child. ``in_regions``: the ids of the modules it
-    uses inside ``with`` blocks, whose grad mode or autocast a trace does not see (a norm and its
-    activation there might run in different modes). Unreadable source: (False, True, set())."""
+    """(straight, reaches_in) for ``module``'s own forward. ``straight``: it can take one path only
+    (see the module docstring). ``reaches_in``: it may call a relevant module that is not its child
+    nor an element of a container child. Unreadable source: (False, True)."""
     try:
         func, parents = _parse(type(module).forward)
         this = (func.args.posonlyargs + func.args.args)[0].arg
     except Exception:  # noqa: BLE001 - no source (built in, generated, lambda): assume the worst
-        return False, True, set()
+        return False, True
     straight = not any(isinstance(n, _BRANCHES) or isinstance(n, ast.comprehension) and n.ifs
-                       or _switches_mode(n, parents, func) for n in ast.walk(func))
+                       for n in ast.walk(func))
     reaches_in, module_nodes = False, {}
     for node in ast.walk(func):
         if isinstance(node, ast.Name) and node.id == "super":
@@ -116,25 +109,7 @@ def _read_forward(module, relevant):
     # one at the next call: the trace would hold only this one.
     straight &= all(kind != "element" or _constant(node.slice)
                     for node, (kind, _) in module_nodes.items())
-    in_regions = set()
-    for region in ast.walk(func):
-        if isinstance(region, (ast.With, ast.AsyncWith)):
-            inside = list(ast.walk(region))
-            in_regions |= {id(sub) for n in inside if n in module_nodes
-                           for sub in module_nodes[n][1].modules()}
-            reaches_in |= any(isinstance(n, ast.Name) and n.id in bound for n in inside)
-    return straight, reaches_in, in_regions
-
-
-def _switches_mode(node, parents, func):
-    """``node`` calls a grad-mode or autocast switch (``torch.set_grad_enabled(False)``) that
-    holds for the code after it; not as a ``with`` item, nor as a decorator of the forward."""
-    if not isinstance(node, ast.Call) or isinstance(parents.get(node), ast.withitem) or (
-            node in func.decorator_list):
-        return False
-    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
-        node.func, "id", None)
-    return name in _MODE_SWITCHES
+    return straight, reaches_in
 
 
 def _plain_use(node, kind, parents):
@@ -266,9 +241,7 @@ def survey(root, candidates):
                 call.source = previous
             calls += chain
             continue
-        straight, reaches_in, in_regions = _read_forward(m, relevant) if plain_call(m) else (
-            False, True, set())
-        blocked |= in_regions
+        straight, reaches_in = _read_forward(m, relevant) if plain_call(m) else (False, True)
         if reaches_in:
             # A trace would not see it all either: a block handed to a leaf module is called
             # inside that leaf.

@@ -149,7 +149,8 @@ def _trace(module, probed, metas, training):
     for m in shadow.modules():
         m.training = training
     tracer = _OwnForward()
-    graph = tracer.trace(shadow)
+    with torch.set_grad_enabled(torch.is_grad_enabled()):  # as it was, whatever the code switched
+        graph = tracer.trace(shadow)
     stored = _held_outputs(tracer)
     calls = {node: Call(originals[id(shadow.get_submodule(node.target))])
              for node in graph.nodes if node.op == "call_module"}

@@ -25,14 +25,14 @@ called at several places is fine: every call counts. Neither module may have hoo
 ``__call__``/instance ``forward``, and no global module hook may exist.
 
 Left unfused: functional activations (``F.relu(self.norm(x))``), a norm output used twice or
-stored, the norms and activations that a forward which does not trace straight may call (it
-branches, fails to trace, switches grad mode or autocast outside a ``with``), and those a forward
-uses inside ``with`` blocks (a norm and its activation could run in different grad or autocast
-modes). A forward that iterates a block (an ``nn.Sequential``),
-reads into it, or hands it to a function or another module leaves that block's whole subtree
-unfused. Changes made to the model after conversion are not seen: revert, change, convert again.
-Reverting part of a model undoes each fusion it holds whole, in the rest of the model too (an
-activation module shared with norms elsewhere goes back to all its places).
+stored, a norm and an activation that run in different grad or autocast modes (``with
+torch.no_grad()`` around one of them), and the norms and activations that a forward which does not
+trace straight may call (it branches, picks modules by a value, fails to trace). A forward that
+iterates a block (an ``nn.Sequential``), reads into it, or hands it to a function or another module
+leaves that block's whole subtree unfused. Changes made to the model after conversion are not seen:
+revert, change, convert again. Reverting part of a model undoes each fusion it holds whole, in the
+rest of the model too (an activation module shared with norms elsewhere goes back to all its
+places).
 """
 
 from torch import nn
