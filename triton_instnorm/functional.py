@@ -243,11 +243,17 @@ def instance_norm(
     if bias is not None and bias.dim() == 0:
         bias = bias.view(1)
     if running_mean is not None and (running_mean.dim() == 0 or running_var.dim() == 0):
-        if update:
-            _zero_dim_running_stats(input, running_mean, running_var, momentum, eps)
+        if update:  # torch cannot copy the (1,) batch statistics into a 0-dim one
+            _fail_as_torch(input, running_mean, running_var, momentum, eps,
+                           mean_written=running_mean.dim() == 1,
+                           error="output with shape [] doesn't match the broadcast shape [1]")
         running_mean, running_var = running_mean.reshape(1), running_var.reshape(1)
     if update and (_overlaps(running_mean) or _overlaps(running_var)):
-        _overlapping_running_stats(input, running_mean, running_var, momentum, eps)
+        _fail_as_torch(input, running_mean, running_var, momentum, eps,
+                       mean_written=not _overlaps(running_mean),
+                       error="unsupported operation: more than one element of the written-to "
+                       "tensor refers to a single memory location. Please clone() the tensor "
+                       "before performing the operation.")
     if input.numel() == 0:
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and (
@@ -280,24 +286,12 @@ def _overlaps(t):
     return t.numel() > 1 and 0 in t.stride()
 
 
-def _overlapping_running_stats(input, running_mean, running_var, momentum, eps):
-    """Training with running statistics that cannot be written element by element raises torch's
-    error: torch computes the output, then fails to copy into running_mean, or, when only
-    running_var overlaps, updates running_mean and fails on running_var."""
-    if not _overlaps(running_mean):
+def _fail_as_torch(input, running_mean, running_var, momentum, eps, *, mean_written, error):
+    """Training with running statistics torch cannot write back: torch computes the output,
+    updates running_mean when it can (``mean_written``), then raises ``error`` on the first one
+    it cannot write. The same side effect, then the same error."""
+    if mean_written:
         with torch.no_grad():
-            instance_norm(input, running_mean, running_var.clone(), momentum=momentum, eps=eps)
-    raise RuntimeError("unsupported operation: more than one element of the written-to tensor "
-                       "refers to a single memory location. Please clone() the tensor before "
-                       "performing the operation.")
-
-
-def _zero_dim_running_stats(input, running_mean, running_var, momentum, eps):
-    """Training with 0-dim running statistics (C == 1) raises torch's error: torch computes the
-    output, then fails to copy the (1,) batch statistics into the 0-dim running_mean, or, when
-    only running_var is 0-dim, updates running_mean and fails on running_var."""
-    if running_mean.dim() == 1:
-        with torch.no_grad():
-            instance_norm(input, running_mean, running_var.new_empty(1), momentum=momentum,
-                          eps=eps)
-    raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
+            instance_norm(input, running_mean, running_var.new_empty(running_mean.shape),
+                          momentum=momentum, eps=eps)
+    raise RuntimeError(error)
