@@ -123,6 +123,19 @@ def test_no_crash_on_nan_eps():
 _DT = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+def _same_outcome(call):
+    """``call(F.instance_norm)`` and ``call(tin.instance_norm)``: the same RuntimeError (None), or
+    both results, (torch's, ours)."""
+    try:
+        want = call(F.instance_norm)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError) as got:
+            call(tin.instance_norm)
+        _same_message(got.value, e, device_dependent=True)
+        return None
+    return want, call(tin.instance_norm)
+
+
 @pytest.mark.parametrize("xd", _DT)
 def test_parameter_dtype_rules_match_torch(xd):
     """Every (weight, bias) dtype combination: accepted or refused exactly as PyTorch does."""
@@ -131,14 +144,9 @@ def test_parameter_dtype_rules_match_torch(xd):
         for bd in _DT + [None]:
             w = None if wd is None else torch.ones(3, dtype=wd, device=DEVICE)
             b = None if bd is None else torch.zeros(3, dtype=bd, device=DEVICE)
-            try:
-                want = F.instance_norm(x, weight=w, bias=b)
-            except RuntimeError as e:
-                with pytest.raises(RuntimeError) as got:
-                    tin.instance_norm(x, weight=w, bias=b)
-                _same_message(got.value, e, device_dependent=True)
-            else:
-                got = tin.instance_norm(x, weight=w, bias=b)
+            results = _same_outcome(lambda f: f(x, weight=w, bias=b))
+            if results:
+                want, got = results
                 assert got.dtype == want.dtype, (xd, wd, bd)
 
 
@@ -157,14 +165,9 @@ def test_running_stat_dtype_rules_match_torch(xd):
                     var = torch.ones(3, dtype=vd, device=DEVICE)
                     return f(x, mean, var, w, w, use_input_stats=use_input_stats), (mean, var)
 
-                try:
-                    want, want_running = call(F.instance_norm)
-                except RuntimeError as e:
-                    with pytest.raises(RuntimeError) as got:
-                        call(tin.instance_norm)
-                    _same_message(got.value, e, device_dependent=True)
-                else:
-                    got, got_running = call(tin.instance_norm)
+                results = _same_outcome(call)
+                if results:
+                    (want, want_running), (got, got_running) = results
                     assert got.dtype == want.dtype, (xd, wd, md, vd)
                     torch.testing.assert_close(got_running, want_running, atol=1e-2, rtol=1e-2)
 
