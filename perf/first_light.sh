@@ -98,7 +98,7 @@ fi
 # Versions and devices into env.txt; the peers and the cluster provider that can run here (or -).
 read -r peers clusters < <($py - 2>>"$out/env.txt" <<'EOF'
 import sys, torch, triton
-from perf import cli, providers
+from perf import machine, providers, schema
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "triton", triton.__version__, file=sys.stderr)
 if torch.cuda.is_available():
@@ -109,12 +109,12 @@ try:
     print("matplotlib", matplotlib.__version__, file=sys.stderr)
 except ImportError:
     print("matplotlib missing: no plots (the CSV can redraw them elsewhere)", file=sys.stderr)
-why = {p: providers.unavailable_reason(p, cli.interpreting())
-       for p in (*providers.PEER_PROVIDERS, providers.CLUSTERS)}
+why = {p: providers.unavailable_reason(p, machine.interpreting())
+       for p in (*schema.PEER_PROVIDERS, schema.CLUSTERS)}
 print("\n".join(f"{p}: {'unavailable: ' + w if w else 'available'}" for p, w in why.items()),
       file=sys.stderr)
-print(",".join(p for p in providers.PEER_PROVIDERS if why[p] is None) or "-",
-      "-" if why[providers.CLUSTERS] else providers.CLUSTERS)
+print(",".join(p for p in schema.PEER_PROVIDERS if why[p] is None) or "-",
+      "-" if why[schema.CLUSTERS] else schema.CLUSTERS)
 EOF
 )
 [ "$peers" = - ] && peers=

@@ -21,6 +21,7 @@ import math
 DTYPES = ["float32", "bfloat16", "float16"]
 DIRECTIONS = ["forward", "backward", "forward+backward"]
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+EPS = 1e-5  # of every instance norm the benchmarks run (torch's default)
 # What triton_instnorm's forward stores per plane (kernels/constants.py; a test ties the two).
 STATS_PER_PLANE = 4
 STATS_ITEMSIZE = 4

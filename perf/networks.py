@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-5
+from perf.model import EPS
+from perf.schema import OURS
 
 
 def conv_in_act(cin, cout, kernel, stride=1, *, dims=2, affine=True, act=None, reflect=True):
@@ -296,10 +297,10 @@ NETWORKS = {n.name: n for n in (
 
 
 def make_task(net: Network, variant: str, device, smoke: bool) -> nn.Module:
-    """The network's task, ``variant`` "pytorch" or "triton_instnorm", from seeded weights."""
+    """The network's task, ``variant`` one of schema.VARIANTS, from seeded weights."""
     torch.manual_seed(0)  # the same weights in both variants
     task = globals()[net.task](**net.sizes(smoke)[0])
-    if variant == "triton_instnorm":
+    if variant == OURS:
         to_triton(task)
     task = task.to(device)
     if net.memory_format == "channels_last_3d":

@@ -17,13 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from perf import model  # noqa: E402
-from perf.providers import BASELINES, OURS, PROVIDERS, ROOF  # noqa: E402
+from perf.schema import (BASELINES, CLUSTERS, COMPILE, EAGER, FLAG_GEMS, LIGER, MODES,  # noqa: E402
+                         OURS, PROVIDERS, PYTORCH, ROOF, VARIANTS)
 from perf.shapes import SHAPE_CLASSES, class_order  # noqa: E402
 from perf.summary import geomean, speedups  # noqa: E402
 
-COLORS = {"triton_instnorm": "tab:blue", "triton_instnorm_clusters": "tab:cyan",
-          "torch_eager": "tab:orange", "torch_compile": "tab:green", "flag_gems": "tab:red",
-          "liger_groupnorm": "tab:purple", "copy": "0.45"}
+COLORS = {OURS: "tab:blue", CLUSTERS: "tab:cyan", EAGER: "tab:orange", COMPILE: "tab:green",
+          FLAG_GEMS: "tab:red", LIGER: "tab:purple", ROOF: "0.45"}
 DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 PLOT_FILES = ("bandwidth_vs_plane.png", "roofline.png", "speedup.png")
 
@@ -110,7 +110,7 @@ def plot_bandwidth_vs_plane(rows, path, title):
                                **style)
                 if is_roof and pts:
                     best = max(float(r["gbps"]) for r in pts)
-                    ax.axhline(best, color=COLORS["copy"], ls=":", lw=1)
+                    ax.axhline(best, color=COLORS[ROOF], ls=":", lw=1)
             ax.set_xscale("log", base=2)
             ax.set_ylim(bottom=0)
             ax.set_title(f"{direction}, {dtype}", fontsize=10)
@@ -208,7 +208,7 @@ def draw_all(rows, plots_dir, title, prefix, peak_tflops=None) -> list[str]:
 
 # --------------------------------------------------------------------------- training steps
 
-VARIANT_COLORS = {("pytorch", "eager"): "tab:orange", ("pytorch", "compile"): "tab:green",
+VARIANT_COLORS = {(PYTORCH, "eager"): "tab:orange", (PYTORCH, "compile"): "tab:green",
                   (OURS, "eager"): "tab:blue", (OURS, "compile"): "navy"}
 
 
@@ -216,7 +216,7 @@ def draw_training(rows, plots_dir, title, prefix) -> list[str]:
     """``<plots_dir>/<prefix>_models.png``: ms per step, speedup and peak memory per network."""
     os.makedirs(plots_dir, exist_ok=True)
     networks = list(dict.fromkeys(r["network"] for r in rows))
-    modes = [m for m in ("eager", "compile") if any(r["mode"] == m for r in rows)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     by_key = {(r["network"], r["variant"], r["mode"]): r for r in rows}
 
     def column(name):
@@ -225,7 +225,7 @@ def draw_training(rows, plots_dir, title, prefix) -> list[str]:
             return float(text) if text else None
         return value
 
-    series = {(v, m): (f"{v} {m}", VARIANT_COLORS[v, m]) for m in modes for v in ("pytorch", OURS)}
+    series = {(v, m): (f"{v} {m}", VARIANT_COLORS[v, m]) for m in modes for v in VARIANTS}
     fig, axes = _grid(3, 1, width=max(6.0, 1.1 * len(networks) + 2), height=3.4)
     _grouped_bars(axes[0][0], networks, series, column("ms_per_step"), "ms per training step",
                   "step time")

@@ -49,20 +49,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from perf import cli
+from perf import machine
+from perf.model import DTYPES, EPS
+from perf.schema import CLUSTERS, COMPILE, EAGER, FLAG_GEMS, LIGER, OURS
+from perf.shapes import MEMORY_FORMAT_RANK
 
-EPS = 1e-5
-OURS, CLUSTERS, EAGER, COMPILE, ROOF = (
-    "triton_instnorm", "triton_instnorm_clusters", "torch_eager", "torch_compile", "copy")
-NORM_PROVIDERS = [OURS, EAGER, COMPILE]
-PEER_PROVIDERS = ["flag_gems", "liger_groupnorm"]
-PROVIDERS = [OURS, CLUSTERS, EAGER, COMPILE, *PEER_PROVIDERS, ROOF]
-BASELINES = [EAGER, COMPILE, *PEER_PROVIDERS]  # what triton_instnorm's speedup is taken against
+# triton_instnorm.device.CLUSTERS_ENV, which cannot be imported before the command decided on the
+# interpreter (tests/test_perf_providers.py ties the two).
 CLUSTERS_ENV = "TRITON_INSTNORM_CLUSTERS"
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format,
-                        "channels_last": torch.channels_last,
-                        "channels_last_3d": torch.channels_last_3d}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+TORCH_MEMORY_FORMATS = {name: getattr(torch, "contiguous_format" if name == "contiguous" else name)
+                        for name in MEMORY_FORMAT_RANK}
 # Largest error relative to the largest magnitude of the float64 reference. Half dtypes: storage
 # rounding (2^-8 for bfloat16) and Liger's bfloat16 atomics; wrong kernels miss by O(1).
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -261,12 +258,12 @@ def _build_liger_groupnorm(case: Case, interpret: bool):
 
 
 PEERS: dict[str, Peer] = {peer.name: peer for peer in (
-    Peer("flag_gems", "flag_gems", "pip install --no-deps flag-gems==5.0.2 sqlalchemy PyYAML",
+    Peer(FLAG_GEMS, "flag_gems", "pip install --no-deps flag-gems==5.0.2 sqlalchemy PyYAML",
          "flag_gems.fused.instance_norm.InstanceNorm", _build_flag_gems,
          interpreter_reason="FlagGems 5.0.2 cannot run on Triton's interpreter: its import needs a "
                             "GPU vendor backend and torch.cuda, and its libentry wrapper needs "
                             "compiled JITFunction kernels (see perf/providers.py)"),
-    Peer("liger_groupnorm", "liger_kernel.transformers.group_norm", "pip install liger-kernel",
+    Peer(LIGER, "liger_kernel.transformers.group_norm", "pip install liger-kernel",
          "liger_kernel.ops.group_norm.LigerGroupNormFunction", _build_liger_groupnorm),
 )}
 
@@ -332,7 +329,7 @@ def check_against_eager(name: str, norm, inputs, dy) -> dict[str, float]:
 
 def build_peer(name: str, case: Case, interpret: bool | None = None):
     """The peer's (callable, grad inputs), checked once; raises Unavailable or PeerMismatch."""
-    interpret = cli.interpreting() if interpret is None else interpret
+    interpret = machine.interpreting() if interpret is None else interpret
     reason = unavailable_reason(name, interpret)
     if reason is not None:
         raise Unavailable(reason)

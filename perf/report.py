@@ -23,21 +23,17 @@ import traceback
 
 import torch
 
-from perf import cli, model, providers, shapes, summary
-from perf.providers import CLUSTERS, COMPILE, NORM_PROVIDERS, PEER_PROVIDERS, PROVIDERS, ROOF
+from perf import cli, files, machine, model, providers, shapes, summary
+from perf.schema import (BANDWIDTH_COLUMNS, BANDWIDTH_KEY, CLUSTERS, COMPILE, NORM_PROVIDERS,
+                         PEER_PROVIDERS, PROVIDERS, ROOF, rank)
 from perf.timing import time_ms
-
-CSV_COLUMNS = ["device", "torch", "triton", "date", "shape_class", "shape", "dtype",
-               "direction", "provider", "ms", "gbps", "pct_of_roof"]
-KEY_COLUMNS = ("shape_class", "shape", "dtype", "direction", "provider")
-TRAFFIC_TABLE = os.path.join(cli.RESULTS_DIR, "traffic.md")
 
 
 def sort_key(row: dict):
     return (shapes.class_order(row["shape_class"]),
             math.prod(model.shape_from_str(row["shape"])), row["shape"],
-            cli.rank(model.DTYPES, row["dtype"]), cli.rank(model.DIRECTIONS, row["direction"]),
-            cli.rank(PROVIDERS, row["provider"]))
+            rank(model.DTYPES, row["dtype"]), rank(model.DIRECTIONS, row["direction"]),
+            rank(PROVIDERS, row["provider"]))
 
 
 def default_providers(interpret: bool) -> list[str]:
@@ -73,14 +69,14 @@ def parse_args(argv=None):
                         "timed run, compile in parallel)")
     p.add_argument("--peak-tflops", type=float,
                    help="fp32 compute roof for the roofline plot (default: known-device table)")
-    cli.add_output_args(p, cli.RESULTS_DIR)
+    cli.add_output_args(p, files.RESULTS_DIR)
     return p.parse_args(argv)
 
 
 def measure(args, chosen, device, device_name, save):
     """Time every case; ``save(rows)`` after each (shape, dtype). (rows, failures, {provider:
     {dtype: why it could not run}}, cases left out by the budget)."""
-    env = cli.environment(device_name)
+    env = machine.environment(device_name)
     work = [(cls, shape, dtype) for cls in shapes.select_classes(args.classes)
             for shape in (cls.smoke_shapes if args.smoke else cls.shapes) for dtype in args.dtypes]
     rows, failures, unavailable, start = [], [], {}, time.monotonic()
@@ -168,10 +164,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         def draw(rows, device):
             from perf import plots
-            return plots.draw_all(rows, args.plots or cli.PLOTS_DIR, device, cli.slugify(device),
+            return plots.draw_all(rows, args.plots or files.PLOTS_DIR, device,
+                                  files.slugify(device),
                                   args.peak_tflops or model.known_peak_tflops(device))
-        return cli.redraw(args.out or cli.RESULTS_DIR, CSV_COLUMNS, draw)
-    device, device_name, interpret = cli.start_device("python -m perf.report --smoke")
+        return cli.redraw(args.out or files.RESULTS_DIR, BANDWIDTH_COLUMNS, draw)
+    device, device_name, interpret = machine.start_device("python -m perf.report --smoke")
     import triton
 
     chosen = [p for p in args.providers or default_providers(interpret) if p != ROOF]
@@ -180,12 +177,13 @@ def main(argv=None) -> int:
     chosen = [p for p in chosen if optional.get(p) is None]
     peers = {p: why for p, why in optional.items() if p in PEER_PROVIDERS}
 
-    out_dir, plots_dir = cli.output_dirs(args, cli.RESULTS_DIR, "instnorm-perf-smoke-")
-    slug = cli.slugify(device_name)
+    out_dir, plots_dir = cli.output_dirs(args, files.RESULTS_DIR, "instnorm-perf-smoke-")
+    slug = files.slugify(device_name)
     csv_path, md_path = os.path.join(out_dir, f"{slug}.csv"), os.path.join(out_dir, f"{slug}.md")
 
     def save(rows):
-        return cli.write_csv(csv_path, rows, CSV_COLUMNS, KEY_COLUMNS, sort_key, not args.fresh)
+        return files.write_csv(csv_path, rows, BANDWIDTH_COLUMNS, BANDWIDTH_KEY, sort_key,
+                               not args.fresh)
 
     print(f"Measuring on {device_name}: {len(shapes.select_classes(args.classes))} shape classes, "
           f"dtypes {','.join(args.dtypes)}, providers {','.join(chosen + [ROOF])}"
@@ -219,7 +217,7 @@ def main(argv=None) -> int:
         notes.append(f"{len(failures)} measurement(s) failed: " + "; ".join(failures[:5]))
     text = summary.bandwidth(rows, f"Instance norm bandwidth on {device_name}", notes, peers={
         p: status(p, why, new_rows, failures, unavailable) for p, why in peers.items()})
-    text += summary.traffic_section(TRAFFIC_TABLE)  # bytes moved / minimum, counted on the CPU
+    text += summary.traffic_section(files.TRAFFIC_TABLE)  # bytes moved / minimum (CPU count)
     with open(md_path, "w") as f:
         f.write(text)
     pngs, problems = cli.draw("draw_all", rows, plots_dir, device_name, slug,

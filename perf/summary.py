@@ -7,8 +7,8 @@ import math
 import os
 from collections import defaultdict
 
-from perf import cli, model
-from perf.providers import BASELINES, OURS, PROVIDERS, ROOF
+from perf import files, model
+from perf.schema import BASELINES, OURS, PROVIDERS, PYTORCH, ROOF, rank
 from perf.shapes import SHAPE_CLASSES, class_order
 
 PER_SHAPE = "## Per shape"  # where the traffic table's per-class lines end
@@ -69,8 +69,8 @@ def bandwidth(rows: list[dict], title: str, notes=(), peers: dict[str, str] | No
     header += ["copy GB/s"] if ROOF in providers else []
     header += [f"speedup vs {b.removeprefix('torch_')}" for b in vs]
     lines = []
-    for key in sorted(groups, key=lambda k: (class_order(k[0]), cli.rank(model.DTYPES, k[1]),
-                                             cli.rank(model.DIRECTIONS, k[2]))):
+    for key in sorted(groups, key=lambda k: (class_order(k[0]), rank(model.DTYPES, k[1]),
+                                             rank(model.DIRECTIONS, k[2]))):
         by_provider = groups[key]
         cells = [*key, str(len({r["shape"] for rs in by_provider.values() for r in rs}))]
         for p in norm:
@@ -103,7 +103,7 @@ def training(rows: list[dict], title: str, notes) -> str:
               "check (loss / grad rel. err.)"]
     lines = []
     for (network, mode), by_variant in pairs.items():
-        ref, ours = by_variant.get("pytorch", {}), by_variant.get(OURS, {})
+        ref, ours = by_variant.get(PYTORCH, {}), by_variant.get(OURS, {})
         first, speedup = ref or ours, ours.get("speedup_vs_pytorch")
         lines.append([
             network, first["input_shape"], first["dtype"], first["memory_format"], mode,
@@ -171,5 +171,5 @@ def traffic_section(path: str) -> str:
     with open(path) as f:
         text = f.read().split(PER_SHAPE)[0].rstrip()
     text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
-    shown = os.path.relpath(path, cli.REPO_ROOT)
+    shown = os.path.relpath(path, files.REPO_ROOT)
     return f"\n{text}\n\nPer shape and launch: `{path if shown.startswith('..') else shown}`.\n"

@@ -35,17 +35,11 @@ import sys
 
 import torch
 
-from perf import cli, model, summary
+from perf import cli, files, machine, model, summary
 from perf.networks import NETWORKS, make_batch, make_task
+from perf.schema import MODES, PYTORCH, TRAINING_COLUMNS, TRAINING_KEY, VARIANTS, rank
 from perf.timing import time_steps
 
-RESULTS_DIR = os.path.join(cli.RESULTS_DIR, "models")
-COLUMNS = ["device", "torch", "triton", "date", "network", "batch", "input_shape", "dtype",
-           "memory_format", "variant", "mode", "ms_per_step", "speedup_vs_pytorch", "peak_mem_mb",
-           "loss", "loss_rel_err", "grad_rel_err", "instnorm_launches", "check"]
-KEY_COLUMNS = ("network", "variant", "mode")
-VARIANTS = ["pytorch", "triton_instnorm"]
-MODES = ["eager", "compile"]
 TOLERANCES = (1e-4, 1e-3)  # (loss, gradient) relative error between the float32 check steps
 
 
@@ -59,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed steps before the timed ones, the first "
                                               "included (default 3; smoke 1)")
     p.add_argument("--steps", type=int, help="timed steps (default 10; smoke 1)")
-    cli.add_output_args(p, RESULTS_DIR)
+    cli.add_output_args(p, files.TRAINING_DIR)
     args = p.parse_args(argv)
     args.warmup = max(1, args.warmup or (1 if args.smoke else 3))
     args.steps = args.steps or (1 if args.smoke else 10)
@@ -67,8 +61,8 @@ def parse_args(argv=None):
 
 
 def sort_key(row: dict):
-    return (cli.rank(list(NETWORKS), row["network"]), row["network"],
-            cli.rank(MODES, row["mode"]), cli.rank(VARIANTS, row["variant"]))
+    return (rank(list(NETWORKS), row["network"]), row["network"],
+            rank(MODES, row["mode"]), rank(VARIANTS, row["variant"]))
 
 
 class Trainer:
@@ -180,7 +174,7 @@ def run_network(net, modes, args, device, env) -> list[dict]:
         results = {v: run_variant(net, v, mode, args, device) for v in VARIANTS}
         for variant, (loss, launches, ms, peak) in results.items():
             check = {"loss_rel_err": "", "grad_rel_err": "", "check": "reference"}
-            if variant != "pytorch":
+            if variant != PYTORCH:
                 problems = [] if launches else ["no triton_instnorm kernel launched"]
                 if checked["check"] != "ok":
                     problems.append(checked["check"].removeprefix("FAIL: "))
@@ -190,7 +184,7 @@ def run_network(net, modes, args, device, env) -> list[dict]:
                 "input_shape": model.shape_to_str(shape), "dtype": net.dtype,
                 "memory_format": net.memory_format, "variant": variant, "mode": mode,
                 "ms_per_step": f"{ms:.6g}", "speedup_vs_pytorch":
-                    "" if variant == "pytorch" else f"{results['pytorch'][2] / ms:.4g}",
+                    "" if variant == PYTORCH else f"{results[PYTORCH][2] / ms:.4g}",
                 "peak_mem_mb": "" if math.isnan(peak) else f"{peak:.1f}",
                 "loss": f"{loss:.8g}", "instnorm_launches": str(launches), **check})
     return rows
@@ -201,10 +195,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         def draw(rows, device):
             from perf import plots
-            return plots.draw_training(rows, args.plots or cli.PLOTS_DIR, device,
-                                       cli.slugify(device))
-        return cli.redraw(args.out or RESULTS_DIR, COLUMNS, draw)
-    device, device_name, interpret = cli.start_device("python -m perf.training --smoke")
+            return plots.draw_training(rows, args.plots or files.PLOTS_DIR, device,
+                                       files.slugify(device))
+        return cli.redraw(args.out or files.TRAINING_DIR, TRAINING_COLUMNS, draw)
+    device, device_name, interpret = machine.start_device("python -m perf.training --smoke")
     import triton
 
     modes = args.modes or (["eager"] if interpret else MODES)
@@ -217,12 +211,12 @@ def main(argv=None) -> int:
         print(notes[-1])
     if interpret:
         notes.append("SMOKE RUN on CPU through the Triton interpreter: the times mean nothing")
-    out_dir, plots_dir = cli.output_dirs(args, RESULTS_DIR, "instnorm-training-smoke-")
+    out_dir, plots_dir = cli.output_dirs(args, files.TRAINING_DIR, "instnorm-training-smoke-")
     print(f"Training steps on {device_name}: {','.join(args.networks)}; modes {','.join(modes)}; "
           f"{args.warmup} warm-up + {args.steps} timed steps{' (smoke)' if args.smoke else ''}",
           file=sys.stderr)
 
-    env, new_rows, failures = cli.environment(device_name), [], []
+    env, new_rows, failures = machine.environment(device_name), [], []
     for name in args.networks:
         try:
             new_rows += run_network(NETWORKS[name], modes, args, device, env)
@@ -231,9 +225,10 @@ def main(argv=None) -> int:
             cli.log(f"{name}: FAILED ({type(exc).__name__}: {exc})")
     failures += [f"{r['network']} {r['mode']}: {r['check']}" for r in new_rows
                  if r["check"].startswith("FAIL")]
-    slug = cli.slugify(device_name)
+    slug = files.slugify(device_name)
     csv_path, md_path = os.path.join(out_dir, f"{slug}.csv"), os.path.join(out_dir, f"{slug}.md")
-    rows = cli.write_csv(csv_path, new_rows, COLUMNS, KEY_COLUMNS, sort_key, not args.fresh)
+    rows = files.write_csv(csv_path, new_rows, TRAINING_COLUMNS, TRAINING_KEY, sort_key,
+                           not args.fresh)
     if failures:
         notes.append(f"{len(failures)} failure(s): " + "; ".join(failures[:5]))
     text = summary.training(rows, f"Training steps of instance-norm networks on {device_name}",

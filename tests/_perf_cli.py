@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from perf import files
+
+REPO_ROOT = Path(files.REPO_ROOT)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -39,7 +41,7 @@ def check_pngs(plots_dir: Path, names):
 def repo_outputs():
     """Files under the repository's own output folders, to prove a smoke run leaves them alone."""
     found = {}
-    for folder in (REPO_ROOT / "perf" / "results", REPO_ROOT / "plots"):
+    for folder in map(Path, (files.RESULTS_DIR, files.PLOTS_DIR)):
         if folder.is_dir():
             for f in folder.rglob("*"):
                 found[f] = f.stat().st_mtime_ns

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import triton_instnorm
-from perf import cli, model, report, shapes, summary
+from perf import files, machine, model, report, shapes, summary
 
 
 def test_byte_model():
@@ -21,7 +21,7 @@ def test_byte_model():
     assert model.known_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(66.9)
     assert model.known_peak_tflops("NVIDIA H100 PCIe") == pytest.approx(51.2)
     assert model.known_peak_tflops("a CPU") is None
-    assert cli.slugify("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert files.slugify("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
 
 
 def test_shape_classes_check_their_shapes():
@@ -37,7 +37,7 @@ def test_shape_classes_check_their_shapes():
 
 def test_the_interpreter_check_agrees_with_the_package():
     """The suite's process: kernels on CPU tensors exactly when perf says the interpreter is on."""
-    assert cli.interpreting() == triton_instnorm.kernels_available(torch.empty(0))
+    assert machine.interpreting() == triton_instnorm.kernels_available(torch.empty(0))
 
 
 @pytest.mark.parametrize("value", [None, "0", "1", "true", "On", "yes", "y", " 1", "2"])
@@ -47,23 +47,23 @@ def test_the_interpreter_check_reads_the_variable_as_triton_does(monkeypatch, va
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert cli.interpreting() == knobs.runtime.interpret
+    assert machine.interpreting() == knobs.runtime.interpret
 
 
 def test_csv_merge_replaces_only_the_rows_measured_again(tmp_path):
     path = str(tmp_path / "device.csv")
     columns, key = ["name", "value"], ("name",)
     old = [{"name": "a", "value": "1"}, {"name": "b", "value": "2"}]
-    cli.write_csv(path, old, columns, key, sort_key=lambda r: r["name"], merge=True)
-    rows = cli.write_csv(path, [{"name": "b", "value": "3"}, {"name": "c", "value": "4"}],
+    files.write_csv(path, old, columns, key, sort_key=lambda r: r["name"], merge=True)
+    rows = files.write_csv(path, [{"name": "b", "value": "3"}, {"name": "c", "value": "4"}],
                          columns, key, sort_key=lambda r: r["name"], merge=True)
-    assert rows == cli.read_csv(path, columns) == [
+    assert rows == files.read_csv(path, columns) == [
         {"name": "a", "value": "1"}, {"name": "b", "value": "3"}, {"name": "c", "value": "4"}]
-    rows = cli.write_csv(path, [{"name": "z", "value": "0"}], columns, key,
+    rows = files.write_csv(path, [{"name": "z", "value": "0"}], columns, key,
                          sort_key=lambda r: r["name"], merge=False)
-    assert cli.read_csv(path, columns) == rows == [{"name": "z", "value": "0"}]
+    assert files.read_csv(path, columns) == rows == [{"name": "z", "value": "0"}]
     with pytest.raises(ValueError, match="columns"):
-        cli.read_csv(path, ["name"])
+        files.read_csv(path, ["name"])
 
 
 def _row(provider, ms, shape="2x3x4x4", dtype="float32", direction="forward"):

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from perf import providers
+from perf.model import EPS
+from perf.schema import CLUSTERS
 from perf.shapes import SHAPE_CLASSES
 
-EPS = providers.EPS
 ON_INTERPRETER = DEVICE == "cpu"
 
 
@@ -50,6 +51,14 @@ def test_ours_runs_the_kernels(launches, use_module):
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
+def test_clusters_switch_is_the_packages():
+    """providers cannot import triton_instnorm before a command decided on the interpreter, so
+    it names the switch itself: the name must stay the package's."""
+    from triton_instnorm import device
+
+    assert providers.CLUSTERS_ENV == device.CLUSTERS_ENV
+
+
 def test_clusters_provider_sets_its_switch_or_says_why_not(monkeypatch):
     """Either unavailable with a reason (this package or Triton launches no clusters here), or
     ours with TRITON_INSTNORM_CLUSTERS=1 while it is timed; the other providers unset it."""
@@ -57,13 +66,13 @@ def test_clusters_provider_sets_its_switch_or_says_why_not(monkeypatch):
     case = make_case()
     providers.norm_fn("torch_eager", case)
     assert providers.CLUSTERS_ENV not in os.environ
-    reason = providers.unavailable_reason(providers.CLUSTERS, interpret=ON_INTERPRETER)
+    reason = providers.unavailable_reason(CLUSTERS, interpret=ON_INTERPRETER)
     if reason is not None:
         assert "cluster" in reason
         with pytest.raises(providers.Unavailable, match="cluster"):
-            providers.norm_fn(providers.CLUSTERS, case)
+            providers.norm_fn(CLUSTERS, case)
         return
-    norm, inputs = providers.norm_fn(providers.CLUSTERS, case)
+    norm, inputs = providers.norm_fn(CLUSTERS, case)
     assert os.environ[providers.CLUSTERS_ENV] == "1"
     torch.testing.assert_close(norm(*inputs), F.instance_norm(case.x, weight=case.weight,
                                                               bias=case.bias, eps=EPS))

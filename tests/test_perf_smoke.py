@@ -10,8 +10,8 @@ import pytest
 import torch
 from _perf_cli import check_pngs, read_csv, repo_outputs, run_perf
 
-from perf import model, report
-from perf.providers import PEER_PROVIDERS, PROVIDERS
+from perf import model
+from perf.schema import BANDWIDTH_COLUMNS, PEER_PROVIDERS, PROVIDERS
 from perf.shapes import SHAPE_CLASSES
 
 pytestmark = [pytest.mark.perf, pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -64,7 +64,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_csv_schema_and_rows(smoke_run):
     out, _ = smoke_run
     columns, rows = read_csv(out)
-    assert columns == report.CSV_COLUMNS == [
+    assert columns == BANDWIDTH_COLUMNS == [
         "device", "torch", "triton", "date", "shape_class", "shape", "dtype",
         "direction", "provider", "ms", "gbps", "pct_of_roof"]
     groups = check_rows(rows, SHAPE_CLASSES, model.DTYPES, model.DIRECTIONS,

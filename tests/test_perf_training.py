@@ -11,7 +11,7 @@ from _perf_cli import PNG_MAGIC, read_csv, repo_outputs, run_perf
 
 import triton_instnorm
 from conftest import DEVICE
-from perf import networks, training
+from perf import networks, schema, training
 from perf.networks import NETWORKS
 
 pytestmark = pytest.mark.perf
@@ -34,9 +34,9 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_rows_every_network_checked(smoke_run):
     out, proc, columns, rows = smoke_run
-    assert columns == training.COLUMNS
+    assert columns == schema.TRAINING_COLUMNS
     keys = {(r["network"], r["variant"], r["mode"]) for r in rows}
-    assert keys == {(n, v, "eager") for n in NETWORKS for v in training.VARIANTS}
+    assert keys == {(n, v, "eager") for n in NETWORKS for v in schema.VARIANTS}
     for r in rows:
         assert r["device"] and r["torch"] and r["triton"] and r["date"].endswith("Z")
         assert float(r["ms_per_step"]) > 0 and float(r["loss"]) > 0
@@ -71,7 +71,7 @@ def test_smoke_torch_compile_one_network(tmp_path):
                     "--out", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = read_csv(tmp_path)[1]
-    assert {(r["variant"], r["mode"]) for r in rows} == {(v, "compile") for v in training.VARIANTS}
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, "compile") for v in schema.VARIANTS}
     (ours,) = [r for r in rows if r["variant"] == "triton_instnorm"]
     assert ours["check"] == "ok" and int(ours["instnorm_launches"]) > 0
 

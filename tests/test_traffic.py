@@ -1,4 +1,4 @@
-"""Bytes loaded and stored, and programs launched, by every kernel path (perf/traffic.py).
+"""Bytes loaded and stored, and programs launched, by every kernel path (perf/counting.py).
 
 Counted through Triton's interpreter, unmasked lanes only, so the numbers are exact. What is
 pinned, from perf/NOTES.md:
@@ -34,13 +34,13 @@ from utils import make_inputs, randn_like
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton_instnorm as tin  # noqa: E402
-from perf import cli, model, providers, summary, traffic  # noqa: E402
+from perf import counting, machine, model, providers, summary, traffic  # noqa: E402
 from perf.shapes import SHAPE_CLASSES  # noqa: E402
 from triton_instnorm import device, heuristics  # noqa: E402
 from triton_instnorm.kernels import constants  # noqa: E402
 
 pytestmark = [pytest.mark.perf,  # a performance audit: the second test tier
-              pytest.mark.skipif(not cli.interpreting(),
+              pytest.mark.skipif(not machine.interpreting(),
                                  reason="traffic is counted through Triton's interpreter only")]
 
 
@@ -86,9 +86,9 @@ def _inputs(shape, dtype=torch.float32, memory_format=torch.contiguous_format):
 def _count(x, w, b, dy, path="single_tile", programs="all"):
     """(forward Traffic, backward Traffic, y, dx) of one training step on ``path``."""
     with PATHS[path]():
-        with traffic.count(programs) as fwd:
+        with counting.count(programs) as fwd:
             y = tin.instance_norm(x, weight=w, bias=b)
-        with traffic.count(programs) as bwd:
+        with counting.count(programs) as bwd:
             dx, _, _ = torch.autograd.grad(y, (x, w, b), dy)
     return fwd, bwd, y, dx
 
@@ -208,7 +208,7 @@ def test_eval_on_split_planes_writes_each_element_once(case):
     fmt = torch.channels_last if case == "channels_last" else torch.contiguous_format
     x, w, b, _ = _inputs(shape, torch.bfloat16, memory_format=fmt)
     running = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
-    with torch.no_grad(), path(), traffic.count("all" if case == "small" else "sample") as fwd:
+    with torch.no_grad(), path(), counting.count("all" if case == "small" else "sample") as fwd:
         y = tin.instance_norm(x, *running, weight=w, bias=b, use_input_stats=False)
     assert [launch.kernel for launch in fwd.launches] == ["_fwd"]
     assert _chunks(fwd) > 1, fwd.table()
