@@ -7,7 +7,8 @@ names another), and writes ``perf/results/traffic.md``: per launch its grid, pro
 cluster launch's CTAs), how many times x (and dy) were read, and bytes moved over the minimum of
 perf/model.py. ``--clusters`` counts triton_instnorm_clusters instead (cluster launches on) into
 ``perf/results/traffic_clusters.md``; ``--providers`` counts any provider of perf/providers.py
-whose kernels are Triton kernels; ``--smoke`` the classes' tiny shapes.
+whose kernels are Triton kernels. ``--smoke`` counts the classes' tiny shapes into a new temp dir
+(or ``--out``), never over the committed tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 from perf import cli, files, model, shapes, summary
@@ -77,13 +79,21 @@ def parse_args(argv=None):
     p.add_argument("--clusters", action="store_true",
                    help="count triton_instnorm_clusters (TRITON_INSTNORM_CLUSTERS=1) instead")
     p.add_argument("--out", help=f"markdown file (default {files.show(files.TRAFFIC_TABLE)}, with "
-                                 f"--clusters {files.show(files.CLUSTER_TRAFFIC_TABLE)})")
+                                 f"--clusters {files.show(files.CLUSTER_TRAFFIC_TABLE)}; smoke: "
+                                 "in a new temp dir)")
     return p.parse_args(argv)
 
 
 def out_path(args) -> str:
-    """The table's path: ``--out``, else the committed table of what is counted."""
-    return args.out or (files.CLUSTER_TRAFFIC_TABLE if args.clusters else files.TRAFFIC_TABLE)
+    """The table's path: ``--out``, a new temp dir in smoke runs (never a committed table), else
+    the committed table of what is counted."""
+    name = files.CLUSTER_TRAFFIC_TABLE if args.clusters else files.TRAFFIC_TABLE
+    if args.out:
+        return args.out
+    if args.smoke:
+        return os.path.join(tempfile.mkdtemp(prefix="instnorm-traffic-smoke-"),
+                            os.path.basename(name))
+    return name
 
 
 def main(argv=None) -> int:
