@@ -17,7 +17,8 @@ register cap (ptxas -v) for the 2- and 4-byte dtypes.
 The cluster variants and the other GPUs' (sm_100, sm_80, gfx942): tests/test_aot_devices.py.
 
 Skipped (not failed) when the installed Triton has no NVIDIA backend or no ``ASTSource`` AOT API.
-``pytest --runslow`` adds a larger sweep. ``pytest -s`` prints a table of what was compiled.
+``pytest --runslow`` adds a larger sweep. A kernel whose ptxas figures go unread fails with a
+table of what was compiled.
 """
 
 import itertools
@@ -214,9 +215,6 @@ def test_specialization_follows_the_launch_code(fast):
 def test_unit_stride_bf16_accesses_are_vectorized(fast):
     """bf16 single-tile forward, spatial stride specialized to 1: 16-byte (or 8-byte) accesses."""
     s = _one(fast, FWD_BF16)["ptx_summary"]
-    print(f"\nbf16 single tile fwd: ld.global.v4={s['ld_global_v4']} v2={s['ld_global_v2']} "
-          f"scalar={s['ld_global_scalar']}; st.global.v4={s['st_global_v4']} "
-          f"v2={s['st_global_v2']} scalar={s['st_global_scalar']}")
     assert s["ld_global_v4"] + s["ld_global_v2"] > 0, s
     assert s["st_global_v4"] + s["st_global_v2"] > 0, s
     # channels_last: rows (channels) are the unit-stride axis; the tile still vectorizes, 16 bytes.
@@ -259,6 +257,22 @@ def test_backward_divides_exactly(fast):
                                 if r["ptx_summary"]["div_full_f32"]]
 
 
+def register_cap(r) -> int:
+    """Registers per thread ptxas may use: 255, fewer when the program's threads would otherwise
+    not fit the SM's 65,536."""
+    return min(255, 65536 // (32 * r["num_warps"]))
+
+
+def unreported(results) -> list:
+    """Compiled kernels whose ptxas -v figures (registers within the cap, spill bytes) or PTX
+    summary were not read."""
+    return [(r["spec"], r["kernel"], r.get("registers"), r.get("spill_stores")) for r in results
+            if r["ok"] and not (isinstance(r.get("registers"), int)
+                                and 0 < r["registers"] <= register_cap(r)
+                                and r.get("spill_stores") is not None
+                                and r["ptx_summary"]["lines"] > 0)]
+
+
 def test_no_register_spills_below_fp64(fast):
     """The heuristics' register budget holds for the 2- and 4-byte dtypes (ptxas -v): nothing
     spills at the register cap (255, or 65536 / threads per program). ptxas may still spill a
@@ -270,23 +284,28 @@ def test_no_register_spills_below_fp64(fast):
     for r in spilled:
         print(f"\nspill: {r['kernel']} {r['spec']}: {r['registers']} registers, "
               f"{r['spill_stores']} B spill stores, {r['num_warps']} warps")
-    cap = lambda r: min(255, 65536 // (32 * r["num_warps"]))  # noqa: E731
     bad = [(r["spec"], r["kernel"], r["registers"], r["spill_stores"]) for r in spilled
-           if "-fp64-" not in r["spec"] and r["registers"] >= cap(r)]
+           if "-fp64-" not in r["spec"] and r["registers"] >= register_cap(r)]
     assert not bad, bad
 
 
-def test_report(fast):
-    """Prints what was compiled (pytest -s)."""
-    print(f"\nTriton {fast['triton']}, target sm_90")
-    for r in fast["results"]:
+def report(out, results) -> str:
+    """What was compiled, a line per kernel (the message of a failed check)."""
+    lines = [f"Triton {out['triton']}"]
+    for r in results:
         s = r.get("ptx_summary") or {}
-        print(f"{'ok ' if r['ok'] else 'ERR'} {r.get('seconds', 0):5.2f}s {r['kernel']:21s} "
-              f"warps={r['num_warps']!s:<4} regs={r.get('registers')} "
-              f"spill={r.get('spill_stores')} "
-              f"ld.v4={s.get('ld_global_v4')} ld.v2={s.get('ld_global_v2')} "
-              f"div.rn.f32={s.get('div_rn_f32')} div.full.f32={s.get('div_full_f32')} "
-              f"f64={s.get('f64_ops')} {r['spec']}")
+        lines.append(f"{'ok ' if r['ok'] else 'ERR'} {r['arch']:7s} {r['kernel']:21s} "
+                     f"ctas={r['num_ctas']} warps={r['num_warps']!s:<4} "
+                     f"regs={r.get('registers')} spill={r.get('spill_stores')} "
+                     f"ld.v4={s.get('ld_global_v4')} ld16B={s.get('ld_global_16B')} "
+                     f"div.full.f32={s.get('div_full_f32')} {r['spec']}")
+    return "\n".join(lines)
+
+
+def test_every_kernel_reports_registers_and_spills(fast):
+    """ptxas -v's registers and spill bytes, and a PTX summary, are read for every kernel
+    compiled: the checks above that filter on them (spills, vectorized accesses) see them all."""
+    assert not unreported(fast["results"]), report(fast, fast["results"])
 
 
 @pytest.mark.slow

@@ -7,14 +7,15 @@ The cluster variants (contiguous planes of 8193..65,536 elements held in 2..8 CT
 to cluster kernels whose CTAs each load their own part of the plane once, 16 bytes per lane,
 without spilling; they are skipped with the reason on a Triton older than 3.8, which cannot lower
 them. The other GPUs' passes over 16-bit planes must load 16 bytes per lane too.
-``pytest --runslow`` adds sweeps; ``pytest -s`` prints registers and spills.
+``pytest --runslow`` adds sweeps.
 """
 
 import pytest
 
 import _aot
 from _aot import bwd, fwd, stats_bwd
-from test_aot_compile import BIG_TILE, CL_SPLIT, LOOPED, SPLIT, _compile, _failures, _slow_specs
+from test_aot_compile import (BIG_TILE, CL_SPLIT, LOOPED, SPLIT, _compile, _failures, _slow_specs,
+                              report, unreported)
 from triton_instnorm import device
 from triton_instnorm.kernels.constants import FROM_TILE
 
@@ -100,16 +101,12 @@ def test_cluster_variants_compile(fast, spec):
 
 
 @needs_cluster_lowering
-def test_cluster_report(fast):
-    """Prints registers and spills of the cluster variants (pytest -s)."""
-    print(f"\nTriton {fast['triton']}: cluster variants")
-    for r in fast["results"]:
-        if r["num_ctas"] == 1:
-            continue
-        s = r.get("ptx_summary") or {}
-        print(f"{r['arch']:7s} {r['kernel']:21s} ctas={r['num_ctas']} warps={r['num_warps']} "
-              f"regs={r.get('registers')} spill={r.get('spill_stores')} "
-              f"ld16B={s.get('ld_global_16B')} {r['spec']}")
+def test_cluster_kernels_for_every_cluster_gpu(fast):
+    """Cluster kernels are compiled for each GPU with clusters (sm_90, sm_100), each with its
+    ptxas figures read (registers within the cap, spill bytes)."""
+    clustered = [r for r in fast["results"] if r["num_ctas"] > 1]
+    assert {r["arch"] for r in clustered} == {device.EMULATED[g].arch for g in ("h100", "b200")}
+    assert not unreported(clustered), report(fast, clustered)
 
 
 # ------------------------------------------------------------ other GPUs: A100 and MI300X
