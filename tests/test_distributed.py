@@ -70,6 +70,7 @@ def _rank_main(rank, size, port, tasks, results):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    results.put((rank, None))  # done: the rest is the interpreter's exit, not worth waiting for
 
 
 class World:
@@ -127,16 +128,21 @@ class World:
         return [(results[r]["value"], results[r]["launches"]) for r in range(self.size)]
 
     def stop(self, wait=30):
-        """Ends the ranks: the way out of their loop, then, after ``wait`` s (none after a
-        failure: the others may wait in a collective for the rank that failed), terminated."""
+        """Ends the ranks: the way out of their loop, and once they are done (or after ``wait``
+        s; none after a failure: the others may wait in a collective for the rank that failed),
+        terminated."""
         if not self.processes:
             return
         for tasks in self.tasks:
             tasks.put(None)
         deadline = time.monotonic() + wait
-        for p in self.processes:
-            p.join(max(deadline - time.monotonic(), 0.1))
-        for p in self.processes:  # only those that did not end: the children we started
+        done = 0
+        while done < self.size and time.monotonic() < deadline:
+            try:
+                done += self.results.get(timeout=max(deadline - time.monotonic(), 0.1))[1] is None
+            except queue_module.Empty:
+                break
+        for p in self.processes:  # the children we started, done or failed
             if p.is_alive():
                 p.terminate()
                 p.join(10)

@@ -7,8 +7,8 @@ here for that operator and DTensor (``torch.library.register_torch_dispatch``, P
 registration of an operator's behaviour for a tensor subclass). A sharding strategy
 (``register_sharding``) only maps placements for a computation that stays local, so it cannot
 normalize a plane split across devices; a rule can run collectives. The rules are registered the
-first time a DTensor reaches an entry point (``functional.dtensor_rules``): importing
-``torch.distributed.tensor`` here would slow every import of this package.
+first time a DTensor reaches an entry point (``functional.register_dtensor_rules``): the package
+does not import this module, which imports ``torch.distributed.tensor`` (half a second).
 
 What each placement of the input, per mesh dim, costs:
 

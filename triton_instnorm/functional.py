@@ -38,7 +38,7 @@ def kernels_available(t: Tensor) -> bool:
     return t.is_meta
 
 
-def dtensor_rules(t) -> None:
+def register_dtensor_rules(t) -> None:
     """A DTensor ``t`` finds the operators' rules for DTensors (distributed.py) registered.
     Whoever made a DTensor imported torch.distributed.tensor; this package does not (it takes
     half a second)."""
@@ -224,7 +224,7 @@ def instance_norm(
             use_input_stats=use_input_stats, momentum=momentum, eps=eps, activation=activation,
             negative_slope=negative_slope)
     if type(input) is not Tensor:
-        dtensor_rules(input)
+        register_dtensor_rules(input)
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
