@@ -21,11 +21,15 @@ from torch import Tensor
 
 from . import launch, ops
 from .eager import TORCH_INSTANCE_NORM, apply_activation
-from .functional import activation_code, check_args, float_arg, kernels_available
+from .functional import (
+    activation_code, check_args, float_arg, kernels_available, register_dtensor_rules,
+)
 
 
 def _check_input(input):
     """instance_norm's checks of an input normalized with its own statistics."""
+    if type(input) is not Tensor:
+        register_dtensor_rules(input)
     check_args(input, running_mean=None, running_var=None, weight=None, bias=None,
                use_input_stats=True, momentum=0.1, eps=1e-5)
 

@@ -52,7 +52,7 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
                       negative_slope, needs):
     """(dx, dweight, dbias) as differentiable functions of dy, x, weight and bias.
 
-    ``mean`` and ``std`` (shape (N*C,), the statistics' precision) are the kernel's. The rebuild
+    ``mean`` and ``std`` (shape (N, C), the statistics' precision) are the kernel's. The rebuild
     works in their units, ``xs = (x - mean) / std``, O(1) whatever the scale of x: the raw
     variance of x ~ 1e20 overflows float32, that of x ~ 1e-22 underflows, and either would
     flatten the graph. With ``use_input_stats`` the statistics of ``xs`` are recomputed (they

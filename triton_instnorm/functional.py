@@ -38,6 +38,15 @@ def kernels_available(t: Tensor) -> bool:
     return t.is_meta
 
 
+def register_dtensor_rules(t) -> None:
+    """A DTensor ``t`` finds the operators' rules for DTensors (distributed.py) registered.
+    Whoever made a DTensor imported torch.distributed.tensor; this package does not (it takes
+    half a second)."""
+    if "torch.distributed.tensor" in sys.modules:
+        from . import distributed
+        distributed.register_rules(t)
+
+
 def activation_code(activation) -> int:
     if activation not in ACTIVATIONS:
         allowed = ", ".join(repr(a) for a in ACTIVATIONS)
@@ -214,6 +223,8 @@ def instance_norm(
             running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
             use_input_stats=use_input_stats, momentum=momentum, eps=eps, activation=activation,
             negative_slope=negative_slope)
+    if type(input) is not Tensor:
+        register_dtensor_rules(input)
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)

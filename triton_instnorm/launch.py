@@ -263,7 +263,7 @@ def _device_guard(t: torch.Tensor):
 
 def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, eps: float,
             activation: int, negative_slope: float, store_stats: bool, write_y: bool = True):
-    """y and the (NUM_STATS, N * C) statistics (an empty tensor unless ``store_stats``).
+    """y and the (NUM_STATS, N, C) statistics (an empty tensor unless ``store_stats``).
     ``write_y=False`` computes the statistics only (y is then an empty placeholder)."""
     x = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
@@ -274,7 +274,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     x_view = (x, *lay.strides[0])
     source = how.source if use_input_stats else FROM_RUNNING
     # split planes combine their statistics through Stats, kept or not
-    stats = (new_buffer(x, (NUM_STATS, n * c), acc)
+    stats = (new_buffer(x, (NUM_STATS, n, c), acc)  # planes n * C + c, as the kernels index
              if store_stats or source == FROM_PARTIALS else None)
     with _device_guard(x):
         if source == FROM_PARTIALS:
@@ -325,10 +325,8 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
     plane_sums = new_buffer(x, (NUM_SUMS, n * c), stats.dtype)
     lay = layout(x, dy, dx)
     how = lay.how
-    inputs = dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), w=param_view(weight, n),
-                  b=param_view(bias, n), Stats=stats, geometry=lay.geometry,
-                  eps=split_float(eps), slope=split_float(negative_slope),
-                  USE_INPUT_STATS=use_input_stats, ACTIVATION=activation, **lay.tiles)
+    inputs = _backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                              negative_slope)
     with _device_guard(x):
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
@@ -340,6 +338,16 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
         db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
     return dx, dw, db
+
+
+def _backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                     negative_slope):
+    """The arguments every backward pass over planes takes (``lay``: layout(x, dy, ...))."""
+    n = x.shape[0]
+    return dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), w=param_view(weight, n),
+                b=param_view(bias, n), Stats=stats, geometry=lay.geometry, eps=split_float(eps),
+                slope=split_float(negative_slope), USE_INPUT_STATS=use_input_stats,
+                ACTIVATION=activation, **lay.tiles)
 
 
 def stats_backward(dmean, dstd, x, stats, eps: float):
@@ -380,3 +388,72 @@ def _reduce_over_n(plane_sums, dw, db, weight, bias, n: int, c: int):
     block = heuristics.reduce_block(c)
     run(_sum_partials_over_n, (heuristics.cdiv(c, block),), PlaneSums=plane_sums, DW=dw, DB=db,
         N=n, C=c, BLOCK_C=block)
+
+
+# --------------------------------------- passes for planes held in parts (see distributed.py)
+
+def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slope: float):
+    """y from given statistics: the forward's normalize pass alone, ``_fwd`` reading ``stats``
+    (NUM_STATS rows of N * C planes, as the forward writes them), e.g. statistics of whole planes
+    of which ``x`` holds a part."""
+    x = kernel_layout(x)
+    n = x.shape[0]
+    y = new_output(x)
+    if x.numel() == 0:  # a part with no element of its planes
+        return y
+    lay = layout(x, y)
+    with _device_guard(x):
+        run(_fwd, lay.how.grid, x=(x, *lay.strides[0]), y=(y, *lay.strides[1]),
+            w=param_view(weight, n), b=param_view(bias, n), running=None, Stats=stats,
+            geometry=lay.geometry, eps=split_float(eps), slope=split_float(negative_slope),
+            STATS_FROM=FROM_PARTIALS, ACTIVATION=activation, **lay.tiles)
+    return y
+
+
+def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
+                  negative_slope: float):
+    """The backward's per-plane sums alone, (NUM_SUMS, N * C): SUM_DZ_XHAT and SUM_DZ over the
+    elements of each plane that ``x`` holds (``_bwd_split_sums``, then ``_bwd_combine`` when the
+    planes are split across programs)."""
+    x = kernel_layout(x)
+    dy = kernel_layout(dy)
+    planes_n = x.shape[0] * x.shape[1]
+    if x.numel() == 0:  # a part with no element of its planes
+        return stats.new_zeros((NUM_SUMS, planes_n))
+    lay = layout(x, dy)
+    how = lay.how
+    partials = new_buffer(x, (NUM_SUMS, planes_n, how.chunks), stats.dtype)
+    with _device_guard(x):
+        run(_bwd_split_sums, how.grid, Partials=partials,
+            **_backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                               negative_slope))
+        if how.chunks == 1:
+            return partials.view(NUM_SUMS, planes_n)
+        plane_sums = new_buffer(x, (NUM_SUMS, planes_n), stats.dtype)
+        _combine(_bwd_combine, how.gpu, partials, PlaneSums=plane_sums)
+    return plane_sums
+
+
+def backward_from_sums(dy, x, weight, bias, stats, plane_sums, count: int, use_input_stats: bool,
+                       eps: float, activation: int, negative_slope: float, need_dw: bool,
+                       need_db: bool):
+    """(dx, dweight, dbias) as ``backward`` returns them, from given per-plane sums of planes of
+    ``count`` elements, of which ``x`` holds a part: ``_bwd`` reading ``plane_sums``."""
+    x = kernel_layout(x)
+    dy = kernel_layout(dy)
+    dx = new_output(x)
+    n, c = x.shape[0], x.shape[1]
+    with _device_guard(x):
+        if x.numel():  # else a part with no element of its planes: only dweight, dbias
+            lay = layout(x, dy, dx)
+            # _bwd averages the sums over its own planes' length: rescaled to ``count``
+            hw = lay.planes.hw
+            kernel_sums = plane_sums if count == hw else plane_sums * (hw / count)
+            run(_bwd, lay.how.grid, dx=(dx, *lay.strides[2]), PlaneSums=kernel_sums,
+                SUMS_FROM=FROM_PARTIALS,
+                **_backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps,
+                                   activation, negative_slope))
+        dw = _param_grad(plane_sums, SUM_DZ_XHAT, weight, need_dw, n)
+        db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
+        _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
+    return dx, dw, db

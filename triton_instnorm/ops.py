@@ -60,8 +60,7 @@ def forward_op(
 def forward_fake(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
                  negative_slope, store_stats):
     y = torch.empty_like(launch.kernel_layout(x))
-    rows = x.shape[0] * x.shape[1]
-    stats = x.new_empty((constants.NUM_STATS, rows) if store_stats else (0,),
+    stats = x.new_empty((constants.NUM_STATS, x.shape[0], x.shape[1]) if store_stats else (0,),
                         dtype=launch.acc_dtype(x.dtype))
     return y, stats
 
@@ -142,7 +141,7 @@ def _backward(ctx, dy, _dstats):
 
 
 def _mean_std(stats, eps: float):
-    """Per-plane mean and sqrt(var + eps), shape (N*C,), from the statistics buffer (the rows'
+    """Per-plane mean and sqrt(var + eps), shape (N, C), from the statistics buffer (the rows'
     meaning is in kernels/constants.py)."""
     inv_scale = stats[constants.INV_SCALE]
     std = torch.sqrt(stats[constants.VAR] + eps * inv_scale * inv_scale)
@@ -172,7 +171,7 @@ def plane_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
 def plane_stats_fake(x, eps):
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
-    stats = x.new_empty((constants.NUM_STATS, shape[0] * shape[1]), dtype=acc)
+    stats = x.new_empty((constants.NUM_STATS, *shape), dtype=acc)
     return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), stats
 
 
