@@ -262,14 +262,17 @@ def _device_guard(t: torch.Tensor):
 # ------------------------------------------------------------------------------------ the passes
 
 def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool, write_y: bool = True):
+            activation: int, negative_slope: float, store_stats: bool, write_y: bool = True,
+            residual=None):
     """y and the (NUM_STATS, N * C) statistics (an empty tensor unless ``store_stats``).
-    ``write_y=False`` computes the statistics only (y is then an empty placeholder)."""
+    ``write_y=False`` computes the statistics only (y is then an empty placeholder).
+    ``residual``, x's shape and dtype, is added before the activation."""
     x = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     y = new_output(x) if write_y else None
-    lay = layout(x) if y is None else layout(x, y)
+    residual = None if residual is None else kernel_layout(residual)
+    lay = layout(x) if y is None else layout(x, y, *_present(residual))
     how = lay.how
     x_view = (x, *lay.strides[0])
     source = how.source if use_input_stats else FROM_RUNNING
@@ -286,6 +289,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
             run(_fwd, how.grid,
                 x=x_view, y=None if y is None else (y, *lay.strides[1]),
+                r=None if residual is None else (residual, *lay.strides[2]),
                 w=param_view(weight, n), b=param_view(bias, n),
                 running=None if use_input_stats else running_view(running_mean, running_var),
                 Stats=stats, geometry=lay.geometry, eps=split_float(eps),
@@ -315,17 +319,23 @@ def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: i
 
 
 def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
-             negative_slope: float, need_dw: bool, need_db: bool):
-    """(dx, dweight, dbias); dweight / dbias have the parameter's shape, or are empty when not
-    needed."""
+             negative_slope: float, need_dw: bool, need_db: bool, residual=None):
+    """(dx, dweight, dbias, dresidual); dweight / dbias have the parameter's shape, or are empty
+    when not needed. ``residual``: the one the forward added before its activation, given when
+    its gradient is needed: dresidual = dy * act'(z), which the pass forms anyway (else
+    empty)."""
     x = kernel_layout(x)
     dy = kernel_layout(dy)
     dx = new_output(x)
     n, c = x.shape[0], x.shape[1]
     plane_sums = new_buffer(x, (NUM_SUMS, n * c), stats.dtype)
-    lay = layout(x, dy, dx)
+    residual = None if residual is None else kernel_layout(residual)
+    dres = None if residual is None else new_output(residual)
+    lay = layout(x, dy, dx, *_present(residual, dres))
     how = lay.how
-    inputs = dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), w=param_view(weight, n),
+    inputs = dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]),
+                  r=None if residual is None else (residual, *lay.strides[3]),
+                  w=param_view(weight, n),
                   b=param_view(bias, n), Stats=stats, geometry=lay.geometry,
                   eps=split_float(eps), slope=split_float(negative_slope),
                   USE_INPUT_STATS=use_input_stats, ACTIVATION=activation, **lay.tiles)
@@ -335,11 +345,17 @@ def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, acti
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
             _combine(_bwd_combine, how.gpu, partials, PlaneSums=plane_sums)
         run(_bwd, how.grid, dx=(dx, *lay.strides[2]), PlaneSums=plane_sums,
-            SUMS_FROM=how.source, **inputs)
+            dr=None if dres is None else (dres, *lay.strides[4]), SUMS_FROM=how.source,
+            **inputs)
         dw = _param_grad(plane_sums, SUM_DZ_XHAT, weight, need_dw, n)
         db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
-    return dx, dw, db
+    return dx, dw, db, x.new_empty((0,)) if dres is None else dres
+
+
+def _present(*tensors):
+    """The tensors that are not None (optional operands of a layout)."""
+    return [t for t in tensors if t is not None]
 
 
 def stats_backward(dmean, dstd, x, stats, eps: float):
