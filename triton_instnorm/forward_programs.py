@@ -50,8 +50,13 @@ def free(m, hooks=True):
 
 def child(m, name):
     """The child module ``self.<name>`` finds in ``m``, else None."""
-    shadowed = name in m.__dict__ or inspect.getattr_static(type(m), name, None) is not None
-    return None if shadowed else m._modules.get(name)
+    return None if name in m.__dict__ or _in_class(type(m), name) else m._modules.get(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_class(cls, name):
+    """``name`` is found on the class before ``Module.__getattr__`` would look at children."""
+    return any(name in vars(c) for c in cls.__mro__)
 
 
 def program(m):

@@ -36,6 +36,15 @@ def _uses(prog):
             + ["ret"] * (v == prog.ret) for v in range(len(prog.steps) + 1)]
 
 
+@functools.lru_cache(maxsize=512)
+def _dropped(prog):
+    """For each step of ``prog``, the values no later step takes nor the forward returns (freed
+    as a forward that rebinds its names frees them)."""
+    uses = _uses(prog)
+    return [[v for v in set(args) if "ret" not in uses[v] and max(uses[v]) == i]
+            for i, (_, args) in enumerate(prog.steps)]
+
+
 def _tail(m):
     """[m, ..., t], t's output m's, each module's the next one's (the last step of a free
     module's closed program); None for no module."""
@@ -60,8 +69,9 @@ def _site(block, prog, k):
         return chain if type(end) in _NORMS and free(end) and end.activation is None else None
 
     for v, other in ((a, b), (b, a)):
-        if norm(v) and other < v and (v == a or prog.steps[k][0] == "+" or norm(a)):
-            return v - 1, other, norm(v)
+        chain = other < v and norm(v)
+        if chain and (v == a or prog.steps[k][0] == "+" or norm(a)):
+            return v - 1, other, chain
     return None
 
 
@@ -197,7 +207,7 @@ def _switched_instance(cls, mixin):
 def _execute(block, prog, x, sites, steps=None):
     """The values of ``prog`` (its first ``steps``) run on ``x``; ``sites``: {call step: (sum
     step, other term, chain)} of the sums that move into norms when their terms allow."""
-    values, summed = [x], {}
+    values, summed, dropped = [x], {}, _dropped(prog)
     for i, (op, args) in enumerate(prog.steps[:steps]):
         if i in sites:  # the call whose output the sum takes
             k, other, chain = sites[i]
@@ -212,6 +222,8 @@ def _execute(block, prog, x, sites, steps=None):
         else:
             value = getattr(block, op)(values[args[0]])
         values.append(value)
+        for v in dropped[i]:
+            values[v] = None
     return values
 
 
