@@ -49,23 +49,24 @@ DEFAULT_DEVICE = "h100"
 
 def fwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", running=None, use_input_stats=True,
         activation=0, store_stats=True, write_y=True, layout="contiguous", per_sample=False,
-        tile_limit=None, device=DEFAULT_DEVICE, clusters=False):
-    """``launch.forward``. w / b: "same" (input dtype), a dtype name, or None."""
+        tile_limit=None, device=DEFAULT_DEVICE, clusters=False, residual=False):
+    """``launch.forward``. w / b: "same" (input dtype), a dtype name, or None. ``residual``: a
+    residual of the input's layout is added before the activation."""
     return dict(op="forward", dtype=dtype, shape=list(shape), w=w, b=b, running=running,
                 use_input_stats=use_input_stats, activation=activation, store_stats=store_stats,
                 write_y=write_y, layout=layout, per_sample=per_sample, tile_limit=tile_limit,
-                device=device, clusters=clusters)
+                device=device, clusters=clusters, residual=residual)
 
 
 def bwd(dtype, shape=(2, 8, 32, 32), *, w="same", b="same", use_input_stats=True, activation=0,
         need_dw=True, need_db=True, layout="contiguous", tile_limit=None, device=DEFAULT_DEVICE,
-        clusters=False):
+        clusters=False, residual=False):
     """``launch.backward``: the ``_bwd`` launch and, when dweight / dbias are needed,
-    ``_sum_partials_over_n``."""
+    ``_sum_partials_over_n``. ``residual``: the residual's gradient is written too."""
     return dict(op="backward", dtype=dtype, shape=list(shape), w=w, b=b,
                 use_input_stats=use_input_stats, activation=activation, need_dw=need_dw,
                 need_db=need_db, layout=layout, tile_limit=tile_limit, device=device,
-                clusters=clusters)
+                clusters=clusters, residual=residual)
 
 
 def stats_bwd(dtype, shape=(2, 8, 32, 32), *, layout="contiguous", device=DEFAULT_DEVICE,
@@ -255,19 +256,21 @@ def capture(spec):
                 n, c = x.shape[0], x.shape[1]
                 w, b = _param(spec, "w", n, c), _param(spec, "b", n, c)
                 act = spec["activation"]
+                residual = torch.empty_like(x) if spec.get("residual") else None
                 if op == "forward":
                     rm = rv = None
                     if spec["running"]:
                         rm = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                         rv = torch.empty(c, dtype=_torch_dtype(spec["running"]))
                     launch.forward(x, w, b, rm, rv, spec["use_input_stats"], 1e-5, act, 0.01,
-                                   spec["store_stats"], write_y=spec["write_y"])
+                                   spec["store_stats"], write_y=spec["write_y"],
+                                   residual=residual)
                 elif op == "backward":
                     dy = torch.empty_like(x)
                     stats = torch.empty((constants.NUM_STATS, n * c),
                                         dtype=launch.acc_dtype(x.dtype))
                     launch.backward(dy, x, w, b, stats, spec["use_input_stats"], 1e-5, act, 0.01,
-                                    spec["need_dw"], spec["need_db"])
+                                    spec["need_dw"], spec["need_db"], residual=residual)
                 else:
                     raise ValueError(f"unknown op {op!r}")
     finally:

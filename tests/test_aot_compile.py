@@ -45,7 +45,7 @@ FWD_BF16_CL = fwd("bf16", (2, 2048, 8, 8), layout="channels_last", w="fp32", b="
 # channels_last, long planes: 16-byte channel groups, spatial positions split across programs
 CL_SPLIT = (4, 128, 64, 64)
 
-# 32 host calls, ~40 kernel launches: ~15 s on 2 cores, compilation included.
+# 36 host calls, ~45 kernel launches: ~17 s on 2 cores, compilation included.
 FAST = [
     # forward: dtypes, mixed-precision parameters, activations, both tile paths
     FWD_FP32,
@@ -86,6 +86,11 @@ FAST = [
     # one plane of 7 elements: N, C, rows, rows_per_group, blocks_per_group are all constexpr 1
     fwd("fp32", (1, 1, 7), activation=2),
     bwd("fp32", (1, 1, 7), activation=2),
+    # a residual added before the activation (and its gradient written by the dx pass)
+    fwd("bf16", w="fp32", b="fp32", activation=2, residual=True),
+    fwd("fp32", LOOPED, activation=3, residual=True),
+    bwd("bf16", w="fp32", b="fp32", activation=2, residual=True),
+    bwd("fp32", SPLIT, activation=4, residual=True),
     # AdaIN's style statistics: the gradient through per-plane (mean, std)
     stats_bwd("bf16"),
     stats_bwd("fp32", CL_SPLIT, layout="channels_last"),

@@ -92,6 +92,49 @@ def test_hooks_follow_the_layer(launches):
     assert calls == []
 
 
+def test_what_the_user_set_follows_the_layer_and_comes_back(launches):
+    """Attributes, an instance-level forward (as accelerate's wrappers set), state-dict hooks
+    (those that hold a weak reference to the layer included)."""
+    layer = nn.InstanceNorm2d(3, affine=True, device=DEVICE, dtype=F64)
+    layer.frozen = True
+    seen = []
+    handles = [
+        layer.register_state_dict_pre_hook(lambda m, *a: seen.append(("pre", type(m)))),
+        layer.register_state_dict_post_hook(lambda m, *a: seen.append(("post", type(m)))),
+        layer.register_load_state_dict_pre_hook(lambda m, *a: seen.append(("load", type(m)))),
+        layer.register_load_state_dict_post_hook(lambda m, *a: seen.append(("loaded", type(m)))),
+    ]
+    new = convert_instance_norm(layer)
+    assert type(new) is tin.InstanceNorm2d and new.frozen is True
+    new.load_state_dict(new.state_dict())
+    assert seen == [(k, tin.InstanceNorm2d) for k in ("pre", "post", "load", "loaded")]
+    back = revert_instance_norm(new)
+    assert type(back) is nn.InstanceNorm2d and back.frozen is True
+    assert not {"activation", "negative_slope"} & set(vars(back))
+    seen.clear()
+    back.load_state_dict(back.state_dict())
+    assert seen == [(k, nn.InstanceNorm2d) for k in ("pre", "post", "load", "loaded")]
+    for h in handles:  # the handles taken on the first layer still work
+        h.remove()
+    seen.clear()
+    back.load_state_dict(back.state_dict())
+    assert seen == []
+
+    calls = []
+    plain = layer.forward
+    layer.forward = lambda x: calls.append(x) or plain(x)  # an instance-level override
+    new = convert_instance_norm(layer)
+    assert new.forward is layer.forward
+    new(torch.randn(2, 3, 4, 4, device=DEVICE, dtype=F64))
+    assert len(calls) == 1 and revert_instance_norm(new).forward is layer.forward
+
+
+def test_script_modules_are_left_whole():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3)))
+    model = convert_instance_norm(nn.Sequential(scripted, nn.InstanceNorm2d(3)))
+    assert model[0] is scripted and type(model[1]) is tin.InstanceNorm2d
+
+
 def test_revert_refuses_a_fused_activation_and_changes_nothing():
     model = nn.Sequential(nn.InstanceNorm2d(4),
                           nn.Sequential(tin.InstanceNorm2d(4, activation="leaky_relu")))

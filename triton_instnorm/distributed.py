@@ -266,6 +266,8 @@ def _forward(cls, func, types, args, kwargs):
     x = a["x"]
     mesh, placements, spatial = _sharding(x)
     local = dict(a, x=x.to_local(), **_local_params(a, mesh, placements, ("weight", "bias")))
+    if a.get("residual") is not None:  # added elementwise: placed as x
+        local["residual"] = _local(a["residual"], mesh, placements)
     running = ("running_mean", "running_var")
     if a["use_input_stats"]:  # not read: the update has its own rule
         local.update({k: _local(a[k], mesh) for k in running})
@@ -276,7 +278,7 @@ def _forward(cls, func, types, args, kwargs):
         stats, count = _part_statistics(x_local, a["eps"])
         stats = combine_statistics(stats, count, mesh, spatial)
         y = (launch.normalize(x_local, local["weight"], local["bias"], stats, a["eps"],
-                              a["activation"], a["negative_slope"])
+                              a["activation"], a["negative_slope"], local.get("residual"))
              if x_local.numel() else torch.empty_like(launch.kernel_layout(x_local)))
         if not a.get("store_stats", True):
             stats = stats.new_empty((0,))
@@ -294,29 +296,36 @@ def _forward(cls, func, types, args, kwargs):
 
 
 def _backward(cls, func, types, args, kwargs):
-    """triton_instnorm::backward of a DTensor: (dx placed like x, dweight, dbias)."""
+    """triton_instnorm::backward of a DTensor: (dx placed like x, dweight, dbias, dresidual
+    placed like x)."""
     a = _bind(func, args, kwargs)
     x = a["x"]
     mesh, placements, spatial = _sharding(x)
     local = dict(a, x=x.to_local(), dy=_local(a["dy"], mesh, placements),
                  stats=_local(a["stats"], mesh, _stats_placements(placements)),
                  **_local_params(a, mesh, placements, ("weight", "bias")))
+    if a.get("residual") is not None:
+        local["residual"] = _local(a["residual"], mesh, placements)
     x_local = local["x"]
     summed = bool(spatial) and a["use_input_stats"]
     if summed:
         names = ("dy", "x", "weight", "bias", "stats", "use_input_stats", "eps", "activation",
                  "negative_slope")
-        sums = launch.backward_sums(*(local[k] for k in names))
+        residual = local.get("residual")
+        sums = launch.backward_sums(*(local[k] for k in names), residual=residual)
         sums = combine_sums(sums, mesh, spatial)
-        dx, dw, db = launch.backward_from_sums(
+        dx, dw, db, dres = launch.backward_from_sums(
             *(local[k] for k in names[:5]), sums, math.prod(x.shape[2:]),
-            *(local[k] for k in names[5:]), need_dw=a["need_dw"], need_db=a["need_db"])
+            *(local[k] for k in names[5:]), need_dw=a["need_dw"], need_db=a["need_db"],
+            residual=residual)
     elif x_local.numel() == 0:
         dx = torch.empty_like(launch.kernel_layout(x_local))
         dw, db = (_empty_grad(local[k], a[need], x_local)
                   for k, need in (("weight", "need_dw"), ("bias", "need_db")))
+        residual = local.get("residual")
+        dres = x_local.new_empty((0,)) if residual is None else torch.empty_like(residual)
     else:
-        dx, dw, db = func(**local)
+        dx, dw, db, dres = func(**local)
     grads = []
     for g, name, need in ((dw, "weight", "need_dw"), (db, "bias", "need_db")):
         p = a[name]
@@ -324,7 +333,11 @@ def _backward(cls, func, types, args, kwargs):
             grads.append(_wrap(g, mesh, tuple(Replicate() for _ in placements), g.shape))
         else:
             grads.append(_wrap(g, mesh, _grad_placements(placements, p, summed), p.shape))
-    return (_wrap_like(dx, x, x_local), *grads)
+    if a.get("residual") is None:  # the operator's empty placeholder
+        dres = _wrap(dres, mesh, tuple(Replicate() for _ in placements), dres.shape)
+    else:
+        dres = _wrap_like(dres, a["residual"], local["residual"])
+    return (_wrap_like(dx, x, x_local), *grads, dres)
 
 
 def _empty_grad(p, needed, x):

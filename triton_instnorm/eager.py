@@ -49,8 +49,9 @@ def _per_channel_view(p: Tensor, x: Tensor) -> Tensor:
 
 
 def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, activation,
-                      negative_slope, needs):
-    """(dx, dweight, dbias) as differentiable functions of dy, x, weight and bias.
+                      negative_slope, needs, residual=None):
+    """(dx, dweight, dbias[, dresidual]) as differentiable functions of dy, x, weight and bias
+    (and of a residual added before the activation).
 
     ``mean`` and ``std`` (shape (N, C), the statistics' precision) are the kernel's. The rebuild
     works in their units, ``xs = (x - mean) / std``, O(1) whatever the scale of x: the raw
@@ -58,11 +59,11 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
     flatten the graph. With ``use_input_stats`` the statistics of ``xs`` are recomputed (they
     depend on x; ``mean``, ``std`` only fix the units):
     ``(x - mu) / sqrt(var + eps) == (xs - mu_s) / sqrt(var_s + eps / std^2)``. Otherwise ``xs`` is
-    already the normalized input. ``needs`` flags which of x, weight, bias want a gradient; the
-    others come back as None.
+    already the normalized input. ``needs`` flags which of x, weight, bias (and residual) want a
+    gradient; the others come back as None.
     """
     acc = mean.dtype
-    inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+    inputs = [t for t, need in zip((x, weight, bias, residual), needs) if need]
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
     m, s = mean.view(shape), std.view(shape)
     if use_input_stats:
@@ -81,6 +82,8 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
             z = z * _per_channel_view(weight, x).to(acc)
         if bias is not None:
             z = z + _per_channel_view(bias, x).to(acc)
+        if residual is not None:
+            z = z + residual.to(acc)
         z = apply_activation(z, activation, negative_slope)
         grads = iter(torch.autograd.grad(z, inputs, dy.to(acc), create_graph=True))
     return tuple(next(grads) if need else None for need in needs)

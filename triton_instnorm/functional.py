@@ -206,28 +206,34 @@ def instance_norm(
     *,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Same as ``torch.nn.functional.instance_norm``, computed by the Triton kernels.
 
     ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``) is applied in
-    the kernel after the affine; ``negative_slope`` is leaky_relu's. Running statistics, when
+    the kernel after the affine; ``negative_slope`` is leaky_relu's. ``residual``, a tensor of
+    the input's shape, dtype and device, is added before the activation in the same kernel:
+    ``act(instance_norm(x) + residual)``, the end of a residual block, with no separate add
+    (rounded once to the output dtype). Running statistics, when
     given and ``use_input_stats`` is true, are updated in place with the batch mean of the
     per-instance means and of the per-instance unbiased variances, blended with ``momentum``.
     Arguments are taken as torch takes them (numpy scalars and 0-dim tensors for the floats,
     0-dim parameters when C == 1), with torch's errors for the rest.
     """
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
         # tensor subclasses and torch function modes first, as torch's function does
         return handle_torch_function(
-            instance_norm, (input, running_mean, running_var, weight, bias), input,
+            instance_norm, (input, running_mean, running_var, weight, bias, residual), input,
             running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
             use_input_stats=use_input_stats, momentum=momentum, eps=eps, activation=activation,
-            negative_slope=negative_slope)
+            negative_slope=negative_slope, residual=residual)
     if type(input) is not Tensor:
         register_dtensor_rules(input)
     act = activation_code(activation)
     check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
+    if residual is not None:
+        _check_residual(input, residual)
     if type(momentum) is not float:
         momentum = _as_float(momentum)
     if type(eps) is not float:
@@ -239,7 +245,8 @@ def instance_norm(
         # (complex running statistics: torch takes their real part, warns and writes them back)
         y = TORCH_INSTANCE_NORM(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps)
-        return apply_activation(y, activation, negative_slope)
+        return apply_activation(y if residual is None else y + residual, activation,
+                                negative_slope)
     # An ONNX graph holds no state: exporting leaves the running-stat update out, as torch's own
     # instance norm does (and the dynamo exporter cannot translate an in-place custom op).
     update = use_input_stats and running_mean is not None and (
@@ -269,17 +276,34 @@ def instance_norm(
         return _empty(input, running_mean, running_var, update)
     grad = torch.is_grad_enabled() and (
         input.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
     # A view the kernels cannot read in place is copied here, outside the operator, so that the
     # copy is what autograd saves: the backward then reads it instead of copying x again.
     input = launch.kernel_layout(input)
+    if residual is not None:
+        residual = launch.kernel_layout(residual)
     y, stats = ops.forward(input, weight, bias, running_mean, running_var,
                            use_input_stats=use_input_stats, eps=eps, activation=act,
-                           negative_slope=negative_slope, store_stats=grad or update)
+                           negative_slope=negative_slope, store_stats=grad or update,
+                           residual=residual)
     if update:
         ops.update_running_stats(stats, running_mean, running_var, n=n, c=input.shape[1],
                                  hw=math.prod(input.shape[2:]), momentum=momentum)
     return y
+
+
+def _check_residual(input, residual):
+    """``residual`` is added element for element: a tensor like the input (no broadcasting,
+    no type promotion)."""
+    if not isinstance(residual, Tensor):
+        raise _type_error("instance_norm", "residual", None, "Tensor", residual)
+    if (residual.shape, residual.dtype, residual.device) != (input.shape, input.dtype,
+                                                             input.device):
+        raise RuntimeError(
+            f"residual must have the input's shape, dtype and device: got "
+            f"{list(residual.shape)}, {residual.dtype}, {residual.device} for an input of "
+            f"{list(input.shape)}, {input.dtype}, {input.device}")
 
 
 def _empty(input, running_mean, running_var, update):

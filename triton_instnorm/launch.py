@@ -262,14 +262,17 @@ def _device_guard(t: torch.Tensor):
 # ------------------------------------------------------------------------------------ the passes
 
 def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool, write_y: bool = True):
+            activation: int, negative_slope: float, store_stats: bool, write_y: bool = True,
+            residual=None):
     """y and the (NUM_STATS, N, C) statistics (an empty tensor unless ``store_stats``).
-    ``write_y=False`` computes the statistics only (y is then an empty placeholder)."""
+    ``write_y=False`` computes the statistics only (y is then an empty placeholder).
+    ``residual``, x's shape and dtype, is added before the activation."""
     x = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     y = new_output(x) if write_y else None
-    lay = layout(x) if y is None else layout(x, y)
+    residual = None if residual is None else kernel_layout(residual)
+    lay = layout(x) if y is None else layout(x, y, *_present(residual))
     how = lay.how
     x_view = (x, *lay.strides[0])
     source = how.source if use_input_stats else FROM_RUNNING
@@ -286,6 +289,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
             run(_fwd, how.grid,
                 x=x_view, y=None if y is None else (y, *lay.strides[1]),
+                r=None if residual is None else (residual, *lay.strides[2]),
                 w=param_view(weight, n), b=param_view(bias, n),
                 running=None if use_input_stats else running_view(running_mean, running_var),
                 Stats=stats, geometry=lay.geometry, eps=split_float(eps),
@@ -315,36 +319,48 @@ def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: i
 
 
 def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
-             negative_slope: float, need_dw: bool, need_db: bool):
-    """(dx, dweight, dbias); dweight / dbias have the parameter's shape, or are empty when not
-    needed."""
+             negative_slope: float, need_dw: bool, need_db: bool, residual=None):
+    """(dx, dweight, dbias, dresidual); dweight / dbias have the parameter's shape, or are empty
+    when not needed. ``residual``: the one the forward added before its activation, given when
+    its gradient is needed: dresidual = dy * act'(z), which the pass forms anyway (else
+    empty)."""
     x = kernel_layout(x)
     dy = kernel_layout(dy)
     dx = new_output(x)
     n, c = x.shape[0], x.shape[1]
     plane_sums = new_buffer(x, (NUM_SUMS, n * c), stats.dtype)
-    lay = layout(x, dy, dx)
+    residual = None if residual is None else kernel_layout(residual)
+    dres = None if residual is None else new_output(residual)
+    lay = layout(x, dy, dx, *_present(residual, dres))
     how = lay.how
     inputs = _backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
-                              negative_slope)
+                              negative_slope,
+                              r=None if residual is None else (residual, *lay.strides[3]))
     with _device_guard(x):
         if how.source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_SUMS, n * c, how.chunks), stats.dtype)
             run(_bwd_split_sums, how.grid, Partials=partials, **inputs)
             _combine(_bwd_combine, how.gpu, partials, PlaneSums=plane_sums)
         run(_bwd, how.grid, dx=(dx, *lay.strides[2]), PlaneSums=plane_sums,
-            SUMS_FROM=how.source, **inputs)
+            dr=None if dres is None else (dres, *lay.strides[4]), SUMS_FROM=how.source,
+            **inputs)
         dw = _param_grad(plane_sums, SUM_DZ_XHAT, weight, need_dw, n)
         db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
-    return dx, dw, db
+    return dx, dw, db, x.new_empty((0,)) if dres is None else dres
+
+
+def _present(*tensors):
+    """The tensors that are not None (optional operands of a layout)."""
+    return [t for t in tensors if t is not None]
 
 
 def _backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
-                     negative_slope):
-    """The arguments every backward pass over planes takes (``lay``: layout(x, dy, ...))."""
+                     negative_slope, r=None):
+    """The arguments every backward pass over planes takes (``lay``: layout(x, dy, ...); ``r``:
+    the residual's view, or None)."""
     n = x.shape[0]
-    return dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), w=param_view(weight, n),
+    return dict(x=(x, *lay.strides[0]), dy=(dy, *lay.strides[1]), r=r, w=param_view(weight, n),
                 b=param_view(bias, n), Stats=stats, geometry=lay.geometry, eps=split_float(eps),
                 slope=split_float(negative_slope), USE_INPUT_STATS=use_input_stats,
                 ACTIVATION=activation, **lay.tiles)
@@ -392,7 +408,8 @@ def _reduce_over_n(plane_sums, dw, db, weight, bias, n: int, c: int):
 
 # --------------------------------------- passes for planes held in parts (see distributed.py)
 
-def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slope: float):
+def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slope: float,
+              residual=None):
     """y from given statistics: the forward's normalize pass alone, ``_fwd`` reading ``stats``
     (NUM_STATS rows of N * C planes, as the forward writes them), e.g. statistics of whole planes
     of which ``x`` holds a part."""
@@ -401,9 +418,11 @@ def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slop
     y = new_output(x)
     if x.numel() == 0:  # a part with no element of its planes
         return y
-    lay = layout(x, y)
+    residual = None if residual is None else kernel_layout(residual)
+    lay = layout(x, y, *_present(residual))
     with _device_guard(x):
         run(_fwd, lay.how.grid, x=(x, *lay.strides[0]), y=(y, *lay.strides[1]),
+            r=None if residual is None else (residual, *lay.strides[2]),
             w=param_view(weight, n), b=param_view(bias, n), running=None, Stats=stats,
             geometry=lay.geometry, eps=split_float(eps), slope=split_float(negative_slope),
             STATS_FROM=FROM_PARTIALS, ACTIVATION=activation, **lay.tiles)
@@ -411,7 +430,7 @@ def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slop
 
 
 def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
-                  negative_slope: float):
+                  negative_slope: float, residual=None):
     """The backward's per-plane sums alone, (NUM_SUMS, N * C): SUM_DZ_XHAT and SUM_DZ over the
     elements of each plane that ``x`` holds (``_bwd_split_sums``, then ``_bwd_combine`` when the
     planes are split across programs)."""
@@ -420,13 +439,15 @@ def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float,
     planes_n = x.shape[0] * x.shape[1]
     if x.numel() == 0:  # a part with no element of its planes
         return stats.new_zeros((NUM_SUMS, planes_n))
-    lay = layout(x, dy)
+    residual = None if residual is None else kernel_layout(residual)
+    lay = layout(x, dy, *_present(residual))
     how = lay.how
     partials = new_buffer(x, (NUM_SUMS, planes_n, how.chunks), stats.dtype)
     with _device_guard(x):
         run(_bwd_split_sums, how.grid, Partials=partials,
             **_backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps, activation,
-                               negative_slope))
+                               negative_slope,
+                               r=None if residual is None else (residual, *lay.strides[2])))
         if how.chunks == 1:
             return partials.view(NUM_SUMS, planes_n)
         plane_sums = new_buffer(x, (NUM_SUMS, planes_n), stats.dtype)
@@ -436,24 +457,28 @@ def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float,
 
 def backward_from_sums(dy, x, weight, bias, stats, plane_sums, count: int, use_input_stats: bool,
                        eps: float, activation: int, negative_slope: float, need_dw: bool,
-                       need_db: bool):
-    """(dx, dweight, dbias) as ``backward`` returns them, from given per-plane sums of planes of
-    ``count`` elements, of which ``x`` holds a part: ``_bwd`` reading ``plane_sums``."""
+                       need_db: bool, residual=None):
+    """(dx, dweight, dbias, dresidual) as ``backward`` returns them, from given per-plane sums
+    of planes of ``count`` elements, of which ``x`` holds a part: ``_bwd`` reading
+    ``plane_sums``."""
     x = kernel_layout(x)
     dy = kernel_layout(dy)
     dx = new_output(x)
     n, c = x.shape[0], x.shape[1]
+    residual = None if residual is None else kernel_layout(residual)
+    dres = None if residual is None else new_output(residual)
     with _device_guard(x):
         if x.numel():  # else a part with no element of its planes: only dweight, dbias
-            lay = layout(x, dy, dx)
+            lay = layout(x, dy, dx, *_present(residual, dres))
             # _bwd averages the sums over its own planes' length: rescaled to ``count``
             hw = lay.planes.hw
             kernel_sums = plane_sums if count == hw else plane_sums * (hw / count)
             run(_bwd, lay.how.grid, dx=(dx, *lay.strides[2]), PlaneSums=kernel_sums,
-                SUMS_FROM=FROM_PARTIALS,
+                dr=None if dres is None else (dres, *lay.strides[4]), SUMS_FROM=FROM_PARTIALS,
                 **_backward_inputs(lay, dy, x, weight, bias, stats, use_input_stats, eps,
-                                   activation, negative_slope))
+                                   activation, negative_slope,
+                                   r=None if residual is None else (residual, *lay.strides[3])))
         dw = _param_grad(plane_sums, SUM_DZ_XHAT, weight, need_dw, n)
         db = _param_grad(plane_sums, SUM_DZ, bias, need_db, n)
         _reduce_over_n(plane_sums, dw, db, weight, bias, n, c)
-    return dx, dw, db
+    return dx, dw, db, x.new_empty((0,)) if dres is None else dres

@@ -4,7 +4,8 @@ Each op becomes the standard operators onnxruntime runs with no custom domain:
 
 - ``forward`` becomes ``InstanceNormalization`` (``BatchNormalization`` in inference form when it
   normalizes with given running statistics), then ``Mul`` / ``Add`` for per-sample (N, C) or
-  (1, C) affine parameters (``adaptive_instance_norm``, ``adain``), then the fused activation
+  (1, C) affine parameters (``adaptive_instance_norm``, ``adain``), an ``Add`` of the residual
+  when one is given, then the fused activation
   (``Relu``, ``LeakyRelu``, ``x * Sigmoid(x)``, ``Gelu`` or its erf form before opset 20);
 - ``plane_stats`` (AdaIN's style statistics) becomes global average pools: mean and
   ``sqrt(biased var + eps)``;
@@ -125,7 +126,7 @@ def _activation(b: _Builder, y, dtype, activation, negative_slope):
 
 
 def _forward(b: _Builder, x, weight, bias, running_mean, running_var, use_input_stats, eps,
-             activation, negative_slope):
+             activation, negative_slope, residual=None):
     """``triton_instnorm::forward``: (y, a placeholder for the statistics, which only the
     running-stat update reads)."""
     (scale, shift), per_sample = _channel_params(b, x, weight, bias)
@@ -135,6 +136,8 @@ def _forward(b: _Builder, x, weight, bias, running_mean, running_var, use_input_
         y = b.op("BatchNormalization", x, scale, shift, _cast_like(b, running_mean, x),
                  _cast_like(b, running_var, x), epsilon=float(eps))
     y = _per_sample_affine(b, y, b.rank(x), *per_sample)
+    if residual is not None and not b.is_none(residual):
+        y = b.op("Add", y, residual)
     stats = b.constant([], launch.acc_dtype(b.dtype(x)))
     return _activation(b, y, b.dtype(x), activation, negative_slope), stats
 
@@ -185,11 +188,11 @@ class _TorchScriptBuilder(_Builder):
         return self.constant([fill] * channels, self.dtype(x))
 
 
-@symbolic_helper.parse_args("v", "v", "v", "v", "v", "b", "f", "i", "f", "b")
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "b", "f", "i", "f", "b", "v")
 def forward_symbolic(g, x, weight, bias, running_mean, running_var, use_input_stats, eps,
-                     activation, negative_slope, store_stats):
+                     activation, negative_slope, store_stats, residual=None):
     return _forward(_TorchScriptBuilder(g), x, weight, bias, running_mean, running_var,
-                    use_input_stats, eps, activation, negative_slope)
+                    use_input_stats, eps, activation, negative_slope, residual)
 
 
 @symbolic_helper.parse_args("v", "f")
@@ -244,9 +247,10 @@ class _OnnxScriptBuilder(_Builder):
 # Traced translations: unannotated parameters are the op's inputs, annotated ones its attributes.
 def forward_translation(x, weight=None, bias=None, running_mean=None, running_var=None,
                         use_input_stats: bool = True, eps: float = 1e-5, activation: int = 0,
-                        negative_slope: float = 0.01, store_stats: bool = False):
+                        negative_slope: float = 0.01, store_stats: bool = False,
+                        residual=None):
     return _forward(_OnnxScriptBuilder(), x, weight, bias, running_mean, running_var,
-                    use_input_stats, eps, activation, negative_slope)
+                    use_input_stats, eps, activation, negative_slope, residual)
 
 
 def plane_stats_translation(x, eps: float = 1e-5):

@@ -7,7 +7,7 @@ keeps their update:
 
     triton_instnorm::forward                 -> (y, stats)
     triton_instnorm::update_running_stats    mutates running_mean, running_var
-    triton_instnorm::backward                -> (dx, dweight, dbias)
+    triton_instnorm::backward                -> (dx, dweight, dbias, dresidual)
     triton_instnorm::plane_stats             -> (mean, std, stats): AdaIN's style statistics
     triton_instnorm::stats_backward          -> dx through those statistics
 
@@ -50,15 +50,17 @@ def forward_op(
     activation: int,
     negative_slope: float,
     store_stats: bool,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return launch.forward(x, weight, bias, running_mean, running_var,
                           use_input_stats=use_input_stats, eps=eps, activation=activation,
-                          negative_slope=negative_slope, store_stats=store_stats)
+                          negative_slope=negative_slope, store_stats=store_stats,
+                          residual=residual)
 
 
 @forward_op.register_fake
 def forward_fake(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
-                 negative_slope, store_stats):
+                 negative_slope, store_stats, residual=None):
     y = torch.empty_like(launch.kernel_layout(x))
     stats = x.new_empty((constants.NUM_STATS, x.shape[0], x.shape[1]) if store_stats else (0,),
                         dtype=launch.acc_dtype(x.dtype))
@@ -91,29 +93,35 @@ def backward_op(
     negative_slope: float,
     need_dw: bool,
     need_db: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    residual: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return launch.backward(dy, x, weight, bias, stats, use_input_stats=use_input_stats, eps=eps,
                            activation=activation, negative_slope=negative_slope,
-                           need_dw=need_dw, need_db=need_db)
+                           need_dw=need_dw, need_db=need_db, residual=residual)
 
 
 @backward_op.register_fake
 def backward_fake(dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
-                  need_dw, need_db):
+                  need_dw, need_db, residual=None):
     dx = torch.empty_like(launch.kernel_layout(x))
+    dres = x.new_empty((0,)) if residual is None else torch.empty_like(
+        launch.kernel_layout(residual))
 
     def grad(p, needed):
         if not needed or p is None:
             return x.new_empty((0,), dtype=stats.dtype)
         return torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
-    return dx, grad(weight, need_dw), grad(bias, need_db)
+    return dx, grad(weight, need_dw), grad(bias, need_db), dres
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, _ = inputs
+    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, _, *residual = inputs
     _, stats = output
-    ctx.save_for_backward(x, weight, bias, stats)
+    # The residual's gradient is dy itself without an activation; with one, the backward
+    # recomputes the activation's input from it.
+    residual = residual[0] if residual and activation != constants.ACT_NONE else None
+    ctx.save_for_backward(x, weight, bias, stats, residual)
     ctx.use_input_stats = use_input_stats
     ctx.eps = eps
     ctx.activation = activation
@@ -122,22 +130,32 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dstats):
-    x, weight, bias, stats = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+    """The gradients of x, weight, bias, then None for the other inputs but the residual, whose
+    gradient comes last (None when the forward had no residual)."""
+    x, weight, bias, stats, residual = ctx.saved_tensors
+    # (the residual is the last input of the operator and of InstanceNorm.forward alike)
+    needs = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[-1])
     create_graph = torch.is_grad_enabled()
-    with torch.no_grad() if create_graph else contextlib.nullcontext():
-        grads = backward(dy, x, weight, bias, stats, use_input_stats=ctx.use_input_stats,
-                         eps=ctx.eps, activation=ctx.activation,
-                         negative_slope=ctx.negative_slope, need_dw=needs[1], need_db=needs[2])
+    if any(needs[:3]) or (needs[3] and residual is not None):
+        with torch.no_grad() if create_graph else contextlib.nullcontext():
+            grads = backward(dy, x, weight, bias, stats, use_input_stats=ctx.use_input_stats,
+                             eps=ctx.eps, activation=ctx.activation,
+                             negative_slope=ctx.negative_slope, need_dw=needs[1],
+                             need_db=needs[2], residual=residual if needs[3] else None)
+    else:
+        grads = (None, None, None, None)
+    if needs[3] and residual is None:  # no activation: the sum's gradient passes through
+        grads = (*grads[:3], dy)
     grads = [g if need else None for g, need in zip(grads, needs)]
     if create_graph:  # keep the kernel's values, take the derivatives of the eager graph
         mean, std = _mean_std(stats, ctx.eps)
         graph = eager_graphs.first_order_graph(
             dy, x, weight, bias, mean, std, use_input_stats=ctx.use_input_stats, eps=ctx.eps,
-            activation=ctx.activation, negative_slope=ctx.negative_slope, needs=needs)
-        grads = [g if g is None else eager_graphs.KernelValue.apply(g, e)
+            activation=ctx.activation, negative_slope=ctx.negative_slope,
+            needs=(*needs[:3], needs[3] and residual is not None), residual=residual)
+        grads = [g if g is None or g is dy else eager_graphs.KernelValue.apply(g, e)
                  for g, e in zip(grads, graph)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads[:3], None, None, None, None, None, None, None, grads[3])
 
 
 def _mean_std(stats, eps: float):
@@ -236,15 +254,16 @@ class InstanceNorm(torch.autograd.Function):
     The non-tensor arguments travel as one tuple (``apply`` inspects each argument)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, scalars):
-        inputs = (x, weight, bias, running_mean, running_var, *scalars)
-        output = launch.forward(*inputs)
+    def forward(ctx, x, weight, bias, running_mean, running_var, scalars, residual):
+        inputs = (x, weight, bias, running_mean, running_var, *scalars, residual)
+        output = launch.forward(*inputs[:-1], residual=residual)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, dy, dstats):
-        return _backward(ctx, dy, dstats)[:6]
+        grads = _backward(ctx, dy, dstats)
+        return (*grads[:5], None, grads[-1])
 
 
 # ``Function.apply`` without its Python wrapper, whose work is all void on the eager path: it binds
@@ -267,15 +286,18 @@ class PlaneStats(torch.autograd.Function):
 
 
 def forward(x, weight, bias, running_mean, running_var, *, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool):
+            activation: int, negative_slope: float, store_stats: bool, residual=None):
     """``triton_instnorm::forward``: (y, stats)."""
     scalars = (use_input_stats, eps, activation, negative_slope, store_stats)
-    if not plain_eager(x, weight, bias, running_mean, running_var):
-        return forward_op(x, weight, bias, running_mean, running_var, *scalars)
+    if not plain_eager(x, weight, bias, running_mean, running_var, residual):
+        return forward_op(x, weight, bias, running_mean, running_var, *scalars, residual)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        return _instance_norm_apply(x, weight, bias, running_mean, running_var, scalars)
-    return launch.forward(x, weight, bias, running_mean, running_var, *scalars)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
+        return _instance_norm_apply(x, weight, bias, running_mean, running_var, scalars,
+                                    residual)
+    return launch.forward(x, weight, bias, running_mean, running_var, *scalars,
+                          residual=residual)
 
 
 def update_running_stats(stats, running_mean, running_var, *, n: int, c: int, hw: int,
@@ -289,11 +311,11 @@ def update_running_stats(stats, running_mean, running_var, *, n: int, c: int, hw
 
 
 def backward(dy, x, weight, bias, stats, *, use_input_stats: bool, eps: float, activation: int,
-             negative_slope: float, need_dw: bool, need_db: bool):
-    """``triton_instnorm::backward``: (dx, dweight, dbias)."""
+             negative_slope: float, need_dw: bool, need_db: bool, residual=None):
+    """``triton_instnorm::backward``: (dx, dweight, dbias, dresidual)."""
     args = (dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
-            need_dw, need_db)
-    if not plain_eager(dy, x, weight, bias, stats):
+            need_dw, need_db, residual)
+    if not plain_eager(dy, x, weight, bias, stats, residual):
         return backward_op(*args)
     return launch.backward(*args)
 

@@ -5,6 +5,7 @@ Every (n, c) pair owns one *plane* of ``HW`` elements (the flattened spatial dim
     mean = E[x],  var = E[(x - mean)^2]  (biased),  rstd = 1 / sqrt(var + eps)
     x_hat = (x - mean) * rstd
     z = x_hat * w[n, c] + b[n, c]         (w, b per channel, or per sample for adaptive IN)
+          + r                             (a residual of x's shape, when one is given)
     y = act(z)                            (identity, relu, leaky_relu, silu or exact gelu)
 
 Statistics are computed in the accumulation dtype ``ACC`` (float32, float64 for float64 input)
@@ -50,6 +51,7 @@ Backward, with ``dz = dy * act'(z)`` recomputed from x (the pre-activation is ne
     dx = rstd * w * (dz - (c2 + x_hat * c1) / HW)          (input statistics)
     dx = rstd * w * dz                                     (given running statistics)
     dw[n, c] = c1,  db[n, c] = c2                          (partials, reduced over n in fixed order)
+    dr = dz                                                (the residual's, by the dx pass)
 
 One kernel per pass. A pass takes its per-plane reductions from one of four sources, a constexpr
 (``STATS_FROM`` / ``SUMS_FROM``): ``FROM_TILE``, a plane that fits one tile, held in registers

@@ -54,8 +54,18 @@ def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STAT
 
 
 @triton.jit
-def _tile_grads(inputs, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
-    """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x."""
+def _residual_planes(view, rows):
+    """``_plane_start`` of an optional planes view (the residual and its gradient)."""
+    if view is None:
+        return None
+    else:
+        return _plane_start(view, rows)
+
+
+@triton.jit
+def _tile_grads(inputs, r_planes, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+    """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x
+    (and from the residual's planes ``r_planes``, when one was added before the activation)."""
     x_planes, dy_planes, stats, affine = inputs
     dy_start, dy_stride = dy_planes
     scale_w, shift_b, negative_slope = affine
@@ -64,14 +74,19 @@ def _tile_grads(inputs, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.const
                  other=0.0).to(ACC)
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
+        if r_planes is not None:
+            r_start, r_stride = r_planes
+            z += tl.load(r_start[:, None] + offs[None, :] * r_stride, mask=tile_mask,
+                         other=0.0).to(ACC)
         dz = _activation_grad(dz, z, negative_slope, ACTIVATION)
     return x_hat, tl.where(tile_mask, dz, 0.0)
 
 
 @triton.jit
-def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
+def _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients):
     """dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat) for one tile; ``coefficients`` is
-    (dx_scale, mean_dz, mean_dz_xhat) per plane. Compiled, the product is fused into the
+    (dx_scale, mean_dz, mean_dz_xhat) per plane. A residual added before the activation gets
+    dz itself, written to ``dr_planes`` (None: not needed). Compiled, the product is fused into the
     difference, fma(-x_hat, mean_dz_xhat, dz - mean_dz): a constant plane (x_hat = 0) under a
     uniform dy (mean_dz == dz, correctly rounded) still gets exactly 0."""
     dx_start, dx_stride = dx_planes
@@ -79,10 +94,14 @@ def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
     grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
     tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
              _narrow(grad, dx_start.dtype.element_ty), mask=tile_mask)
+    if dr_planes is not None:
+        dr_start, dr_stride = dr_planes
+        tl.store(dr_start[:, None] + offs[None, :] * dr_stride,
+                 _narrow(dz, dr_start.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _streamed_sums(inputs, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constexpr,
+def _streamed_sums(inputs, r_planes, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Over ``span = (start, end)`` of each plane, in tiles: (sum(dz * x_hat), sum(dz))."""
     start, end = span
@@ -90,7 +109,7 @@ def _streamed_sums(inputs, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constex
     sum_dz = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
         offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
         sum_dz_xhat += dz * x_hat
         sum_dz += dz
     return tl.sum(sum_dz_xhat, axis=1), tl.sum(sum_dz, axis=1)
@@ -100,6 +119,7 @@ def _streamed_sums(inputs, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constex
 def _bwd_split_sums(
     x,  # planes view of the forward's input
     dy,  # planes view of the output's gradient
+    r,  # planes view of the residual added before the activation (recomputes dz), or None
     w,  # param view of the scale (recomputes the pre-activation and dz), or None
     b,  # param view of the shift, or None
     Stats,  # (NUM_STATS, N * C) from the forward
@@ -120,7 +140,8 @@ def _bwd_split_sums(
     inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
                              USE_INPUT_STATS, ACC, BLOCK_R)
     span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
-    sum_dz_xhat, sum_dz = _streamed_sums(inputs, mask, span, ACC, ACTIVATION, BLOCK_R, BLOCK_HW)
+    sum_dz_xhat, sum_dz = _streamed_sums(inputs, _residual_planes(r, rows), mask, span, ACC,
+                                         ACTIVATION, BLOCK_R, BLOCK_HW)
     tl.store(_partial(Partials, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=mask)
     tl.store(_partial(Partials, SUM_DZ, num_planes, plane), sum_dz, mask=mask)
 
@@ -149,6 +170,8 @@ def _bwd(
     x,  # planes view of the forward's input
     dy,  # planes view of the output's gradient
     dx,  # planes view of the input's gradient (written)
+    r,  # planes view of the residual added before the activation (recomputes dz), or None
+    dr,  # planes view of the residual's gradient, dz (written), or None
     w,  # param view of the scale, or None
     b,  # param view of the shift (recomputes the pre-activation), or None
     Stats,  # (NUM_STATS, N * C) from the forward
@@ -174,15 +197,16 @@ def _bwd(
     inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
                              USE_INPUT_STATS, ACC, BLOCK_R)
     span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
+    r_planes = _residual_planes(r, rows)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
         offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
         sum_dz_xhat = tl.sum(dz * x_hat, axis=1)
         sum_dz = tl.sum(dz, axis=1)
     elif SUMS_FROM == FROM_PLANE:
-        sum_dz_xhat, sum_dz = _streamed_sums(inputs, mask, span, ACC, ACTIVATION, BLOCK_R,
-                                             BLOCK_HW)
+        sum_dz_xhat, sum_dz = _streamed_sums(inputs, r_planes, mask, span, ACC, ACTIVATION,
+                                             BLOCK_R, BLOCK_HW)
     else:  # FROM_PARTIALS
         sum_dz_xhat = tl.load(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask,
                               other=0.0)
@@ -206,15 +230,16 @@ def _bwd(
         mean_dz_xhat = tl.zeros([BLOCK_R], dtype=ACC)
         mean_dz = tl.zeros([BLOCK_R], dtype=ACC)
     dx_planes = _plane_start(dx, rows)
+    dr_planes = _residual_planes(dr, rows)
     coefficients = (dx_scale, mean_dz, mean_dz_xhat)
     if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
-        _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
+        _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients)
     else:
         for t in range(span[0], span[1], BLOCK_HW):
             offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
                                     BLOCK_HW)
-            x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
-            _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
+            x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
+            _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients)
 
 
 @triton.jit

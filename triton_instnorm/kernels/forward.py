@@ -21,16 +21,22 @@ from .moments import (
 
 
 @triton.jit
-def _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constexpr):
-    """y = act(x_hat * w + b) for one tile ``xt`` of x, x_hat = ((x - pivot) * inv_scale -
+def _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constexpr):
+    """y = act(x_hat * w + b + r) for one tile ``xt`` of x, x_hat = ((x - pivot) * inv_scale -
     mean) / std; ``norm`` is (pivot, inv_scale, mean, std), ``affine`` (w, b, negative
-    slope)."""
+    slope); ``r_planes`` the residual's planes (read once, added before the activation and the
+    rounding to y's dtype), or None."""
     y_start, y_stride = y_planes
     pivot, inv_scale, mean, std = norm
     scale_w, shift_b, negative_slope = affine
     delta = xt.to(pivot.dtype) - pivot[:, None]
     x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
-    out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
+    z = x_hat * scale_w[:, None] + shift_b[:, None]
+    if r_planes is not None:
+        r_start, r_stride = r_planes
+        z += tl.load(r_start[:, None] + offs[None, :] * r_stride, mask=tile_mask,
+                     other=0.0).to(z.dtype)
+    out = _activate(z, negative_slope, ACTIVATION)
     tl.store(y_start[:, None] + offs[None, :] * y_stride, _narrow(out, y_start.dtype.element_ty),
              mask=tile_mask)
 
@@ -86,6 +92,7 @@ def _fwd_combine(
 def _fwd(
     x,  # planes view of the input
     y,  # planes view of the output; None: statistics only (AdaIN's style statistics)
+    r,  # planes view of a residual added before the activation, or None
     w,  # param view of the scale of plane (n, c) (n stride 0: per channel); None: 1
     b,  # param view of the shift; None: 0
     running,  # running view, read when STATS_FROM == FROM_RUNNING, else None
@@ -144,18 +151,22 @@ def _fwd(
     # ---- normalize, affine, activation --------------------------------------------------------
     if y is not None:
         y_planes = _plane_start(y, rows)
+        if r is not None:
+            r_planes = _plane_start(r, rows)
+        else:
+            r_planes = None
         norm = (pivot, inv_scale, mean, std)
         affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
                   _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+            _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
         else:
             x_start, x_stride = x_planes
             for t in range(span[0], span[1], BLOCK_HW):
                 offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
                                         BLOCK_HW)
                 xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+                _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
 
 
 @triton.jit
