@@ -102,8 +102,9 @@ def _placed(t, mesh, placements, requires_grad=False):
 
 
 def _case(mesh, shape, placements, dtype=F64, *, param_placements=None, activation="leaky_relu",
-          training=True, adversarial=False, eps=1e-5):
-    """Our instance norm on ``placements`` against torch on the whole tensor; returns the
+          training=True, adversarial=False, eps=1e-5, residual=False):
+    """Our instance norm on ``placements`` against torch on the whole tensor (with
+    ``residual``, a skip tensor placed like x added before the activation); returns the
     collectives of the forward and of the backward."""
     from torch.distributed.tensor import Replicate
 
@@ -116,9 +117,11 @@ def _case(mesh, shape, placements, dtype=F64, *, param_placements=None, activati
     xs = _placed(x, mesh, placements, True)
     ws, bs = (_placed(t, mesh, param_placements, True) for t in (w, b))
     rms, rvs = (_placed(t, mesh, param_placements) for t in (rm, rv))
+    skip = _data(shape, dtype, 9) if residual else None
+    skips = _placed(skip, mesh, placements, True) if residual else None
     with Collectives() as forward:
         y = tin.instance_norm(xs, rms, rvs, ws, bs, use_input_stats=training, momentum=0.3,
-                              eps=eps, activation=activation)
+                              eps=eps, activation=activation, residual=skips)
     dys = _placed(dy, mesh, placements)
     with Collectives() as backward:
         y.backward(dys)
@@ -129,6 +132,8 @@ def _case(mesh, shape, placements, dtype=F64, *, param_placements=None, activati
     xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
     rmr, rvr = rm.double().clone(), rv.double().clone()
     yr = F.instance_norm(xr, rmr, rvr, wr, br, use_input_stats=training, momentum=0.3, eps=eps)
+    skipr = skip.double().requires_grad_() if residual else None
+    yr = yr + skipr if residual else yr
     yr = F.leaky_relu(yr, 0.01) if activation == "leaky_relu" else yr
     yr.backward(dy.double())
     hw = x[0, 0].numel()
@@ -136,6 +141,9 @@ def _case(mesh, shape, placements, dtype=F64, *, param_placements=None, activati
               ("dweight", ws.grad, wr.grad, grad_tol(dtype, shape[0] * hw)),
               ("dbias", bs.grad, br.grad, grad_tol(dtype, shape[0] * hw)),
               ("running_mean", rms, rmr, TOL[dtype]), ("running_var", rvs, rvr, TOL[dtype])]
+    if residual:
+        assert tuple(skips.grad.placements) == tuple(placements)
+        checks.append(("dresidual", skips.grad, skipr.grad, TOL[dtype]))
     for name, got, want, tol in checks:
         torch.testing.assert_close(got.full_tensor().double().cpu(), want.detach(), **tol,
                                    msg=lambda m: f"{name} on {tuple(placements)}: {m}")
@@ -161,6 +169,7 @@ def _batch_and_channel_rank(rank, world):
     calls["channels, sharded parameters"] = _case(mesh, shape, [Shard(1)],
                                                   param_placements=[Shard(0)])
     calls["replicated"] = _case(mesh, shape, [Replicate()], activation=None)
+    calls["batch, residual"] = _case(mesh, shape, [Shard(0)], residual=True)
     return calls
 
 
@@ -171,10 +180,10 @@ def test_batch_and_channel_shards_compute_locally(world2):
     results = world2.run(_batch_and_channel_rank)
     gather_bytes = constants.NUM_STATS * 8 * 2 * 3  # the largest shard: 2 samples or channels
     for calls, launches in results:
-        assert launches["_fwd"] >= 4 and launches["_bwd"] >= 4
-        assert launches["_update_running_stats"] == 4
+        assert launches["_fwd"] >= 5 and launches["_bwd"] >= 5
+        assert launches["_update_running_stats"] == 5
         for case, (forward, backward) in calls.items():
-            if case in ("batch", "channels"):
+            if case in ("batch", "channels", "batch, residual"):
                 assert forward == [("all_gather_into_tensor", gather_bytes)], (case, forward)
             else:
                 assert forward == [], (case, forward)
@@ -190,6 +199,7 @@ def _spatial_rank(rank, world):
     shape = (2, 3, 5, 4, 3)
     calls = {dim: _case(mesh, shape, [Shard(dim)]) for dim in (2, 3, 4)}
     calls["eval"] = _case(mesh, shape, [Shard(2)], training=False)
+    calls["residual"] = _case(mesh, shape, [Shard(3)], residual=True)
     # the combined statistics, replicated: every rank must hold the same bits
     mean, std = tin.instance_stats(_placed(_data(shape, F64, 1, True), mesh, [Shard(4)]))
     assert mean.placements == std.placements == (Replicate(),)
@@ -210,6 +220,8 @@ def test_spatial_shards_exchange_per_plane_statistics_only(world2):
             assert backward == [("_allgather_base_", constants.NUM_SUMS * planes * 8)]
         forward, backward = calls["eval"]
         assert forward == [] and backward == []  # elementwise; gradients Partial
+        # a fused residual add is elementwise: the same per-plane exchange, nothing more
+        assert calls["residual"] == calls[2]
 
 
 def _float32_rank(rank, world):
