@@ -62,7 +62,6 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
     others come back as None.
     """
     acc = mean.dtype
-    inputs = [t for t, need in zip((x, weight, bias), needs) if need]
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
     m, s = mean.view(shape), std.view(shape)
     if use_input_stats:
@@ -70,6 +69,11 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
         # (x - mean is 0 there) and gets torch's rule, invstd = 0, with a zero derivative.
         s = torch.where(s > 0, s, 1.0)
     with torch.enable_grad():
+        # Each input through an alias of its own: the gradient with respect to it then follows
+        # its own uses only, not another input computed from it (adain's scale and shift are
+        # functions of the style, which may be computed from the content).
+        x, weight, bias = (t if t is None else t.view_as(t) for t in (x, weight, bias))
+        inputs = [t for t, need in zip((x, weight, bias), needs) if need]
         z = (x.to(acc) - m) / s
         if use_input_stats:
             var, mu = torch.var_mean(z, tuple(range(2, x.dim())), correction=0, keepdim=True)
