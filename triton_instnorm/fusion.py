@@ -38,6 +38,7 @@ places).
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from . import activations
 from .forward_calls import plain_call, survey
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -65,15 +66,7 @@ class FusedActivation(nn.Identity):
 
 def _module_activation(m):
     """(name, negative_slope) of a fusable activation module, else None."""
-    if type(m) is nn.ReLU:
-        return "relu", 0.01
-    if type(m) is nn.LeakyReLU:
-        return "leaky_relu", float(m.negative_slope)
-    if type(m) is nn.SiLU:
-        return "silu", 0.01
-    if type(m) is nn.GELU and m.approximate == "none":
-        return "gelu", 0.01
-    return None
+    return activations.of_module(m)
 
 
 def _untouched(m):

@@ -1,9 +1,8 @@
 """The kernels as PyTorch operators (``torch.library``), with fake implementations and autograd.
 
 Registering them as custom ops is what lets ``torch.compile(model, fullgraph=True)`` trace
-through our layers without graph breaks, lets ``torch.export`` and the ONNX exporters see one
-operator per layer, and declares the running-stat buffers as mutated so that functionalization
-keeps their update:
+through our layers without graph breaks, lets ``torch.export`` see one operator per layer, and
+declares the running-stat buffers as mutated so that functionalization keeps their update:
 
     triton_instnorm::forward                 -> (y, stats)
     triton_instnorm::update_running_stats    mutates running_mean, running_var
@@ -11,24 +10,38 @@ keeps their update:
     triton_instnorm::plane_stats             -> (mean, std, stats): AdaIN's style statistics
     triton_instnorm::stats_backward          -> dx through those statistics
 
-The layers call the functions at the bottom of this file (``forward``, ``plane_stats``, ...),
-not the operators. In plain eager mode, where nothing traces, transforms or intercepts the call
-(``plain_eager``), they skip the dispatcher: a plain ``torch.autograd.Function`` with the
-operators' own autograd formula (``_setup_context``, ``_backward``), or the launch itself when no
-gradient is needed. The operator's eager path runs the same launch inside tens of microseconds
-of dispatch (schema defaults, the Python autograd wrapper, a ``torch._dynamo`` disable wrapper),
-several times what the kernel takes on a GPU (``python -m perf.overhead`` measures it). The
-results are the same launch's, and autograd sees what it sees for the operator: the same saved
-tensors, version-counter checks and non-differentiable statistics, and a bumped version on the
-mutated running statistics. Everything else (compile, export, the ONNX exporters, ``make_fx``
-and other dispatch modes, tensor subclasses and fake tensors, ``torch.func`` transforms,
-TorchScript tracing, meta tensors) goes through the operators.
+What the backward reads is decided where the graph runs, never where it was captured: no
+argument of an operator says whether autograd will record it. ``forward`` always writes the
+per-plane statistics (4 values per plane; the output is N*C*HW), so a graph captured by
+``torch.jit.trace``, ``torch.export`` or ``torch.compile`` without grad can be differentiated
+later; every pass that reads statistics checks, on the host, that it was given the buffer its
+forward writes, and raises rather than launch otherwise.
+
+Where each call goes (``route``):
+
+- ``TORCH``: torch's own ops compute it (``eager.py``) while the ONNX exporters trace (ONNX has
+  ``InstanceNormalization`` and every activation, which both exporters translate), under
+  ``torch.func`` transforms (vmap, grad, jvp, ...: torch's batching and derivative rules, running
+  statistics included) and with forward-mode AD tangents. The custom ops have no forward-mode
+  formula and no batching rule for an in-place update; torch's function has both.
+- ``OPERATORS``: everything else that traces, transforms or intercepts the call (compile, export,
+  ``make_fx`` and other dispatch modes, tensor subclasses and fake tensors, TorchScript tracing,
+  meta tensors) sees the operators.
+- ``EAGER``: in plain eager mode the layers skip the dispatcher (its schema defaults, Python
+  autograd wrapper and ``torch._dynamo`` disable wrapper cost tens of microseconds, several times
+  what the kernel takes on a GPU; ``python -m perf.overhead``): a plain ``torch.autograd.Function``
+  with the operators' own autograd formula (``_setup_context``, ``_backward``), or the launch
+  itself when no gradient is needed (the statistics then written only if the caller reads them).
+  Autograd sees what it sees for the operator: the same saved tensors, version-counter checks
+  and non-differentiable statistics, and a bumped version on the mutated running statistics.
 """
 
 import contextlib
+import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import eager as eager_graphs
@@ -49,27 +62,59 @@ def forward_op(
     eps: float,
     activation: int,
     negative_slope: float,
-    store_stats: bool,
 ) -> Tuple[Tensor, Tensor]:
     return launch.forward(x, weight, bias, running_mean, running_var,
                           use_input_stats=use_input_stats, eps=eps, activation=activation,
-                          negative_slope=negative_slope, store_stats=store_stats)
+                          negative_slope=negative_slope, store_stats=True)
 
 
 @forward_op.register_fake
 def forward_fake(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
-                 negative_slope, store_stats):
+                 negative_slope):
+    _warn_if_onnx_export()
     y = torch.empty_like(launch.kernel_layout(x))
-    rows = x.shape[0] * x.shape[1]
-    stats = x.new_empty((constants.NUM_STATS, rows) if store_stats else (0,),
-                        dtype=launch.acc_dtype(x.dtype))
-    return y, stats
+    return y, _stats_like(x)
+
+
+def _stats_like(x):
+    """The (NUM_STATS, N * C) statistics buffer a forward of ``x`` writes (uninitialized)."""
+    return x.new_empty((constants.NUM_STATS, x.shape[0] * x.shape[1]),
+                       dtype=launch.acc_dtype(x.dtype))
+
+
+def _check_stats(stats, n, c, dtype, op: str):
+    """The statistics a pass reads are the buffer a forward of N*C planes in ``dtype`` writes;
+    anything else (an empty placeholder, another shape) is refused before any launch."""
+    if stats.shape != (constants.NUM_STATS, n * c) or stats.dtype != launch.acc_dtype(dtype):
+        acc = launch.acc_dtype(dtype)
+        raise RuntimeError(
+            f"triton_instnorm::{op}: expected the statistics a forward of {n * c} planes writes, "
+            f"shape ({constants.NUM_STATS}, {n * c}) and dtype {acc}; got shape "
+            f"{tuple(stats.shape)} and dtype {stats.dtype}")
+
+
+def _warn_if_onnx_export():
+    """The ONNX exporters never see the operators of a model they export (``route``); they do in
+    a graph captured earlier, which the dynamo exporter translates with the table."""
+    if torch.onnx.is_in_onnx_export():
+        warnings.warn("exporting a graph that holds triton_instnorm operators (an ExportedProgram "
+                      "captured earlier): the dynamo exporter translates them given "
+                      "custom_translation_table=triton_instnorm.onnx_translation_table()",
+                      UserWarning, stacklevel=2)
 
 
 @torch.library.custom_op("triton_instnorm::update_running_stats",
                          mutates_args=("running_mean", "running_var"))
 def update_running_stats_op(stats: Tensor, running_mean: Tensor, running_var: Tensor, n: int,
                             c: int, hw: int, momentum: float) -> None:
+    _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
+
+
+def _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum):
+    _check_stats(stats, n, c, stats.dtype, "update_running_stats")
+    if running_mean.numel() != c or running_var.numel() != c:
+        raise RuntimeError(f"triton_instnorm::update_running_stats: expected {c} running "
+                           f"statistics, got {running_mean.numel()} and {running_var.numel()}")
     launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
                                 momentum=momentum)
 
@@ -93,9 +138,13 @@ def backward_op(
     need_dw: bool,
     need_db: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return launch.backward(dy, x, weight, bias, stats, use_input_stats=use_input_stats, eps=eps,
-                           activation=activation, negative_slope=negative_slope,
-                           need_dw=need_dw, need_db=need_db)
+    return _backward_launch(dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                            negative_slope, need_dw, need_db)
+
+
+def _backward_launch(dy, x, weight, bias, stats, *args):
+    _check_stats(stats, x.shape[0], x.shape[1], x.dtype, "backward")
+    return launch.backward(dy, x, weight, bias, stats, *args)
 
 
 @backward_op.register_fake
@@ -112,7 +161,7 @@ def backward_fake(dy, x, weight, bias, stats, use_input_stats, eps, activation, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, _ = inputs
+    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope = inputs
     _, stats = output
     ctx.save_for_backward(x, weight, bias, stats)
     ctx.use_input_stats = use_input_stats
@@ -138,7 +187,7 @@ def _backward(ctx, dy, _dstats):
             activation=ctx.activation, negative_slope=ctx.negative_slope, needs=needs)
         grads = [g if g is None else eager_graphs.KernelValue.apply(g, e)
                  for g, e in zip(grads, graph)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 def _mean_std(stats, eps: float):
@@ -170,16 +219,25 @@ def plane_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
 
 @plane_stats_op.register_fake
 def plane_stats_fake(x, eps):
+    _warn_if_onnx_export()
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
-    stats = x.new_empty((constants.NUM_STATS, shape[0] * shape[1]), dtype=acc)
-    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), stats
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), _stats_like(x)
 
 
 @torch.library.custom_op("triton_instnorm::stats_backward", mutates_args=())
 def stats_backward_op(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor,
                       eps: float) -> Tensor:
     """dx = (dmean + dstd * (x - mean) / std) / HW, by the _stats_bwd kernel."""
+    return _stats_backward_launch(dmean, dstd, x, stats, eps)
+
+
+def _stats_backward_launch(dmean, dstd, x, stats, eps):
+    n, c = x.shape[0], x.shape[1]
+    _check_stats(stats, n, c, x.dtype, "stats_backward")
+    if dmean.shape != (n, c) or dstd.shape != (n, c):
+        raise RuntimeError(f"triton_instnorm::stats_backward: expected ({n}, {c}) gradients of "
+                           f"the mean and std, got {tuple(dmean.shape)} and {tuple(dstd.shape)}")
     return launch.stats_backward(dmean, dstd, x, stats, eps=eps)
 
 
@@ -211,25 +269,49 @@ torch.library.register_autograd("triton_instnorm::plane_stats", _stats_backward,
 
 # --- what the layers call -------------------------------------------------------------------------
 
+EAGER, OPERATORS, TORCH = "eager", "operators", "torch"  # the routes (module docstring)
+
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def plain_eager(*tensors) -> bool:
-    """True when a call with these tensors may skip the operators: plain tensors (no subclass,
-    fake or meta tensor, nor one left over from a ``torch.func`` transform) in plain eager
-    mode, with nothing compiling, exporting, tracing, transforming or intercepting (dispatch or
-    torch-function modes) the call, all of which must see the operator."""
+def route(*tensors) -> str:
+    """Where a call with these tensors goes (module docstring): ``TORCH`` while an ONNX exporter
+    traces, under ``torch.func`` transforms and with forward-mode AD tangents; ``EAGER`` for
+    plain tensors (no subclass, fake or meta tensor, nor one left over from a ``torch.func``
+    transform) in plain eager mode; ``OPERATORS`` for everything else that compiles, exports,
+    traces or intercepts (dispatch or torch-function modes) the call."""
     if (torch.compiler.is_compiling()  # first: dynamo traces this function too
             or torch._C._is_tracing()
             or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
-        return False
+        return TORCH if _torch_computes(tensors) else OPERATORS
+    if forward_ad._current_level >= 0 and _has_tangent(tensors):
+        return TORCH
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
-            return False
-    return not tensors[0].is_meta
+            return OPERATORS
+    return OPERATORS if tensors[0].is_meta else EAGER
+
+
+def _torch_computes(tensors) -> bool:
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._are_functorch_transforms_active()
+            or (forward_ad._current_level >= 0 and _has_tangent(tensors)))
+
+
+def _has_tangent(tensors) -> bool:
+    """A forward-mode AD tangent rides on one of the tensors (a dual level is open)."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def plain_eager(*tensors) -> bool:
+    """The call may skip the operators (``route`` is ``EAGER``)."""
+    return route(*tensors) == EAGER
 
 
 class InstanceNorm(torch.autograd.Function):
@@ -239,7 +321,7 @@ class InstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, scalars):
         inputs = (x, weight, bias, running_mean, running_var, *scalars)
-        output = launch.forward(*inputs)
+        output = launch.forward(*inputs, store_stats=True)
         _setup_context(ctx, inputs, output)
         return output
 
@@ -251,7 +333,7 @@ class InstanceNorm(torch.autograd.Function):
 # ``Function.apply`` without its Python wrapper, whose work is all void on the eager path: it binds
 # default arguments for functions with a separate setup_context (InstanceNorm has none), sends
 # calls under torch.func transforms elsewhere and unwraps tensors left over from finished
-# transforms (plain_eager rules out both). The wrapper costs ~2 us, a tenth of the layer.
+# transforms (route rules out both). The wrapper costs ~2 us, a tenth of the layer.
 _instance_norm_apply = super(torch.autograd.Function, InstanceNorm).apply
 
 
@@ -268,24 +350,31 @@ class PlaneStats(torch.autograd.Function):
 
 
 def forward(x, weight, bias, running_mean, running_var, *, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool):
-    """``triton_instnorm::forward``: (y, stats)."""
-    scalars = (use_input_stats, eps, activation, negative_slope, store_stats)
-    if not plain_eager(x, weight, bias, running_mean, running_var):
+            activation: int, negative_slope: float, store_stats: bool = False,
+            eager: bool | None = None):
+    """``triton_instnorm::forward``: (y, stats). ``store_stats``: the caller reads the statistics
+    (the running-stat update); they are written too wherever autograd may record the call.
+    ``eager``: the call's route is ``EAGER`` (found out here when not given)."""
+    if eager is None:
+        eager = plain_eager(x, weight, bias, running_mean, running_var)
+    scalars = (use_input_stats, eps, activation, negative_slope)
+    if not eager:
         return forward_op(x, weight, bias, running_mean, running_var, *scalars)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return _instance_norm_apply(x, weight, bias, running_mean, running_var, scalars)
-    return launch.forward(x, weight, bias, running_mean, running_var, *scalars)
+    return launch.forward(x, weight, bias, running_mean, running_var, *scalars,
+                          store_stats=store_stats)
 
 
 def update_running_stats(stats, running_mean, running_var, *, n: int, c: int, hw: int,
-                         momentum: float) -> None:
+                         momentum: float, eager: bool | None = None) -> None:
     """``triton_instnorm::update_running_stats``: the running statistics updated in place."""
-    if not plain_eager(stats, running_mean, running_var):
+    if eager is None:
+        eager = plain_eager(stats, running_mean, running_var)
+    if not eager:
         return update_running_stats_op(stats, running_mean, running_var, n, c, hw, momentum)
-    launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
-                                momentum=momentum)
+    _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
     torch.autograd.graph.increment_version((running_mean, running_var))  # as the operator does
 
 
@@ -296,12 +385,12 @@ def backward(dy, x, weight, bias, stats, *, use_input_stats: bool, eps: float, a
             need_dw, need_db)
     if not plain_eager(dy, x, weight, bias, stats):
         return backward_op(*args)
-    return launch.backward(*args)
+    return _backward_launch(*args)
 
 
-def plane_stats(x, *, eps: float):
+def plane_stats(x, *, eps: float, eager: bool | None = None):
     """``triton_instnorm::plane_stats``: (mean, std, stats)."""
-    if not plain_eager(x):
+    if not (plain_eager(x) if eager is None else eager):
         return plane_stats_op(x, eps)
     if torch.is_grad_enabled() and x.requires_grad:
         return PlaneStats.apply(x, eps)
@@ -312,4 +401,4 @@ def stats_backward(dmean, dstd, x, stats, *, eps: float):
     """``triton_instnorm::stats_backward``: dx through the style statistics."""
     if not plain_eager(dmean, dstd, x, stats):
         return stats_backward_op(dmean, dstd, x, stats, eps)
-    return launch.stats_backward(dmean, dstd, x, stats, eps=eps)
+    return _stats_backward_launch(dmean, dstd, x, stats, eps)
