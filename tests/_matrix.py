@@ -78,23 +78,27 @@ class Adaptive(TorchAdaptive):
                 + tin.adain(x, x.flip(-1) * 2 + 1))
 
 
-def _torch_net(dims, activation):
-    norm = getattr(nn, f"InstanceNorm{dims}d")(C, affine=True, track_running_stats=True)
+def _torch_net(dims, activation, affine=True):
+    norm = getattr(nn, f"InstanceNorm{dims}d")(C, affine=affine, track_running_stats=True)
     return nn.Sequential(norm, activation)
 
 
-ACTS = {1: ("relu", nn.ReLU()), 2: ("silu", nn.SiLU()), 3: ("gelu", nn.GELU())}
+# dims: (activation, affine). Without affine parameters nothing in a layer requires grad when a
+# graph is captured (a first layer normalizing the raw input), and its input gradient is taken
+# later (a saliency map).
+MODULES = {1: ("relu", nn.ReLU(), False), 2: ("silu", nn.SiLU(), True),
+           3: ("gelu", nn.GELU(), True)}
 
 
 def _module_pair(dims):
-    name, act = ACTS[dims]
-    ours = getattr(tin, f"InstanceNorm{dims}d")(C, affine=True, track_running_stats=True,
+    name, act, affine = MODULES[dims]
+    ours = getattr(tin, f"InstanceNorm{dims}d")(C, affine=affine, track_running_stats=True,
                                                 activation=name)
-    return ours, _torch_net(dims, act)
+    return ours, _torch_net(dims, act, affine)
 
 
 def _converted_pair(fuse):
-    ref = _torch_net(2, nn.LeakyReLU(0.2))
+    ref = _torch_net(2, nn.LeakyReLU(0.2), affine=fuse)
     ours = tin.convert_instance_norm(copy.deepcopy(ref), fuse_activation=fuse)
     assert fuse == (ours[0].activation == "leaky_relu")
     return ours, ref

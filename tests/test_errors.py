@@ -214,17 +214,24 @@ def _torchs_name(dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_dtype_names_in_messages_are_torchs(dtype):
-    """Every dtype torch has is named as torch's messages name it (c10's names: 'UInt16',
-    'Float8_e4m3fn'), and an input of a dtype instance norm refuses raises torch's error (the
-    CPU's: its text for quantized dtypes names its backends instead)."""
+def test_dtype_names_are_c10s(dtype):
+    """Every dtype torch has is named as torch's messages name it: c10's names, 'UInt16',
+    'Float8_e4m3fn', 'QUInt4x2'."""
     from triton_instnorm.arguments import dtype_name
 
     assert dtype_name(dtype) == _torchs_name(dtype)
-    if dtype.is_floating_point and dtype.itemsize > 1:
-        return  # (the float dtypes instance norm takes, and float8, which it refuses below)
+
+
+REFUSED = [d for d in ALL_DTYPES if not (d.is_floating_point and d.itemsize > 1)]
+
+
+@pytest.mark.parametrize("dtype", REFUSED, ids=str)
+def test_refused_dtype_raises_torchs_error(dtype):
+    """An input of a dtype instance norm refuses (float8 and 4-bit floats included) raises
+    torch's error with torch's message (the CPU's; for quantized dtypes torch's text names its
+    backends instead, and only the type is the same)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # experimental and deprecated dtypes
         x = torch.empty(2, 3, 4, dtype=dtype)
     with pytest.raises(Exception) as want:
         F.instance_norm(x)
