@@ -221,7 +221,7 @@ def export_then_differentiate(m, x):
 def jit_trace_then_differentiate(m, x):
     """torch.jit.trace with its default check, captured without grad, differentiated later."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore")  # its deprecation, the tracer's warnings
         traced = torch.jit.trace(m, (x,))
     x = _leaf(x)
     y = traced(x)
@@ -229,7 +229,10 @@ def jit_trace_then_differentiate(m, x):
 
 
 def jit_script(m, x):
-    return [torch.jit.script(m)(x), *_buffers(m)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(m)
+    return [scripted(x), *_buffers(m)]
 
 
 def vmap_over_batch(m, x):

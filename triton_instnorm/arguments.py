@@ -107,9 +107,10 @@ def _check_parsed(input, weight, bias, running_mean, running_var, use_input_stat
 
 # --- torch's instance norm: its checks, in its order ---------------------------------------------
 
-def check_args(input, *, running_mean, running_var, weight, bias, use_input_stats, momentum,
-               eps):
-    """PyTorch's checks for instance_norm, in PyTorch's order, raising PyTorch's exceptions."""
+def instance_norm_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                       eps, negative_slope=0.01):
+    """torch's checks of an ``instance_norm`` call, in torch's order, raising torch's exceptions;
+    then (momentum, eps, negative_slope) as Python floats."""
     if use_input_stats:
         size = input.size()
         if math.prod(size[2:]) == 1:
@@ -151,13 +152,28 @@ def check_args(input, *, running_mean, running_var, weight, bias, use_input_stat
     check_param_dtypes(input, weight, bias, running_mean, running_var)
     device = input.device
     for _, t in params:
-        if t.device != device and "meta" in (t.device.type, device.type):
-            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
-                               f"{device}!")
-        if t.device != device:
+        other = t.device
+        if other != device:
+            if "meta" in (other.type, device.type):
+                raise RuntimeError(f"Tensor on device {other} is not on the expected device "
+                                   f"{device}!")
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found at least two devices, "
-                f"{device} and {t.device}!")
+                f"{device} and {other}!")
+    if type(momentum) is not float:
+        momentum = _as_float(momentum)
+    if type(eps) is not float:
+        eps = _as_float(eps)
+    if type(negative_slope) is not float:
+        negative_slope = float_arg("instance_norm", "negative_slope", None, negative_slope)
+    return momentum, eps, negative_slope
+
+
+def check_args(input, *, running_mean, running_var, weight, bias, use_input_stats, momentum,
+               eps):
+    """torch's checks of an ``instance_norm`` call (``instance_norm_args``)."""
+    instance_norm_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                       eps)
 
 
 def check_param_dtypes(input, weight, bias, running_mean=None, running_var=None):
@@ -168,6 +184,11 @@ def check_param_dtypes(input, weight, bias, running_mean=None, running_var=None)
     all float32 for half / bfloat16 input. CUDA accepts the same combinations (its native kernel
     wants parameters in the input dtype or its accumulation type, cuDNN float32 for half input)
     but words the error by backend; we raise the same RuntimeError with the CPU text."""
+    dtype = input.dtype
+    if ((weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
+            and (running_mean is None or (running_mean.dtype == dtype
+                                          and running_var.dtype == dtype))):
+        return  # everything in the input's dtype (the common case, accepted)
     param_dtype = next((t.dtype for t in (weight, bias) if t is not None), input.dtype)
     params = [t.dtype for t in (weight, bias) if t is not None]
     if running_mean is not None and running_mean.dtype == param_dtype:
@@ -184,28 +205,13 @@ def check_param_dtypes(input, weight, bias, running_mean=None, running_var=None)
         raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
 
 
-def instance_norm_args(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
-                       eps, negative_slope):
-    """torch's checks of an ``instance_norm`` call (its errors), then (momentum, eps,
-    negative_slope) as Python floats."""
-    check_args(input, running_mean=running_mean, running_var=running_var, weight=weight,
-               bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
-    if type(momentum) is not float:
-        momentum = _as_float(momentum)
-    if type(eps) is not float:
-        eps = _as_float(eps)
-    if type(negative_slope) is not float:
-        negative_slope = float_arg("instance_norm", "negative_slope", None, negative_slope)
-    return momentum, eps, negative_slope
-
-
 # --- what the kernels are given: the same tensors, as torch reads and writes them ----------------
 
 def kernel_operands(input, weight, bias, running_mean, running_var, update, momentum, eps):
     """(weight, bias, running_mean, running_var) as the kernels read them: 0-dim parameters and
     statistics (C == 1, which torch takes) as one-element views. Raises torch's error for what
-    torch cannot do: weight or bias of an empty batch, and, when the running statistics are
-    ``update``\\ d, 0-dim or overlapping (expanded) ones, after torch's side effect."""
+    torch cannot do: weight or bias of an empty batch, and running statistics to ``update`` that
+    are 0-dim or overlap (expanded ones), after torch's side effect."""
     if input.shape[0] == 0 and (weight is not None or bias is not None):
         # torch's batch norm of an empty input takes weight[0] of the weight repeated N times
         raise IndexError("select(): index 0 out of range for tensor of size [0] at dimension 0")

@@ -19,15 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import activations, arguments, eager, launch, ops
 from .activations import apply_activation  # noqa: F401  (the activations' eager form)
-
-
-def kernels_available(t: Tensor) -> bool:
-    """True when ``t`` is handled by the Triton kernels (see the module docstring)."""
-    if t.is_cuda:
-        return True
-    if t.is_cpu:
-        return launch.INTERPRETED
-    return t.is_meta
+from .ops import kernels_available  # noqa: F401  (public)
 
 
 def instance_norm(
@@ -64,7 +56,7 @@ def instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
         negative_slope)
     route = ops.route(input, weight, bias, running_mean, running_var)
-    if route == ops.TORCH or not kernels_available(input) or (running_mean is not None and (
+    if route == ops.TORCH or (running_mean is not None and (
             running_mean.is_complex() or running_var.is_complex())):
         # (complex running statistics: torch takes their real part, warns and writes them back)
         return eager.instance_norm(input, running_mean, running_var, weight, bias,

@@ -19,7 +19,8 @@ forward writes, and raises rather than launch otherwise.
 
 Where each call goes (``route``):
 
-- ``TORCH``: torch's own ops compute it (``eager.py``) while the ONNX exporters trace (ONNX has
+- ``TORCH``: torch's own ops compute it (``eager.py``) where the kernels do not run (other
+  devices, a CPU without the interpreter), while the ONNX exporters trace (ONNX has
   ``InstanceNormalization`` and every activation, which both exporters translate), under
   ``torch.func`` transforms (vmap, grad, jvp, ...: torch's batching and derivative rules, running
   statistics included) and with forward-mode AD tangents. The custom ops have no forward-mode
@@ -82,23 +83,28 @@ def _stats_like(x):
                        dtype=launch.acc_dtype(x.dtype))
 
 
-def _check_stats(stats, n, c, dtype, op: str):
-    """The statistics a pass reads are the buffer a forward of N*C planes in ``dtype`` writes;
-    anything else (an empty placeholder, another shape) is refused before any launch."""
-    if stats.shape != (constants.NUM_STATS, n * c) or stats.dtype != launch.acc_dtype(dtype):
-        acc = launch.acc_dtype(dtype)
-        raise RuntimeError(
-            f"triton_instnorm::{op}: expected the statistics a forward of {n * c} planes writes, "
-            f"shape ({constants.NUM_STATS}, {n * c}) and dtype {acc}; got shape "
-            f"{tuple(stats.shape)} and dtype {stats.dtype}")
+def _check_stats(stats, x, op: str):
+    """The statistics a pass over ``x`` reads are the buffer a forward of ``x`` writes; anything
+    else (an empty placeholder, another shape or dtype) is refused before any launch."""
+    shape = x.shape
+    if (stats.shape != (constants.NUM_STATS, shape[0] * shape[1])
+            or stats.dtype is not (torch.float64 if x.dtype is torch.float64 else torch.float32)):
+        _refuse_stats(stats, shape[0] * shape[1], launch.acc_dtype(x.dtype), op)
+
+
+def _refuse_stats(stats, planes, acc, op):
+    raise RuntimeError(
+        f"triton_instnorm::{op}: expected the statistics a forward of {planes} planes writes, "
+        f"shape ({constants.NUM_STATS}, {planes}) and dtype {acc}; got shape "
+        f"{tuple(stats.shape)} and dtype {stats.dtype}")
 
 
 def _warn_if_onnx_export():
     """The ONNX exporters never see the operators of a model they export (``route``); they do in
     a graph captured earlier, which the dynamo exporter translates with the table."""
     if torch.onnx.is_in_onnx_export():
-        warnings.warn("exporting a graph that holds triton_instnorm operators (an ExportedProgram "
-                      "captured earlier): the dynamo exporter translates them given "
+        warnings.warn("a graph captured before the ONNX export (an ExportedProgram) holds "
+                      "triton_instnorm operators: the dynamo exporter translates them only with "
                       "custom_translation_table=triton_instnorm.onnx_translation_table()",
                       UserWarning, stacklevel=2)
 
@@ -111,7 +117,9 @@ def update_running_stats_op(stats: Tensor, running_mean: Tensor, running_var: Te
 
 
 def _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum):
-    _check_stats(stats, n, c, stats.dtype, "update_running_stats")
+    if (stats.shape != (constants.NUM_STATS, n * c)
+            or stats.dtype not in (torch.float32, torch.float64)):
+        _refuse_stats(stats, n * c, torch.float32, "update_running_stats")
     if running_mean.numel() != c or running_var.numel() != c:
         raise RuntimeError(f"triton_instnorm::update_running_stats: expected {c} running "
                            f"statistics, got {running_mean.numel()} and {running_var.numel()}")
@@ -138,13 +146,9 @@ def backward_op(
     need_dw: bool,
     need_db: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward_launch(dy, x, weight, bias, stats, use_input_stats, eps, activation,
-                            negative_slope, need_dw, need_db)
-
-
-def _backward_launch(dy, x, weight, bias, stats, *args):
-    _check_stats(stats, x.shape[0], x.shape[1], x.dtype, "backward")
-    return launch.backward(dy, x, weight, bias, stats, *args)
+    _check_stats(stats, x, "backward")
+    return launch.backward(dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                           negative_slope, need_dw, need_db)
 
 
 @backward_op.register_fake
@@ -179,7 +183,8 @@ def _backward(ctx, dy, _dstats):
         grads = backward(dy, x, weight, bias, stats, use_input_stats=ctx.use_input_stats,
                          eps=ctx.eps, activation=ctx.activation,
                          negative_slope=ctx.negative_slope, need_dw=needs[1], need_db=needs[2])
-    grads = [g if need else None for g, need in zip(grads, needs)]
+    if not all(needs):
+        grads = [g if need else None for g, need in zip(grads, needs)]
     if create_graph:  # keep the kernel's values, take the derivatives of the eager graph
         mean, std = _mean_std(stats, ctx.eps)
         graph = eager_graphs.first_order_graph(
@@ -233,8 +238,8 @@ def stats_backward_op(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor,
 
 
 def _stats_backward_launch(dmean, dstd, x, stats, eps):
+    _check_stats(stats, x, "stats_backward")
     n, c = x.shape[0], x.shape[1]
-    _check_stats(stats, n, c, x.dtype, "stats_backward")
     if dmean.shape != (n, c) or dstd.shape != (n, c):
         raise RuntimeError(f"triton_instnorm::stats_backward: expected ({n}, {c}) gradients of "
                            f"the mean and std, got {tuple(dmean.shape)} and {tuple(dstd.shape)}")
@@ -275,23 +280,39 @@ _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def kernels_available(t: Tensor) -> bool:
+    """The Triton kernels handle tensors like ``t``: CUDA tensors (compiled), CPU tensors when
+    ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter), and meta
+    tensors (shapes only)."""
+    if t.is_cuda:
+        return True
+    if t.is_cpu:
+        return launch.INTERPRETED
+    return t.is_meta
+
+
 def route(*tensors) -> str:
-    """Where a call with these tensors goes (module docstring): ``TORCH`` while an ONNX exporter
-    traces, under ``torch.func`` transforms and with forward-mode AD tangents; ``EAGER`` for
-    plain tensors (no subclass, fake or meta tensor, nor one left over from a ``torch.func``
-    transform) in plain eager mode; ``OPERATORS`` for everything else that compiles, exports,
-    traces or intercepts (dispatch or torch-function modes) the call."""
+    """Where a call with these tensors goes (module docstring): ``TORCH`` where the kernels do not
+    run (``kernels_available``), while an ONNX exporter traces, under ``torch.func`` transforms
+    and with forward-mode AD tangents; ``EAGER`` for plain tensors (no subclass, fake or meta
+    tensor, nor one left over from a ``torch.func`` transform) in plain eager mode; ``OPERATORS``
+    for everything else that compiles, exports, traces or intercepts (dispatch or torch-function
+    modes) the call."""
     if (torch.compiler.is_compiling()  # first: dynamo traces this function too
             or torch._C._is_tracing()
             or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
-        return TORCH if _torch_computes(tensors) else OPERATORS
+        if _torch_computes(tensors) or not kernels_available(tensors[0]):
+            return TORCH
+        return OPERATORS
     if forward_ad._current_level >= 0 and _has_tangent(tensors):
         return TORCH
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
             return OPERATORS
+    if not kernels_available(tensors[0]):
+        return TORCH
     return OPERATORS if tensors[0].is_meta else EAGER
 
 
@@ -383,9 +404,10 @@ def backward(dy, x, weight, bias, stats, *, use_input_stats: bool, eps: float, a
     """``triton_instnorm::backward``: (dx, dweight, dbias)."""
     args = (dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
             need_dw, need_db)
-    if not plain_eager(dy, x, weight, bias, stats):
+    if route(dy, x, weight, bias, stats) != EAGER:
         return backward_op(*args)
-    return _backward_launch(*args)
+    _check_stats(stats, x, "backward")
+    return launch.backward(*args)
 
 
 def plane_stats(x, *, eps: float, eager: bool | None = None):
