@@ -47,6 +47,7 @@ from torch import Tensor
 
 from . import eager as eager_graphs
 from . import launch
+from .arguments import dtype_name
 from .kernels import constants
 
 # --- the operators --------------------------------------------------------------------------------
@@ -95,8 +96,8 @@ def _check_stats(stats, x, op: str):
 def _refuse_stats(stats, planes, acc, op):
     raise RuntimeError(
         f"triton_instnorm::{op}: expected the statistics a forward of {planes} planes writes, "
-        f"shape ({constants.NUM_STATS}, {planes}) and dtype {acc}; got shape "
-        f"{tuple(stats.shape)} and dtype {stats.dtype}")
+        f"shape ({constants.NUM_STATS}, {planes}) of {dtype_name(acc)}; got shape "
+        f"{tuple(stats.shape)} of {dtype_name(stats.dtype)}")
 
 
 def _warn_if_onnx_export():
