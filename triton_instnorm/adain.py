@@ -19,7 +19,7 @@ which differs by a factor sqrt(HW / (HW - 1)): noticeable only on tiny feature m
 import torch
 from torch import Tensor
 
-from . import activations, eager, launch, ops
+from . import activations, dispatch, eager, launch, ops
 from .arguments import check_args, dtype_name, float_arg
 
 
@@ -52,14 +52,14 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
     n, c = input.shape[0], input.shape[1]
     _check_per_sample("scale", scale, n, c)
     _check_per_sample("shift", shift, n, c)
-    route = ops.route(input, scale, shift)
-    if route == ops.TORCH:
+    route = dispatch.route(input, scale, shift)
+    if route == dispatch.TORCH:
         return eager.adaptive_instance_norm(input, scale, shift, eps, act, negative_slope)
     if input.numel() == 0:
         return input.clone()
     y, _ = ops.forward(launch.kernel_layout(input), scale, shift, None, None, use_input_stats=True,
                        eps=eps, activation=act, negative_slope=negative_slope,
-                       eager=route == ops.EAGER)
+                       eager=route == dispatch.EAGER)
     return y
 
 
@@ -67,10 +67,10 @@ def instance_stats(input: Tensor, eps: float = 1e-5):
     """(mean, std) per (n, c), shape (N, C), std = sqrt(biased var + eps); differentiable."""
     _check_input(input)
     eps = float_arg("instance_stats", "eps", 2, eps)
-    route = ops.route(input)
-    if route == ops.TORCH:
+    route = dispatch.route(input)
+    if route == dispatch.TORCH:
         return eager.instance_stats(input, eps)
-    mean, std, _ = ops.plane_stats(input, eps=eps, eager=route == ops.EAGER)
+    mean, std, _ = ops.plane_stats(input, eps=eps, eager=route == dispatch.EAGER)
     return mean, std
 
 

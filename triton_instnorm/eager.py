@@ -2,7 +2,7 @@
 
 Users, none of them on the hot path:
 
-- the calls the kernels do not compute (``ops.route``: a device without the kernels, the ONNX
+- the calls the kernels do not compute (``dispatch.route``: a device without the kernels, the ONNX
   exporters, ``torch.func`` transforms, forward-mode AD): ``instance_norm``,
   ``adaptive_instance_norm`` and ``instance_stats`` compute the layers' functions with torch's
   own ops, PyTorch's ``instance_norm`` (``TORCH_INSTANCE_NORM``) and the activation's eager form,

@@ -1,7 +1,7 @@
 """``instance_norm``: the drop-in for ``torch.nn.functional.instance_norm``.
 
 torch's argument rules (``arguments.py``) raise torch's errors, then the call goes where
-``ops.route`` sends it:
+``dispatch.route`` sends it:
 
 - CUDA tensors: the compiled Triton kernels.
 - CPU tensors with ``TRITON_INTERPRET=1`` set before triton was imported: the same kernels, run
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import activations, arguments, eager, launch, ops
+from . import activations, arguments, dispatch, eager, launch, ops
 from .activations import apply_activation  # noqa: F401  (the activations' eager form)
-from .ops import kernels_available  # noqa: F401  (public)
+from .dispatch import kernels_available  # noqa: F401  (public)
 
 
 def instance_norm(
@@ -55,8 +55,8 @@ def instance_norm(
     momentum, eps, negative_slope = arguments.instance_norm_args(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
         negative_slope)
-    route = ops.route(input, weight, bias, running_mean, running_var)
-    if route == ops.TORCH or (running_mean is not None and (
+    route = dispatch.route(input, weight, bias, running_mean, running_var)
+    if route == dispatch.TORCH or (running_mean is not None and (
             running_mean.is_complex() or running_var.is_complex())):
         # (complex running statistics: torch takes their real part, warns and writes them back)
         return eager.instance_norm(input, running_mean, running_var, weight, bias,
@@ -69,7 +69,7 @@ def instance_norm(
     # A view the kernels cannot read in place is copied here, outside the operator, so that the
     # copy is what autograd saves: the backward then reads it instead of copying x again.
     input = launch.kernel_layout(input)
-    eager_route = route == ops.EAGER
+    eager_route = route == dispatch.EAGER
     y, stats = ops.forward(input, weight, bias, running_mean, running_var,
                            use_input_stats=use_input_stats, eps=eps, activation=act,
                            negative_slope=negative_slope, store_stats=update, eager=eager_route)

@@ -1,7 +1,7 @@
 """ONNX translations of our operators, for graphs captured before the export.
 
 A model exported to ONNX never holds our operators: while an exporter traces
-(``torch.onnx.is_in_onnx_export()``) the layers compute with torch's own ops (``ops.route``),
+(``torch.onnx.is_in_onnx_export()``) the layers compute with torch's own ops (``dispatch.route``),
 which both exporters translate to standard ONNX, and torch's model and ours export alike. A graph
 captured earlier holds them, and exports with the translations here, to the standard operators
 onnxruntime runs with no custom domain:

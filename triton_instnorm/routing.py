@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import functional, ops
+from . import dispatch, functional
 
 __all__ = ["enable", "disable", "enabled", "is_enabled"]
 
@@ -58,7 +58,7 @@ def _routed_instance_norm(previous):
                     instance_norm, (input, running_mean, running_var, weight, bias), input,
                     running_mean=running_mean, running_var=running_var, weight=weight,
                     bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
-            if not isinstance(input, Tensor) or not ops.kernels_available(input):
+            if not isinstance(input, Tensor) or not dispatch.kernels_available(input):
                 return previous(input, running_mean, running_var, weight, bias,
                                 use_input_stats, momentum, eps)
             return functional.instance_norm(input, running_mean=running_mean,
