@@ -99,9 +99,9 @@ def _op_samples():
 def test_opcheck_all_operators():
     ops = torch.ops.triton_instnorm
     x, w, b, rm, rv = _op_samples()
-    torch.library.opcheck(ops.forward.default, (x, w, b, None, None, True, 1e-5, 2, 0.1, True))
-    torch.library.opcheck(ops.forward.default, (x, w, b, rm, rv, False, 1e-5, 0, 0.01, True))
-    y, stats = ops.forward(x.detach(), w, b, None, None, True, 1e-5, 0, 0.01, True)
+    torch.library.opcheck(ops.forward.default, (x, w, b, None, None, True, 1e-5, 2, 0.1))
+    torch.library.opcheck(ops.forward.default, (x, w, b, rm, rv, False, 1e-5, 0, 0.01))
+    y, stats = ops.forward(x.detach(), w, b, None, None, True, 1e-5, 0, 0.01)
     torch.library.opcheck(ops.update_running_stats.default, (stats, rm, rv, 2, 3, 20, 0.1))
     dy = torch.randn_like(y)
     torch.library.opcheck(ops.backward.default,

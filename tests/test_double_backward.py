@@ -42,6 +42,35 @@ def test_gradgradcheck_adaptive_and_adain():
     assert torch.autograd.gradgradcheck(tin.adain, (content, style), fast_mode=True)
 
 
+def _stats(s):
+    var, mean = torch.var_mean(s, tuple(range(2, s.dim())), correction=0, keepdim=True)
+    return mean, torch.sqrt(var + 1e-5)
+
+
+# The affine parameters computed from the input itself: each second derivative follows the
+# parameters back to the input once, as torch's does.
+PARAMETERS_FROM_INPUT = {
+    "weight and bias of x": (
+        lambda x: tin.instance_norm(x, weight=x.mean((0, 2, 3)), bias=x.amax((0, 2, 3))),
+        lambda x: F.instance_norm(x, weight=x.mean((0, 2, 3)), bias=x.amax((0, 2, 3)))),
+    "adain with a style of the content": (
+        lambda x: tin.adain(x, x.flip(-1) * 2 + 1),
+        lambda x: F.instance_norm(x) * _stats(x.flip(-1) * 2 + 1)[1]
+        + _stats(x.flip(-1) * 2 + 1)[0]),
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMETERS_FROM_INPUT))
+def test_second_derivatives_with_parameters_computed_from_the_input(name, launches):
+    ours, theirs = PARAMETERS_FROM_INPUT[name]
+    x, v = randn(2, 3, 3, 2, seed=7), randn(2, 3, 3, 2, seed=8)
+    got = torch.autograd.functional.hvp(lambda x: ours(x).square().sum(), x, v)
+    want = torch.autograd.functional.hvp(lambda x: theirs(x).square().sum(), x, v)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    assert launches("_bwd") > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_create_graph_keeps_kernel_values(dtype):
     # First-order gradients taken with create_graph=True are exactly those of the plain backward.

@@ -139,3 +139,49 @@ def test_cached_layout_is_the_computed_one(i):
             assert lay.geometry == launch.geometry(x, px)
             for t, strides in zip((x, y), lay.strides, strict=True):
                 assert (t, *strides) == launch.planes_view(t, fold)
+
+
+def _wrong_statistics():
+    """Buffers a forward of (2, 3, ...) in float32 does not write: none (a graph captured without
+    grad kept an empty placeholder), another plane count, the planes in one flat row, another
+    dtype (float16: no forward writes it; float64 is a float64 input's)."""
+    return [torch.empty(0, device=DEVICE), torch.zeros(4, 5, device=DEVICE),
+            torch.zeros(4, 6, device=DEVICE),
+            torch.zeros(4, 2, 3, dtype=torch.float16, device=DEVICE)]
+
+
+@pytest.mark.parametrize("through_ops", [False, True], ids=["eager", "operators"])
+@pytest.mark.parametrize("i", range(len(_wrong_statistics())))
+def test_passes_refuse_statistics_their_forward_did_not_write(i, through_ops, launches):
+    """Every pass that reads the statistics checks on the host that it was given the buffer its
+    forward writes, and raises instead of launching a kernel that would read past it."""
+    stats = _wrong_statistics()[i]
+    x, w, b = make_inputs((2, 3, 5, 4))
+    dy = torch.ones_like(x)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    calls = {
+        "backward": lambda: ops.backward(dy, x, w, b, stats, use_input_stats=True, eps=1e-5,
+                                         activation=0, negative_slope=0.01, need_dw=True,
+                                         need_db=True),
+        "update_running_stats": lambda: ops.update_running_stats(stats, rm, rv, n=2, c=3, hw=20,
+                                                                 momentum=0.1),
+        "stats_backward": lambda: ops.stats_backward(torch.ones(2, 3, device=DEVICE),
+                                                     torch.ones(2, 3, device=DEVICE), x, stats,
+                                                     eps=1e-5),
+    }
+    with _PassThrough() if through_ops else contextlib.nullcontext():
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match=f"triton_instnorm::{name}: expected the "
+                                                   "statistics a forward of 2 x 3 planes writes"):
+                call()
+    assert launches("_bwd") == launches("_update_running_stats") == launches("_stats_bwd") == 0
+
+
+def test_operator_keeps_statistics_whatever_the_grad_mode():
+    """No argument of the forward operator says whether autograd records it: the statistics the
+    backward reads are written whenever the operator runs, with or without grad."""
+    x, w, b = make_inputs((2, 3, 5, 4))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            _, stats = OPS.forward(x, w, b, None, None, True, 1e-5, 0, 0.01)
+        assert stats.shape == (4, 2, 3) and stats.dtype == torch.float32

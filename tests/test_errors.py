@@ -200,3 +200,42 @@ def test_complex_running_stats_as_torch():
             outs.append(f(x, mean, var))
     torch.testing.assert_close(outs[1], outs[0])
     torch.testing.assert_close(running[1], running[0])
+
+
+ALL_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def _torchs_name(dtype):
+    """torch's own spelling of ``dtype``: the scalar type in its legacy type string
+    (``torch.FloatTensor``, ``torch.quantized.QInt8Tensor``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental and deprecated dtypes
+        return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_dtype_names_are_c10s(dtype):
+    """Every dtype torch has is named as torch's messages name it: c10's names, 'UInt16',
+    'Float8_e4m3fn', 'QUInt4x2'."""
+    from triton_instnorm.arguments import dtype_name
+
+    assert dtype_name(dtype) == _torchs_name(dtype)
+
+
+REFUSED = [d for d in ALL_DTYPES if not (d.is_floating_point and d.itemsize > 1)]
+
+
+@pytest.mark.parametrize("dtype", REFUSED, ids=str)
+def test_refused_dtype_raises_torchs_error(dtype):
+    """An input of a dtype instance norm refuses (float8 and 4-bit floats included) raises
+    torch's error with torch's message (the CPU's; for quantized dtypes torch's text names its
+    backends instead, and only the type is the same)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental and deprecated dtypes
+        x = torch.empty(2, 3, 4, dtype=dtype)
+    with pytest.raises(Exception) as want:
+        F.instance_norm(x)
+    with pytest.raises(want.type) as got:
+        tin.instance_norm(x)
+    if "Quantized" not in str(want.value):
+        assert str(got.value) == str(want.value)

@@ -1,4 +1,6 @@
-"""ONNX export with both exporters: onnxruntime against our layers, standard domain only.
+"""ONNX export with torch's defaults and both exporters: onnxruntime against our layers,
+standard domain only. A model exports as torch's does, with no extra argument; graphs captured
+earlier (an ExportedProgram, a traced ScriptModule) export with our translations.
 
 The export tests need onnx, onnxruntime and onnxscript (the ``onnx`` extra) and skip without
 them; the test that importing the package leaves torch's internals alone always runs.
@@ -22,21 +24,32 @@ OPS = torch.ops.triton_instnorm
 needs_onnx = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
     reason="needs the onnx extra: onnx, onnxruntime, onnxscript")
-EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+# How a model reaches ONNX: torch.onnx.export of the model with no extra argument (the default
+# exporter, dynamo in torch 2.13) or with dynamo=False; or of a graph captured earlier, which
+# holds our operators: an ExportedProgram (with our translation table) or a traced ScriptModule.
+EXPORTERS = ["default", "torchscript"]
+CAPTURED = ["exported_program", "traced"]
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-def _export(model, args, dynamo, path, **options):
-    """Exports ``model`` (an nn.Module or an ExportedProgram), checks that the graph uses the
-    standard domain only, and returns onnxruntime's outputs and the graph's op types."""
+def _export(model, args, how, path, **options):
+    """Exports the nn.Module ``model`` ``how`` (EXPORTERS, CAPTURED), checks that the graph uses
+    the standard domain only, and returns onnxruntime's outputs and the graph's op types."""
     import onnx
     import onnxruntime
 
-    if dynamo:
-        options["custom_translation_table"] = tin.onnx_translation_table()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
-        torch.onnx.export(model, args, str(path), dynamo=dynamo, verbose=False, **options)
+        if how == "exported_program":
+            model = torch.export.export(model, args)
+            assert any(n.target == OPS.forward.default for n in model.graph.nodes)
+            options["custom_translation_table"] = tin.onnx_translation_table()
+        elif how == "traced":
+            model = torch.jit.trace(model, args)
+            assert "triton_instnorm::forward" in str(model.inlined_graph)
+        if how in ("torchscript", "traced"):
+            options["dynamo"] = False
+        torch.onnx.export(model, args, str(path), **options)
     proto = onnx.load(str(path))
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
     assert not proto.functions and {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
@@ -68,14 +81,14 @@ LAYERS = [  # (class, input shape, arguments): every activation, affine or not, 
 
 
 @needs_onnx
-@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("how", EXPORTERS + CAPTURED)
 @pytest.mark.parametrize("name,shape,kwargs", LAYERS)
-def test_layer_exports_to_standard_onnx(name, shape, kwargs, dynamo, tmp_path, launches):
+def test_layer_exports_to_standard_onnx(name, shape, kwargs, how, tmp_path, launches):
     """Eval mode: with running statistics (track_running_stats) they normalize the input."""
     torch.manual_seed(0)
     layer = _randomize(getattr(tin, name)(3, device=DEVICE, **kwargs)).eval()
     x = torch.randn(shape, device=DEVICE)
-    (got,), op_types = _export(layer, (x,), dynamo, tmp_path / "layer.onnx")
+    (got,), op_types = _export(layer, (x,), how, tmp_path / "layer.onnx")
     before = launches("_fwd")  # the TorchScript exporter runs the model to trace it
     want = layer(x)
     assert launches("_fwd") == before + 1  # the reference is our kernel's output
@@ -85,8 +98,8 @@ def test_layer_exports_to_standard_onnx(name, shape, kwargs, dynamo, tmp_path, l
 
 
 @needs_onnx
-@pytest.mark.parametrize("dynamo", EXPORTERS)
-def test_training_mode_exports_as_torch_does(dynamo, tmp_path):
+@pytest.mark.parametrize("how", EXPORTERS)
+def test_training_mode_exports_as_torch_does(how, tmp_path):
     """Each exporter treats a training-mode layer with running statistics as it treats torch's
     (TorchScript: eval, dynamo: the batch statistics), and exporting updates no statistics."""
     torch.manual_seed(0)
@@ -94,19 +107,20 @@ def test_training_mode_exports_as_torch_does(dynamo, tmp_path):
     ours = tin.convert_instance_norm(copy.deepcopy(ref))
     stats = [t.clone() for t in ours.buffers()]
     x = torch.randn(2, 3, 5, 4, device=DEVICE)
-    (got,), _ = _export(ours, (x,), dynamo, tmp_path / "ours.onnx")
-    (want,), _ = _export(ref, (x,), dynamo, tmp_path / "torch.onnx")
+    (got,), _ = _export(ours, (x,), how, tmp_path / "ours.onnx")
+    (want,), _ = _export(ref, (x,), how, tmp_path / "torch.onnx")
     torch.testing.assert_close(got, want, **TOL)
     assert all(torch.equal(a, b) for a, b in zip(ours.buffers(), stats))
     assert ours.training
 
 
 @needs_onnx
-def test_gelu_before_opset_20_uses_erf(tmp_path):
+@pytest.mark.parametrize("how", ["torchscript", "traced"])
+def test_gelu_before_opset_20_uses_erf(how, tmp_path):
     torch.manual_seed(0)
     layer = tin.InstanceNorm2d(3, activation="gelu", device=DEVICE)
     x = torch.randn(2, 3, 5, 4, device=DEVICE)
-    (got,), op_types = _export(layer, (x,), False, tmp_path / "gelu.onnx", opset_version=17)
+    (got,), op_types = _export(layer, (x,), how, tmp_path / "gelu.onnx", opset_version=17)
     assert "Erf" in op_types and "Gelu" not in op_types
     torch.testing.assert_close(got, layer(x).cpu(), **TOL)
 
@@ -118,7 +132,7 @@ def _torch_net():
 
 
 @needs_onnx
-@pytest.mark.parametrize("how", ["torchscript", "dynamo", "exported_program"])
+@pytest.mark.parametrize("how", EXPORTERS + CAPTURED)
 def test_converted_model_exports(how, tmp_path, launches):
     torch.manual_seed(0)
     ref = _torch_net().to(DEVICE)
@@ -127,11 +141,8 @@ def test_converted_model_exports(how, tmp_path, launches):
     model = tin.convert_instance_norm(copy.deepcopy(ref), fuse_activation=True)
     assert model[1].activation == "leaky_relu" and model[4].activation == "silu"
     x = torch.randn(2, 2, 6, 5, device=DEVICE)
-    if how == "exported_program":
-        (got,), _ = _export(torch.export.export(model, (x,)), (x,), True, tmp_path / "ep.onnx")
-    else:
-        (got,), op_types = _export(model, (x,), how == "dynamo", tmp_path / "model.onnx")
-        assert "LeakyRelu" in op_types
+    (got,), op_types = _export(model, (x,), how, tmp_path / "model.onnx")
+    assert "LeakyRelu" in op_types
     torch.testing.assert_close(got, ref(x).cpu(), **TOL)
     before = launches("_fwd")
     torch.testing.assert_close(model(x), ref(x), **TOL)
@@ -146,13 +157,13 @@ class _Adaptive(nn.Module):
 
 
 @needs_onnx
-@pytest.mark.parametrize("dynamo", EXPORTERS)
-def test_adaptive_forms_export(dynamo, tmp_path, launches):
+@pytest.mark.parametrize("how", EXPORTERS + CAPTURED)
+def test_adaptive_forms_export(how, tmp_path, launches):
     """(N, C) scale with (1, C) shift and the reverse, and AdaIN (style statistics too)."""
     torch.manual_seed(0)
     args = (torch.randn(2, 3, 5, 4, device=DEVICE), torch.randn(2, 3, 4, 6, device=DEVICE) * 3 + 1,
             torch.randn(2, 3, device=DEVICE), torch.randn(1, 3, device=DEVICE))
-    got, _ = _export(_Adaptive(), args, dynamo, tmp_path / "adaptive.onnx")
+    got, _ = _export(_Adaptive(), args, how, tmp_path / "adaptive.onnx")
     before = launches("_fwd")
     want = _Adaptive()(*args)
     assert launches("_fwd") == before + 4  # three forwards, the style statistics pass
@@ -187,13 +198,33 @@ def test_import_leaves_torch_internals_alone():
 
 
 @needs_onnx
-def test_dynamo_export_without_the_table_fails(tmp_path):
-    """The dynamo exporter reaches our ops only through the table: without it, its own error."""
+def test_exported_program_without_the_table_names_it(tmp_path):
+    """An ExportedProgram captured before the export holds our operators: without the table the
+    dynamo exporter fails, and what it prints names the table."""
     layer = tin.InstanceNorm2d(3, device=DEVICE).eval()
-    with warnings.catch_warnings(), pytest.raises(Exception, match="triton_instnorm"):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (torch.randn(2, 3, 5, 4, device=DEVICE),),
-                          str(tmp_path / "layer.onnx"), dynamo=True, verbose=False)
+    x = torch.randn(2, 3, 5, 4, device=DEVICE)
+    ep = torch.export.export(layer, (x,))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Exception,
+                                                                      match="triton_instnorm"):
+        warnings.simplefilter("always")
+        torch.onnx.export(ep, (x,), str(tmp_path / "layer.onnx"), verbose=False)
+    assert any("custom_translation_table=triton_instnorm.onnx_translation_table()"
+               in str(w.message) for w in caught)
+
+
+@needs_onnx
+@pytest.mark.parametrize("how", EXPORTERS)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_model_under_enabled_exports_as_torch(how, train, tmp_path):
+    """torch's own model exported inside ``enabled()``: the same ONNX numbers as without."""
+    torch.manual_seed(0)
+    ref = _torch_net().to(DEVICE).train(train)
+    _randomize(ref[1])
+    x = torch.randn(2, 2, 6, 5, device=DEVICE)
+    (want,), _ = _export(copy.deepcopy(ref), (x,), how, tmp_path / "torch.onnx")
+    with tin.enabled():
+        (got,), _ = _export(copy.deepcopy(ref), (x,), how, tmp_path / "enabled.onnx")
+    torch.testing.assert_close(got, want, **TOL)
 
 
 def test_translation_table_is_a_fresh_dict():

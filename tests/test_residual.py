@@ -157,7 +157,7 @@ def test_operator_with_residual():
     ops = torch.ops.triton_instnorm
     for act in (0, 2):
         torch.library.opcheck(ops.forward.default, (x, w, b, None, None, True, 1e-5, act, 0.2,
-                                                    True, r))
+                                                    r))
     def fn(x, r):
         return tin.instance_norm(x, weight=w, bias=b, activation="silu", residual=r)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from utils import DEVICE, TOL
 
 import triton_instnorm as tin
-from triton_instnorm import functional, routing
+from triton_instnorm import dispatch, routing
 
 nn = torch.nn
 TORCH_FN = F.instance_norm  # PyTorch's function, as imported before any test enables routing
@@ -90,7 +90,7 @@ def test_errors_are_torchs():
 def test_other_inputs_go_to_torch(monkeypatch, launches):
     """Where the kernels are unavailable the replaced function runs; and our own fallback calls
     PyTorch's function, never the routed one (no recursion)."""
-    monkeypatch.setattr(functional, "kernels_available", lambda t: False)
+    monkeypatch.setattr(dispatch, "kernels_available", lambda t: False)
     calls = []
     monkeypatch.setattr(F, "instance_norm", lambda *a, **k: calls.append(1) or TORCH_FN(*a, **k))
     x = torch.randn(2, 3, 4, device=DEVICE)

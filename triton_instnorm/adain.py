@@ -19,11 +19,9 @@ which differs by a factor sqrt(HW / (HW - 1)): noticeable only on tiny feature m
 import torch
 from torch import Tensor
 
-from . import launch, ops
-from .eager import TORCH_INSTANCE_NORM, apply_activation
-from .functional import (
-    activation_code, check_args, float_arg, kernels_available, register_dtensor_rules,
-)
+from . import activations, dispatch, eager, launch, ops
+from .arguments import check_args, dtype_name, float_arg
+from .functional import register_dtensor_rules
 
 
 def _check_input(input):
@@ -41,7 +39,7 @@ def _check_per_sample(name, t, n, c):
         raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}), (1, {c}) or ({c},); "
                          f"got {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+        raise TypeError(f"{name} must be a floating point tensor, got {dtype_name(t.dtype)}")
 
 
 def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5,
@@ -50,23 +48,21 @@ def adaptive_instance_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: flo
 
     Differentiable with respect to input, scale and shift; one forward launch.
     """
-    act = activation_code(activation)
+    act = activations.code(activation)
     _check_input(input)
     eps = float_arg("adaptive_instance_norm", "eps", 4, eps)
     negative_slope = float_arg("adaptive_instance_norm", "negative_slope", 6, negative_slope)
     n, c = input.shape[0], input.shape[1]
     _check_per_sample("scale", scale, n, c)
     _check_per_sample("shift", shift, n, c)
-    if not kernels_available(input):
-        shape = (-1, c) + (1,) * (input.dim() - 2)
-        y = TORCH_INSTANCE_NORM(input, eps=eps)
-        y = y * scale.reshape(shape).to(y.dtype) + shift.reshape(shape).to(y.dtype)
-        return apply_activation(y, activation, negative_slope)
+    route = dispatch.route(input, scale, shift)
+    if route == dispatch.TORCH:
+        return eager.adaptive_instance_norm(input, scale, shift, eps, act, negative_slope)
     if input.numel() == 0:
         return input.clone()
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, scale, shift))
     y, _ = ops.forward(launch.kernel_layout(input), scale, shift, None, None, use_input_stats=True,
-                       eps=eps, activation=act, negative_slope=negative_slope, store_stats=grad)
+                       eps=eps, activation=act, negative_slope=negative_slope,
+                       eager=route == dispatch.EAGER)
     return y
 
 
@@ -74,12 +70,10 @@ def instance_stats(input: Tensor, eps: float = 1e-5):
     """(mean, std) per (n, c), shape (N, C), std = sqrt(biased var + eps); differentiable."""
     _check_input(input)
     eps = float_arg("instance_stats", "eps", 2, eps)
-    if not kernels_available(input):
-        dims = tuple(range(2, input.dim()))
-        var, mean = torch.var_mean(input.float() if input.dtype != torch.float64 else input, dims,
-                                   correction=0)
-        return mean, torch.sqrt(var + eps)
-    mean, std, _ = ops.plane_stats(input, eps=eps)
+    route = dispatch.route(input)
+    if route == dispatch.TORCH:
+        return eager.instance_stats(input, eps)
+    mean, std, _ = ops.plane_stats(input, eps=eps, eager=route == dispatch.EAGER)
     return mean, std
 
 
@@ -99,7 +93,7 @@ class AdaptiveInstanceNorm2d(torch.nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, *, activation: str | None = None,
                  negative_slope: float = 0.01) -> None:
         super().__init__()
-        activation_code(activation)
+        activations.code(activation)
         self.num_features = num_features
         self.eps = eps
         self.activation = activation

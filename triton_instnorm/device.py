@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernels.common import INTERPRETED
+
 EMULATE_ENV = "TRITON_INSTNORM_EMULATE"
 CLUSTERS_ENV = "TRITON_INSTNORM_CLUSTERS"
 FIRST_CLUSTER_TRITON = (3, 8)  # the first Triton whose compiler lowers cross-CTA reductions
@@ -123,11 +125,7 @@ def clusters_supported(dev: Device, real: bool) -> bool:
     ``real`` device, not the interpreter: confirmed by a compile probe)."""
     if not dev.clusters or triton_version() < FIRST_CLUSTER_TRITON:
         return False
-    return not real or _interpreting() or _probe(dev.capability)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+    return not real or INTERPRETED or _probe(dev.capability)
 
 
 @triton.jit

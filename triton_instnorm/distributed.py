@@ -280,8 +280,6 @@ def _forward(cls, func, types, args, kwargs):
         y = (launch.normalize(x_local, local["weight"], local["bias"], stats, a["eps"],
                               a["activation"], a["negative_slope"], local.get("residual"))
              if x_local.numel() else torch.empty_like(launch.kernel_layout(x_local)))
-        if not a.get("store_stats", True):
-            stats = stats.new_empty((0,))
     elif x_local.numel() == 0:  # no whole plane here (or no element in them)
         y = torch.empty_like(launch.kernel_layout(x_local))
         stats = x_local.new_zeros((constants.NUM_STATS, *x_local.shape[:2]),
@@ -289,8 +287,6 @@ def _forward(cls, func, types, args, kwargs):
     else:  # whole planes: the operator itself, on the local shard
         y, stats = func(**local)
     y = _wrap_like(y, x, x_local)
-    if stats.dim() == 1:  # not kept
-        return y, _wrap(stats, mesh, tuple(Replicate() for _ in placements), stats.shape)
     return y, _wrap(stats, mesh, _stats_placements(placements),
                     (constants.NUM_STATS, *x.shape[:2]))
 

@@ -2,9 +2,11 @@
 
 Users, none of them on the hot path:
 
-- the documented fallback (CPU tensors without ``TRITON_INTERPRET=1``) calls PyTorch's own
-  ``instance_norm`` (``TORCH_INSTANCE_NORM``) and applies the activation epilogue with
-  ``apply_activation``;
+- the calls the kernels do not compute (``dispatch.route``: a device without the kernels, the ONNX
+  exporters, ``torch.func`` transforms, forward-mode AD): ``instance_norm``,
+  ``adaptive_instance_norm`` and ``instance_stats`` compute the layers' functions with torch's
+  own ops, PyTorch's ``instance_norm`` (``TORCH_INSTANCE_NORM``) and the activation's eager form,
+  so that every transform torch supports gives torch's answer (or torch's error);
 - double backward. The first-order gradients always come from the Triton backward kernel; when
   the caller asks for a graph of them (``torch.autograd.grad(..., create_graph=True)``, as a
   WGAN-GP gradient penalty or a Hessian-vector product does), ``first_order_graph`` rebuilds the
@@ -16,30 +18,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import constants
+from .activations import apply_activation
 
-# PyTorch's own function, taken when this package is imported: the fallbacks and the ONNX
-# composition call it, never whatever ``triton_instnorm.enable()`` installs in its place.
+# PyTorch's own function, taken when this package is imported: the compositions call it, never
+# whatever ``triton_instnorm.enable()`` installs in its place.
 TORCH_INSTANCE_NORM = F.instance_norm
 
-ACTIVATIONS = {None: constants.ACT_NONE, "relu": constants.ACT_RELU,
-               "leaky_relu": constants.ACT_LEAKY_RELU, "silu": constants.ACT_SILU,
-               "gelu": constants.ACT_GELU}
-ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+def instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                  activation, negative_slope, residual=None):
+    """``instance_norm`` in torch's ops: torch's function (running statistics updated by it),
+    then the residual and the activation."""
+    y = TORCH_INSTANCE_NORM(input, running_mean, running_var, weight, bias, use_input_stats,
+                            momentum, eps)
+    return apply_activation(y if residual is None else y + residual, activation, negative_slope)
 
 
-def apply_activation(y: Tensor, activation, negative_slope: float) -> Tensor:
-    """The fused epilogue in eager PyTorch; ``activation`` is a name or a code of ACTIVATIONS."""
-    activation = ACTIVATION_NAMES.get(activation, activation)
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    return y
+def adaptive_instance_norm(input, scale, shift, eps, activation, negative_slope):
+    """``adaptive_instance_norm`` in torch's ops: (1, C), (N, C) or (C,) scale and shift."""
+    y = TORCH_INSTANCE_NORM(input, eps=eps)
+    y = y * _per_channel_view(scale, input).to(y.dtype) + _per_channel_view(shift, input).to(
+        y.dtype)
+    return apply_activation(y, activation, negative_slope)
+
+
+def instance_stats(input, eps):
+    """``instance_stats`` in torch's ops: (mean, sqrt(biased var + eps)) per (n, c), in the
+    accumulation dtype (float64 for float64 input, else float32), as the kernels give them."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(input.to(acc), tuple(range(2, input.dim())), correction=0)
+    return mean, torch.sqrt(var + eps)
 
 
 def _per_channel_view(p: Tensor, x: Tensor) -> Tensor:
@@ -50,7 +58,7 @@ def _per_channel_view(p: Tensor, x: Tensor) -> Tensor:
 
 def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, activation,
                       negative_slope, needs, residual=None):
-    """(dx, dweight, dbias[, dresidual]) as differentiable functions of dy, x, weight and bias
+    """(dx, dweight, dbias, dresidual) as differentiable functions of dy, x, weight and bias
     (and of a residual added before the activation).
 
     ``mean`` and ``std`` (shape (N, C), the statistics' precision) are the kernel's. The rebuild
@@ -59,11 +67,10 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
     flatten the graph. With ``use_input_stats`` the statistics of ``xs`` are recomputed (they
     depend on x; ``mean``, ``std`` only fix the units):
     ``(x - mu) / sqrt(var + eps) == (xs - mu_s) / sqrt(var_s + eps / std^2)``. Otherwise ``xs`` is
-    already the normalized input. ``needs`` flags which of x, weight, bias (and residual) want a
+    already the normalized input. ``needs`` flags which of x, weight, bias and residual want a
     gradient; the others come back as None.
     """
     acc = mean.dtype
-    inputs = [t for t, need in zip((x, weight, bias, residual), needs) if need]
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
     m, s = mean.view(shape), std.view(shape)
     if use_input_stats:
@@ -71,6 +78,12 @@ def first_order_graph(dy, x, weight, bias, mean, std, use_input_stats, eps, acti
         # (x - mean is 0 there) and gets torch's rule, invstd = 0, with a zero derivative.
         s = torch.where(s > 0, s, 1.0)
     with torch.enable_grad():
+        # Each input through an alias of its own: the gradient with respect to it then follows
+        # its own uses only, not another input computed from it (adain's scale and shift are
+        # functions of the style, which may be computed from the content).
+        x, weight, bias, residual = (t if t is None else t.view_as(t)
+                                     for t in (x, weight, bias, residual))
+        inputs = [t for t, need in zip((x, weight, bias, residual), needs) if need]
         z = (x.to(acc) - m) / s
         if use_input_stats:
             var, mu = torch.var_mean(z, tuple(range(2, x.dim())), correction=0, keepdim=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from . import activations
 from .forward_programs import ADDS, HOOKS, child, free, program
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -149,11 +150,9 @@ def fuse(root: nn.Module) -> nn.Module:
 
 
 def _kind(m):
-    """(activation, negative_slope) of a fusable activation module, else None."""
-    cls = vars(type(m)).get("_fused_from", type(m))
-    name = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu", nn.GELU: "gelu"}.get(
-        cls) if getattr(m, "approximate", "none") == "none" else None
-    return name and (name, float(m.negative_slope) if name == "leaky_relu" else 0.01)
+    """(activation, negative_slope) of a fusable activation module (a fused one's by the class it
+    was switched from), else None."""
+    return activations.of_module(m, vars(type(m)).get("_fused_from", type(m)))
 
 
 # --- residual blocks ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from .functional import activation_code, instance_norm
+from . import activations
+from .functional import instance_norm
 
 
 class _TritonInstanceNorm:
@@ -27,7 +28,7 @@ class _TritonInstanceNorm:
                  negative_slope: float = 0.01) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
-        activation_code(activation)  # ValueError for an unknown name, at construction
+        activations.code(activation)  # ValueError for an unknown name, at construction
         self.activation = activation
         self.negative_slope = negative_slope
 
@@ -71,7 +72,7 @@ class _TritonInstanceNorm:
         s = super().extra_repr()
         if self.activation is not None:
             s += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
+            if activations.BY_NAME[self.activation].slope:
                 s += f", negative_slope={self.negative_slope}"
         return s
 

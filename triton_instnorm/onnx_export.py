@@ -1,42 +1,40 @@
-"""ONNX export: our custom ops translate to standard ONNX with both of torch's exporters.
+"""ONNX translations of our operators, for graphs captured before the export.
 
-Each op becomes the standard operators onnxruntime runs with no custom domain:
+A model exported to ONNX never holds our operators: while an exporter traces
+(``torch.onnx.is_in_onnx_export()``) the layers compute with torch's own ops (``dispatch.route``),
+which both exporters translate to standard ONNX, and torch's model and ours export alike. A graph
+captured earlier holds them, and exports with the translations here, to the standard operators
+onnxruntime runs with no custom domain:
 
 - ``forward`` becomes ``InstanceNormalization`` (``BatchNormalization`` in inference form when it
   normalizes with given running statistics), then ``Mul`` / ``Add`` for per-sample (N, C) or
   (1, C) affine parameters (``adaptive_instance_norm``, ``adain``), an ``Add`` of the residual
-  when one is given, then the fused activation
-  (``Relu``, ``LeakyRelu``, ``x * Sigmoid(x)``, ``Gelu`` or its erf form before opset 20);
+  when one is given, then the activation's ONNX form (``activations.py``);
 - ``plane_stats`` (AdaIN's style statistics) becomes global average pools: mean and
   ``sqrt(biased var + eps)``;
-- ``update_running_stats`` is not exported: an ONNX graph holds no state, and torch's own
-  instance norm leaves its running-stat update out of exported graphs too. ``instance_norm``
-  does not emit it while ``torch.onnx.is_in_onnx_export()`` (the dynamo exporter cannot
-  translate an in-place custom op); the TorchScript symbolic drops it from graphs that hold it.
-  An ``ExportedProgram`` captured in training mode with running statistics therefore does not
-  export with ``dynamo=True``: capture it in eval mode, as an inference graph wants.
+- ``update_running_stats`` is not exported: an ONNX graph holds no state. An ``ExportedProgram``
+  captured in training mode with running statistics therefore does not export: capture it in
+  eval mode, as an inference graph wants.
 
-How each exporter is reached, through public API only (importing ``triton_instnorm`` changes
-nothing inside torch):
+Which graphs, through public API only (importing ``triton_instnorm`` changes nothing inside
+torch):
 
-- TorchScript exporter (``dynamo=False``): ``torch.onnx.register_custom_op_symbolic``, its
-  registration for custom ops, done at import.
-- Dynamo exporter (``dynamo=True``, also for an ``ExportedProgram``): it has no global registry
-  for custom ops, only the per-call ``custom_translation_table``, which
-  ``onnx_translation_table()`` fills: ``torch.onnx.export(model, args, path, dynamo=True,
-  custom_translation_table=triton_instnorm.onnx_translation_table())``.
+- an ``ExportedProgram`` (``torch.export.export``), with the dynamo exporter: it has no global
+  registry for custom ops, only the per-call ``custom_translation_table``, which
+  ``onnx_translation_table()`` fills: ``torch.onnx.export(ep, args, path,
+  custom_translation_table=triton_instnorm.onnx_translation_table())``;
+- a ``ScriptModule`` from ``torch.jit.trace``, with the TorchScript exporter (``dynamo=False``):
+  ``torch.onnx.register_custom_op_symbolic``, its registration for custom ops, done at import.
 
 Both exporters build the same graph from one description (``_forward``, ``_plane_stats``),
 written against ``_Builder``: TorchScript's ``g.op`` or ONNX Script's opset.
 """
 
-import math
-
 import torch
 from torch.onnx import symbolic_helper
 
 from . import launch, ops  # noqa: F401  (ops registers the custom ops translated here)
-from .eager import ACTIVATION_NAMES
+from .activations import BY_CODE
 
 _OPS = torch.ops.triton_instnorm
 _SYMBOLIC_OPSET = 9  # the oldest opset with every ONNX operator used below (Erf)
@@ -108,23 +106,6 @@ def _per_sample_affine(b: _Builder, y, rank, scale, shift):
     return y
 
 
-def _activation(b: _Builder, y, dtype, activation, negative_slope):
-    name = ACTIVATION_NAMES[activation]
-    if name == "relu":
-        return b.op("Relu", y)
-    if name == "leaky_relu":
-        return b.op("LeakyRelu", y, alpha=float(negative_slope))
-    if name == "silu":
-        return b.op("Mul", y, b.op("Sigmoid", y))
-    if name == "gelu":
-        if b.opset >= 20:
-            return b.op("Gelu", y, approximate="none")
-        erf = b.op("Erf", b.op("Mul", y, b.constant(math.sqrt(0.5), dtype)))
-        half_y = b.op("Mul", y, b.constant(0.5, dtype))
-        return b.op("Add", half_y, b.op("Mul", half_y, erf))
-    return y
-
-
 def _forward(b: _Builder, x, weight, bias, running_mean, running_var, use_input_stats, eps,
              activation, negative_slope, residual=None):
     """``triton_instnorm::forward``: (y, a placeholder for the statistics, which only the
@@ -139,7 +120,7 @@ def _forward(b: _Builder, x, weight, bias, running_mean, running_var, use_input_
     if residual is not None and not b.is_none(residual):
         y = b.op("Add", y, residual)
     stats = b.constant([], launch.acc_dtype(b.dtype(x)))
-    return _activation(b, y, b.dtype(x), activation, negative_slope), stats
+    return BY_CODE[activation].onnx(b, y, b.dtype(x), negative_slope), stats
 
 
 def _plane_stats(b: _Builder, x, eps):
@@ -188,9 +169,9 @@ class _TorchScriptBuilder(_Builder):
         return self.constant([fill] * channels, self.dtype(x))
 
 
-@symbolic_helper.parse_args("v", "v", "v", "v", "v", "b", "f", "i", "f", "b", "v")
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "b", "f", "i", "f", "v")
 def forward_symbolic(g, x, weight, bias, running_mean, running_var, use_input_stats, eps,
-                     activation, negative_slope, store_stats, residual=None):
+                     activation, negative_slope, residual=None):
     return _forward(_TorchScriptBuilder(g), x, weight, bias, running_mean, running_var,
                     use_input_stats, eps, activation, negative_slope, residual)
 
@@ -247,8 +228,7 @@ class _OnnxScriptBuilder(_Builder):
 # Traced translations: unannotated parameters are the op's inputs, annotated ones its attributes.
 def forward_translation(x, weight=None, bias=None, running_mean=None, running_var=None,
                         use_input_stats: bool = True, eps: float = 1e-5, activation: int = 0,
-                        negative_slope: float = 0.01, store_stats: bool = False,
-                        residual=None):
+                        negative_slope: float = 0.01, residual=None):
     return _forward(_OnnxScriptBuilder(), x, weight, bias, running_mean, running_var,
                     use_input_stats, eps, activation, negative_slope, residual)
 
@@ -258,10 +238,12 @@ def plane_stats_translation(x, eps: float = 1e-5):
 
 
 def onnx_translation_table() -> dict:
-    """The ``custom_translation_table`` that lets ``torch.onnx.export(..., dynamo=True)``
-    translate our ops (see the module docstring); a new dict on each call::
+    """The ``custom_translation_table`` with which the dynamo exporter translates our operators in
+    an ``ExportedProgram`` captured before the export (a model itself exports without it; see the
+    module docstring); a new dict on each call::
 
-        torch.onnx.export(model, args, "model.onnx", dynamo=True,
+        ep = torch.export.export(model.eval(), (x,))
+        torch.onnx.export(ep, (x,), "model.onnx",
                           custom_translation_table=triton_instnorm.onnx_translation_table())
     """
     return {_OPS.forward.default: forward_translation,

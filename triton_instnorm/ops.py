@@ -1,9 +1,8 @@
 """The kernels as PyTorch operators (``torch.library``), with fake implementations and autograd.
 
 Registering them as custom ops is what lets ``torch.compile(model, fullgraph=True)`` trace
-through our layers without graph breaks, lets ``torch.export`` and the ONNX exporters see one
-operator per layer, and declares the running-stat buffers as mutated so that functionalization
-keeps their update:
+through our layers without graph breaks, lets ``torch.export`` see one operator per layer, and
+declares the running-stat buffers as mutated so that functionalization keeps their update:
 
     triton_instnorm::forward                 -> (y, stats)
     triton_instnorm::update_running_stats    mutates running_mean, running_var
@@ -11,21 +10,22 @@ keeps their update:
     triton_instnorm::plane_stats             -> (mean, std, stats): AdaIN's style statistics
     triton_instnorm::stats_backward          -> dx through those statistics
 
+What the backward reads is decided where the graph runs, never where it was captured: no
+argument of an operator says whether autograd will record it. ``forward`` always writes the
+per-plane statistics (4 values per plane; the output is N*C*HW), so a graph captured by
+``torch.jit.trace``, ``torch.export`` or ``torch.compile`` without grad can be differentiated
+later; every pass that reads statistics checks, on the host, that it was given the buffer its
+forward writes, and raises rather than launch otherwise.
+
 The layers call the functions at the bottom of this file (``forward``, ``plane_stats``, ...),
-not the operators. In plain eager mode, where nothing traces, transforms or intercepts the call
-(``plain_eager``), they skip the dispatcher: a plain ``torch.autograd.Function`` with the
-operators' own autograd formula (``_setup_context``, ``_backward``), or the launch itself when no
-gradient is needed. The operator's eager path runs the same launch inside tens of microseconds
-of dispatch (schema defaults, the Python autograd wrapper, a ``torch._dynamo`` disable wrapper),
-several times what the kernel takes on a GPU (``python -m perf.overhead`` measures it). The
-results are the same launch's, and autograd sees what it sees for the operator: the same saved
-tensors, version-counter checks and non-differentiable statistics, and a bumped version on the
-mutated running statistics. Everything else (compile, export, the ONNX exporters, ``make_fx``
-and other dispatch modes, tensor subclasses and fake tensors, ``torch.func`` transforms,
-TorchScript tracing, meta tensors) goes through the operators.
+which send each call where ``dispatch.route`` says: the operators, or in plain eager mode a plain
+``torch.autograd.Function`` with the operators' own autograd formula (``_setup_context``,
+``_backward``), or the launch itself when no gradient is needed (the statistics then written only
+if the caller reads them).
 """
 
 import contextlib
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -33,6 +33,8 @@ from torch import Tensor
 
 from . import eager as eager_graphs
 from . import launch
+from .dispatch import EAGER, plain_eager, route
+from .arguments import dtype_name
 from .kernels import constants
 
 # --- the operators --------------------------------------------------------------------------------
@@ -49,28 +51,67 @@ def forward_op(
     eps: float,
     activation: int,
     negative_slope: float,
-    store_stats: bool,
     residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return launch.forward(x, weight, bias, running_mean, running_var,
                           use_input_stats=use_input_stats, eps=eps, activation=activation,
-                          negative_slope=negative_slope, store_stats=store_stats,
-                          residual=residual)
+                          negative_slope=negative_slope, store_stats=True, residual=residual)
 
 
 @forward_op.register_fake
 def forward_fake(x, weight, bias, running_mean, running_var, use_input_stats, eps, activation,
-                 negative_slope, store_stats, residual=None):
+                 negative_slope, residual=None):
+    _warn_if_onnx_export()
     y = torch.empty_like(launch.kernel_layout(x))
-    stats = x.new_empty((constants.NUM_STATS, x.shape[0], x.shape[1]) if store_stats else (0,),
-                        dtype=launch.acc_dtype(x.dtype))
-    return y, stats
+    return y, _stats_like(x)
+
+
+def _stats_like(x):
+    """The (NUM_STATS, N, C) statistics buffer a forward of ``x`` writes (uninitialized)."""
+    return x.new_empty((constants.NUM_STATS, x.shape[0], x.shape[1]),
+                       dtype=launch.acc_dtype(x.dtype))
+
+
+def _check_stats(stats, x, op: str):
+    """The statistics a pass over ``x`` reads are the buffer a forward of ``x`` writes; anything
+    else (an empty placeholder, another shape or dtype) is refused before any launch."""
+    n, c = x.shape[0], x.shape[1]
+    if (stats.shape != (constants.NUM_STATS, n, c)
+            or stats.dtype is not (torch.float64 if x.dtype is torch.float64 else torch.float32)):
+        _refuse_stats(stats, n, c, launch.acc_dtype(x.dtype), op)
+
+
+def _refuse_stats(stats, n, c, acc, op):
+    raise RuntimeError(
+        f"triton_instnorm::{op}: expected the statistics a forward of {n} x {c} planes writes, "
+        f"shape ({constants.NUM_STATS}, {n}, {c}) of {dtype_name(acc)}; got shape "
+        f"{tuple(stats.shape)} of {dtype_name(stats.dtype)}")
+
+
+def _warn_if_onnx_export():
+    """The ONNX exporters never see the operators of a model they export (``route``); they do in
+    a graph captured earlier, which the dynamo exporter translates with the table."""
+    if torch.onnx.is_in_onnx_export():
+        warnings.warn("a graph captured before the ONNX export (an ExportedProgram) holds "
+                      "triton_instnorm operators: the dynamo exporter translates them only with "
+                      "custom_translation_table=triton_instnorm.onnx_translation_table()",
+                      UserWarning, stacklevel=2)
 
 
 @torch.library.custom_op("triton_instnorm::update_running_stats",
                          mutates_args=("running_mean", "running_var"))
 def update_running_stats_op(stats: Tensor, running_mean: Tensor, running_var: Tensor, n: int,
                             c: int, hw: int, momentum: float) -> None:
+    _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
+
+
+def _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum):
+    if (stats.shape != (constants.NUM_STATS, n, c)
+            or stats.dtype not in (torch.float32, torch.float64)):
+        _refuse_stats(stats, n, c, torch.float32, "update_running_stats")
+    if running_mean.numel() != c or running_var.numel() != c:
+        raise RuntimeError(f"triton_instnorm::update_running_stats: expected {c} running "
+                           f"statistics, got {running_mean.numel()} and {running_var.numel()}")
     launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
                                 momentum=momentum)
 
@@ -95,9 +136,9 @@ def backward_op(
     need_db: bool,
     residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launch.backward(dy, x, weight, bias, stats, use_input_stats=use_input_stats, eps=eps,
-                           activation=activation, negative_slope=negative_slope,
-                           need_dw=need_dw, need_db=need_db, residual=residual)
+    _check_stats(stats, x, "backward")
+    return launch.backward(dy, x, weight, bias, stats, use_input_stats, eps, activation,
+                           negative_slope, need_dw, need_db, residual)
 
 
 @backward_op.register_fake
@@ -116,7 +157,7 @@ def backward_fake(dy, x, weight, bias, stats, use_input_stats, eps, activation, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, _, *residual = inputs
+    x, weight, bias, _, _, use_input_stats, eps, activation, negative_slope, *residual = inputs
     _, stats = output
     # The residual's gradient is dy itself without an activation; with one, the backward
     # recomputes the activation's input from it.
@@ -155,7 +196,7 @@ def _backward(ctx, dy, _dstats):
             needs=(*needs[:3], needs[3] and residual is not None), residual=residual)
         grads = [g if g is None or g is dy else eager_graphs.KernelValue.apply(g, e)
                  for g, e in zip(grads, graph)]
-    return (*grads[:3], None, None, None, None, None, None, None, grads[3])
+    return (*grads[:3], None, None, None, None, None, None, grads[3])
 
 
 def _mean_std(stats, eps: float):
@@ -187,16 +228,25 @@ def plane_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
 
 @plane_stats_op.register_fake
 def plane_stats_fake(x, eps):
+    _warn_if_onnx_export()
     shape = (x.shape[0], x.shape[1])
     acc = launch.acc_dtype(x.dtype)
-    stats = x.new_empty((constants.NUM_STATS, *shape), dtype=acc)
-    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), stats
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), _stats_like(x)
 
 
 @torch.library.custom_op("triton_instnorm::stats_backward", mutates_args=())
 def stats_backward_op(dmean: Tensor, dstd: Tensor, x: Tensor, stats: Tensor,
                       eps: float) -> Tensor:
     """dx = (dmean + dstd * (x - mean) / std) / HW, by the _stats_bwd kernel."""
+    return _stats_backward_launch(dmean, dstd, x, stats, eps)
+
+
+def _stats_backward_launch(dmean, dstd, x, stats, eps):
+    _check_stats(stats, x, "stats_backward")
+    n, c = x.shape[0], x.shape[1]
+    if dmean.shape != (n, c) or dstd.shape != (n, c):
+        raise RuntimeError(f"triton_instnorm::stats_backward: expected ({n}, {c}) gradients of "
+                           f"the mean and std, got {tuple(dmean.shape)} and {tuple(dstd.shape)}")
     return launch.stats_backward(dmean, dstd, x, stats, eps=eps)
 
 
@@ -228,27 +278,6 @@ torch.library.register_autograd("triton_instnorm::plane_stats", _stats_backward,
 
 # --- what the layers call -------------------------------------------------------------------------
 
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def plain_eager(*tensors) -> bool:
-    """True when a call with these tensors may skip the operators: plain tensors (no subclass,
-    fake or meta tensor, nor one left over from a ``torch.func`` transform) in plain eager
-    mode, with nothing compiling, exporting, tracing, transforming or intercepting (dispatch or
-    torch-function modes) the call, all of which must see the operator."""
-    if (torch.compiler.is_compiling()  # first: dynamo traces this function too
-            or torch._C._is_tracing()
-            or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()):
-        return False
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
-            return False
-    return not tensors[0].is_meta
-
-
 class InstanceNorm(torch.autograd.Function):
     """``triton_instnorm::forward`` in eager mode: the operator's launch and autograd formula.
     The non-tensor arguments travel as one tuple (``apply`` inspects each argument)."""
@@ -256,7 +285,7 @@ class InstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, scalars, residual):
         inputs = (x, weight, bias, running_mean, running_var, *scalars, residual)
-        output = launch.forward(*inputs[:-1], residual=residual)
+        output = launch.forward(*inputs[:-1], store_stats=True, residual=residual)
         _setup_context(ctx, inputs, output)
         return output
 
@@ -269,7 +298,7 @@ class InstanceNorm(torch.autograd.Function):
 # ``Function.apply`` without its Python wrapper, whose work is all void on the eager path: it binds
 # default arguments for functions with a separate setup_context (InstanceNorm has none), sends
 # calls under torch.func transforms elsewhere and unwraps tensors left over from finished
-# transforms (plain_eager rules out both). The wrapper costs ~2 us, a tenth of the layer.
+# transforms (route rules out both). The wrapper costs ~2 us, a tenth of the layer.
 _instance_norm_apply = super(torch.autograd.Function, InstanceNorm).apply
 
 
@@ -286,10 +315,16 @@ class PlaneStats(torch.autograd.Function):
 
 
 def forward(x, weight, bias, running_mean, running_var, *, use_input_stats: bool, eps: float,
-            activation: int, negative_slope: float, store_stats: bool, residual=None):
-    """``triton_instnorm::forward``: (y, stats)."""
-    scalars = (use_input_stats, eps, activation, negative_slope, store_stats)
-    if not plain_eager(x, weight, bias, running_mean, running_var, residual):
+            activation: int, negative_slope: float, store_stats: bool = False,
+            eager: bool | None = None, residual=None):
+    """``triton_instnorm::forward``: (y, stats). ``store_stats``: the caller reads the statistics
+    (the running-stat update); they are written too wherever autograd may record the call.
+    ``eager``: the call's route is ``EAGER`` (found out here when not given). ``residual``: added
+    before the activation."""
+    if eager is None:
+        eager = plain_eager(x, weight, bias, running_mean, running_var, residual)
+    scalars = (use_input_stats, eps, activation, negative_slope)
+    if not eager:
         return forward_op(x, weight, bias, running_mean, running_var, *scalars, residual)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)
@@ -297,16 +332,17 @@ def forward(x, weight, bias, running_mean, running_var, *, use_input_stats: bool
         return _instance_norm_apply(x, weight, bias, running_mean, running_var, scalars,
                                     residual)
     return launch.forward(x, weight, bias, running_mean, running_var, *scalars,
-                          residual=residual)
+                          store_stats=store_stats, residual=residual)
 
 
 def update_running_stats(stats, running_mean, running_var, *, n: int, c: int, hw: int,
-                         momentum: float) -> None:
+                         momentum: float, eager: bool | None = None) -> None:
     """``triton_instnorm::update_running_stats``: the running statistics updated in place."""
-    if not plain_eager(stats, running_mean, running_var):
+    if eager is None:
+        eager = plain_eager(stats, running_mean, running_var)
+    if not eager:
         return update_running_stats_op(stats, running_mean, running_var, n, c, hw, momentum)
-    launch.update_running_stats(stats, running_mean, running_var, n=n, c=c, hw=hw,
-                                momentum=momentum)
+    _update_running_stats(stats, running_mean, running_var, n, c, hw, momentum)
     torch.autograd.graph.increment_version((running_mean, running_var))  # as the operator does
 
 
@@ -315,14 +351,15 @@ def backward(dy, x, weight, bias, stats, *, use_input_stats: bool, eps: float, a
     """``triton_instnorm::backward``: (dx, dweight, dbias, dresidual)."""
     args = (dy, x, weight, bias, stats, use_input_stats, eps, activation, negative_slope,
             need_dw, need_db, residual)
-    if not plain_eager(dy, x, weight, bias, stats, residual):
+    if route(dy, x, weight, bias, stats, residual) != EAGER:
         return backward_op(*args)
+    _check_stats(stats, x, "backward")
     return launch.backward(*args)
 
 
-def plane_stats(x, *, eps: float):
+def plane_stats(x, *, eps: float, eager: bool | None = None):
     """``triton_instnorm::plane_stats``: (mean, std, stats)."""
-    if not plain_eager(x):
+    if not (plain_eager(x) if eager is None else eager):
         return plane_stats_op(x, eps)
     if torch.is_grad_enabled() and x.requires_grad:
         return PlaneStats.apply(x, eps)
@@ -333,4 +370,4 @@ def stats_backward(dmean, dstd, x, stats, *, eps: float):
     """``triton_instnorm::stats_backward``: dx through the style statistics."""
     if not plain_eager(dmean, dstd, x, stats):
         return stats_backward_op(dmean, dstd, x, stats, eps)
-    return launch.stats_backward(dmean, dstd, x, stats, eps=eps)
+    return _stats_backward_launch(dmean, dstd, x, stats, eps)

@@ -24,12 +24,14 @@ import contextlib
 import functools
 import threading
 import warnings
+from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import functional
+from . import dispatch, functional
 
 __all__ = ["enable", "disable", "enabled", "is_enabled"]
 
@@ -41,23 +43,32 @@ _installed = None  # ... and the one it installed
 
 def _routed_instance_norm(previous):
     @functools.wraps(previous, assigned=("__name__", "__qualname__", "__doc__"))
-    def instance_norm(input: Tensor, running_mean: Tensor | None = None,
-                      running_var: Tensor | None = None, weight: Tensor | None = None,
-                      bias: Tensor | None = None, use_input_stats: bool = True,
+    def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None,
+                      running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None, use_input_stats: bool = True,
                       momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-        if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
-            return handle_torch_function(
-                instance_norm, (input, running_mean, running_var, weight, bias), input,
-                running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
-                use_input_stats=use_input_stats, momentum=momentum, eps=eps)
-        if not isinstance(input, Tensor) or not functional.kernels_available(input):
+        if torch.jit.is_scripting():
+            # TorchScript compiles this branch alone: a scripted model computes what the
+            # function enable() replaced computes, as it does without enable().
             return previous(input, running_mean, running_var, weight, bias, use_input_stats,
                             momentum, eps)
-        return functional.instance_norm(input, running_mean=running_mean,
-                                        running_var=running_var, weight=weight, bias=bias,
-                                        use_input_stats=use_input_stats, momentum=momentum,
-                                        eps=eps)
+        else:
+            if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+                return handle_torch_function(
+                    instance_norm, (input, running_mean, running_var, weight, bias), input,
+                    running_mean=running_mean, running_var=running_var, weight=weight,
+                    bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
+            if not isinstance(input, Tensor) or not dispatch.kernels_available(input):
+                return previous(input, running_mean, running_var, weight, bias,
+                                use_input_stats, momentum, eps)
+            return functional.instance_norm(input, running_mean=running_mean,
+                                            running_var=running_var, weight=weight, bias=bias,
+                                            use_input_stats=use_input_stats,
+                                            momentum=momentum, eps=eps)
 
+    # Named and documented as the function it replaces, but not marked as wrapping it: TorchScript
+    # would compile that function's source against this module's globals.
+    del instance_norm.__wrapped__
     return instance_norm
 
 
