@@ -3,7 +3,7 @@
 The rest of the suite runs the kernels through Triton's interpreter, which never runs the compiler
 (no frontend type / constexpr checks, no TTGIR, LLVM or ptxas). Here each variant is compiled
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, in a
-subprocess without TRITON_INTERPRET (see ``_aot.py``: under the interpreter ``@triton.jit``
+subprocess without TRITON_INTERPRET (see perf/aot.py: under the interpreter ``@triton.jit``
 yields InterpretedFunctions the compiler cannot take). Signatures come from the real launch code:
 ``launch.py`` is called with CPU tensors and its kernel launches are recorded, then specialized the
 way ``JITFunction.run`` does it (unit ints and None pointers become constexprs, 16-divisible ints

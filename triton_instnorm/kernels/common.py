@@ -44,6 +44,15 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # the standard normal density a
 
 
 @triton.jit
+def _cold_path(pointer):
+    """Marks the entry of a branch ordinary data never takes, for the instruction audit
+    (perf/sass_flow.py): a volatile load of the element at ``pointer`` (a scalar pointer the
+    kernel may read), the kernel's only volatile load (``LDG...STRONG.SYS`` in NVIDIA SASS).
+    Costs one load when the branch is taken."""
+    tl.load(pointer, volatile=True)
+
+
+@triton.jit
 def _activate(z, slope, ACTIVATION: tl.constexpr):
     if ACTIVATION == ACT_RELU:
         z = tl.where(z <= 0, 0.0, z)  # not (z > 0, z, 0): NaN stays NaN, as torch.relu

@@ -51,7 +51,7 @@ def _fwd_split_stats(
     span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
     x_planes = _plane_start(x, rows)
     center, mean, m2, inv_scale = _safe_streamed_moments(
-        x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
+        x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
     count = tl.full([BLOCK_R], span[1] - span[0], ACC)
     hi, lo, rms = _chunk_summary(center, mean, m2, count, inv_scale)
     tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
@@ -133,7 +133,8 @@ def _fwd(
                             pivot, hw, ACC)
     else:  # FROM_PLANE: the statistics sweep
         center, mean, m2, inv_scale = _safe_streamed_moments(
-            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
+            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R,
+            BLOCK_HW)
         stats = (center, inv_scale, mean, _div(m2, hw))
     if Stats is not None:
         if STATS_FROM != FROM_PARTIALS:

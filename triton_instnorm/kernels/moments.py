@@ -8,7 +8,7 @@ every merge runs in a fixed order (deterministic).
 import triton
 import triton.language as tl
 
-from .common import _div, _sqrt, _tile
+from .common import _cold_path, _div, _sqrt, _tile
 
 # max |x - reference| above this switches on the overflow-safe scaling of the deltas: below it,
 # d^2 summed over 2^31 elements stays far inside float32's range.
@@ -136,15 +136,16 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
 
 
 @triton.jit
-def _safe_streamed_moments(x_planes, mask, span, pivot, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_HW: tl.constexpr):
+def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """_streamed_moments with the overflow guard: (center, mean, M2, inv_scale). Ordinary data
     takes one sweep; a plane with max |x - reference| > 2^40 is swept again with its deltas
-    scaled."""
+    scaled (a cold branch). ``base``: an element the cold path's mark may read."""
     inv_scale = tl.full([BLOCK_R], 1.0, ACC)
     moments, max_delta = _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC, BLOCK_R,
                                            BLOCK_HW)
     if tl.max(tl.where(mask, max_delta, 0.0), axis=0) > BIG_DELTA:
+        _cold_path(base)
         inv_scale = _inverse_scale(max_delta, ACC)
         moments, max_delta = _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC,
                                                BLOCK_R, BLOCK_HW)
