@@ -16,6 +16,9 @@ is 32 thread-instructions whatever its predicate) executes on ordinary data, spl
    branch ordinary data never takes (the rescaled statistics of planes whose squares would
    overflow); the kernels load nothing else volatile. Subroutines are not counted; neither are the
    blocks reached only through a cold block.
+   ``BRA.DIV`` (a shuffle sequence's branch to its fallback for a warp whose threads have
+   diverged, which the kernels' warp-uniform code never is) falls through; its target is not
+   followed.
 3. A hot branch to an address at or before its own is a loop's back edge; the loop body is the hot
    code from the target to the branch. Loops must not nest (the kernels' loops are sweeps over
    a plane's tiles; the pass model in perf/sass.py knows their trip counts); ``nested`` says
@@ -100,9 +103,10 @@ def blocks(listing) -> list[_Block]:
         base = op.split(".")[0]
         if base in ("BRA", "JMP", "BRX", "EXIT", "RET"):
             target = _TARGET.search(text)
-            if base in ("BRA", "JMP") and target:
+            divergent = op.startswith("BRA.DIV")  # to the divergent-warp fallback: not followed
+            if base in ("BRA", "JMP") and target and not divergent:
                 current.successors.append(target.group(1))
-            if predicated or base == "BRX":
+            if predicated or divergent or base == "BRX":
                 current.successors.append(None)
             out.append(_Block(len(out)))
         elif base == "CALL":

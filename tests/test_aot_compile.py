@@ -31,7 +31,7 @@ from _aot import bwd, fwd, stats_bwd, update
 pytestmark = pytest.mark.perf  # a performance audit: the second test tier
 
 LOOPED = (2, 136, 128, 128)  # HW = 16384 > MAX_SINGLE_TILE, 272 planes (no split): the loops
-BIG_TILE = (2, 4, 64, 128)  # HW = 8192 = MAX_SINGLE_TILE: one tile per program, 16 warps
+BIG_TILE = (2, 4, 64, 128)  # HW = 8192 = MAX_SINGLE_TILE: one tile per program, 8 warps
 SPLIT = (1, 2, 512, 512)  # 2 planes of 256K elements: too few programs, planes split in chunks
 
 # Variants the PTX checks below look at.

@@ -290,7 +290,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
                 running=None if use_input_stats else running_view(running_mean, running_var),
                 Stats=stats, geometry=lay.geometry, eps=split_float(eps),
                 slope=split_float(negative_slope), STATS_FROM=source, ACTIVATION=activation,
-                **lay.tiles)
+                EXACT=eps == 0.0, **lay.tiles)
     if y is None:
         y = x.new_empty((0,))
     return y, stats if store_stats else x.new_empty((0,), dtype=acc)

@@ -16,26 +16,30 @@ from .common import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
     _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _narrow, _partial,
     _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row, _std,
-    _swept_tile, _tile,
+    _swept_tile, _tile, _widen,
 )
 
 
 @triton.jit
 def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(pivot, inv_scale, mean, 1 / std) of each plane, std recomputed as the forward did."""
+    """(pivot, gain, offset) of each plane: x_hat = ((x - pivot) * inv_scale - mean) / std =
+    (x - pivot) * gain - offset, std recomputed as the forward did; gain is also 1 / std in
+    units of x."""
     pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
     std = _std(var, inv_scale, _host_float(eps, ACC), INPUT_STATS)  # the forward's, bit for bit
-    return pivot, inv_scale, mean, _div(tl.full([BLOCK_R], 1.0, ACC), std)
+    rstd = _div(tl.full([BLOCK_R], 1.0, ACC), std)
+    return pivot, inv_scale * rstd, mean * rstd
 
 
 @triton.jit
 def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
     """One tile of x, normalized with the saved statistics (0 on masked lanes)."""
     x_start, x_stride = x_planes
-    pivot, inv_scale, mean, rstd = stats
-    xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0).to(ACC)
-    x_hat = ((xt - pivot[:, None]) * inv_scale[:, None] - mean[:, None]) * rstd[:, None]
+    pivot, gain, offset = stats
+    xt = _widen(tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0),
+                ACC)
+    x_hat = (xt - pivot[:, None]) * gain[:, None] - offset[:, None]
     return tl.where(tile_mask, x_hat, 0.0)
 
 
@@ -43,8 +47,7 @@ def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
 def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STATS: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """What the gradients of this program's ``planes = (rows, plane, mask)`` read: (x planes,
-    dy planes, saved statistics (pivot, inv_scale, mean, 1 / std), affine (scale, shift,
-    negative slope))."""
+    dy planes, saved statistics (``_saved_stats``), affine (scale, shift, negative slope))."""
     rows, plane, mask = planes
     nc = _plane_nc(plane, geometry[1])
     stats = _saved_stats(Stats, geometry[0], plane, mask, eps, INPUT_STATS, ACC, BLOCK_R)
@@ -60,8 +63,8 @@ def _tile_grads(inputs, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.const
     dy_start, dy_stride = dy_planes
     scale_w, shift_b, negative_slope = affine
     x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
-    dz = tl.load(dy_start[:, None] + offs[None, :] * dy_stride, mask=tile_mask,
-                 other=0.0).to(ACC)
+    dz = _widen(tl.load(dy_start[:, None] + offs[None, :] * dy_stride, mask=tile_mask,
+                        other=0.0), ACC)
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
         dz = _activation_grad(dz, z, negative_slope, ACTIVATION)
@@ -194,8 +197,7 @@ def _bwd(
     # dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat); with given statistics the mean and
     # variance are constants of x and both correction terms vanish.
     _, _, stats, affine = inputs
-    _, inv_scale, _, rstd = stats
-    dx_scale = rstd * inv_scale * affine[0]
+    dx_scale = stats[1] * affine[0]
     if USE_INPUT_STATS:
         # Correctly rounded: a constant plane under a uniform dy needs mean_dz == dz exactly for
         # dx == 0 (the approximate division is off by an ulp for some HW).

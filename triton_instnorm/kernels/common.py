@@ -114,6 +114,18 @@ def _std(var, inv_scale, eps, INPUT_STATS: tl.constexpr):
 
 
 @triton.jit
+def _widen(x, ACC: tl.constexpr):
+    """``x`` in the accumulation dtype. bfloat16 through its bits, the high half of a float32:
+    one instruction per element (a shift or a mask), where the conversion takes two for every
+    other one. The interpreter converts directly (it holds bfloat16 as float32)."""
+    if x.dtype == tl.bfloat16 and not _INTERPRETED:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return x.to(ACC)
+
+
+@triton.jit
 def _host_float(pair, ACC: tl.constexpr):
     """A host float passed as a float32 (hi, lo) pair (Triton's float arguments are float32):
     hi + lo carries a float64 eps or momentum to float64 kernels."""

@@ -14,6 +14,7 @@ from .common import (
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
     _load_running, _load_stats, _narrow, _partial, _plane_block, _plane_nc, _plane_start,
     _program_channels, _program_planes, _std, _store_running, _store_stats, _swept_tile, _tile,
+    _widen,
 )
 from .moments import (
     _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
@@ -21,16 +22,37 @@ from .moments import (
 
 
 @triton.jit
-def _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constexpr):
-    """y = act(x_hat * w + b) for one tile ``xt`` of x, x_hat = ((x - pivot) * inv_scale -
-    mean) / std; ``norm`` is (pivot, inv_scale, mean, std), ``affine`` (w, b, negative
-    slope)."""
+def _normalizer(stats, std, affine, EXACT: tl.constexpr):
+    """Per plane, what ``_write_y`` needs for y = act(x_hat * w + b), x_hat = ((x - K) *
+    inv_scale - mean) / std: (K, gain, offset) with x_hat * w + b = (x - K) * gain + offset, one
+    division per plane. With ``EXACT`` (eps == 0) the per-element division instead, (K,
+    inv_scale, mean, std, w, b): it keeps 2-element planes at exactly +-1 (x * (1 / x) is not
+    always 1), which only eps == 0 makes exact in the first place. ``gain = w / std`` rounds
+    once (not w * (1 / std)): y keeps the division's accuracy within an ulp or so."""
+    pivot, inv_scale, mean, _ = stats
+    scale_w, shift_b = affine
+    if EXACT:
+        return pivot, inv_scale, mean, std, scale_w, shift_b
+    else:
+        gain = _div(scale_w, std)
+        return pivot, inv_scale * gain, shift_b - mean * gain
+
+
+@triton.jit
+def _write_y(y_planes, offs, tile_mask, xt, normalizer, slope, ACTIVATION: tl.constexpr,
+             EXACT: tl.constexpr):
+    """y = act(x_hat * w + b) for one tile ``xt`` of x (``normalizer``: ``_normalizer``)."""
     y_start, y_stride = y_planes
-    pivot, inv_scale, mean, std = norm
-    scale_w, shift_b, negative_slope = affine
-    delta = xt.to(pivot.dtype) - pivot[:, None]
-    x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
-    out = _activate(x_hat * scale_w[:, None] + shift_b[:, None], negative_slope, ACTIVATION)
+    pivot = normalizer[0]
+    delta = _widen(xt, pivot.dtype) - pivot[:, None]
+    if EXACT:
+        _, inv_scale, mean, std, scale_w, shift_b = normalizer
+        x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
+        z = x_hat * scale_w[:, None] + shift_b[:, None]
+    else:
+        _, gain, offset = normalizer
+        z = delta * gain[:, None] + offset[:, None]
+    out = _activate(z, slope, ACTIVATION)
     tl.store(y_start[:, None] + offs[None, :] * y_stride, _narrow(out, y_start.dtype.element_ty),
              mask=tile_mask)
 
@@ -98,6 +120,7 @@ def _fwd(
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane (the whole plane with FROM_TILE)
+    EXACT: tl.constexpr = False,  # eps == 0: divide by std per element (_normalizer)
 ):
     """Statistics, normalize, affine and activation of a chunk of BLOCK_R planes (grid: row
     programs x chunks; one chunk unless the planes are split).
@@ -129,34 +152,34 @@ def _fwd(
         offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
         xt = tl.load(x_planes[0][:, None] + offs[None, :] * x_planes[1], mask=tile_mask,
                      other=0.0)
-        stats = _tile_stats(tl.where(tile_mask, xt.to(ACC) - pivot[:, None], 0.0), tile_mask,
-                            pivot, hw, ACC)
+        stats = _tile_stats(_widen(xt, ACC), tile_mask, pivot, hw, mask, x[0], ACC)
     else:  # FROM_PLANE: the statistics sweep
         center, mean, m2, inv_scale = _safe_streamed_moments(
-            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R,
-            BLOCK_HW)
+            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
         stats = (center, inv_scale, mean, _div(m2, hw))
     if Stats is not None:
         if STATS_FROM != FROM_PARTIALS:
             _store_stats(Stats, num_planes, plane, first, stats)
-    pivot, inv_scale, mean, var = stats
+    _, inv_scale, _, var = stats
     std = _std(var, inv_scale, _host_float(eps, ACC), STATS_FROM != FROM_RUNNING)
 
     # ---- normalize, affine, activation --------------------------------------------------------
     if y is not None:
         y_planes = _plane_start(y, rows)
-        norm = (pivot, inv_scale, mean, std)
         affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
-                  _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
+                  _load_param(b, nc, mask, 0.0, ACC, BLOCK_R))
+        normalizer = _normalizer(stats, std, affine, EXACT)
+        negative_slope = _host_float(slope, ACC)
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+            _write_y(y_planes, offs, tile_mask, xt, normalizer, negative_slope, ACTIVATION, EXACT)
         else:
             x_start, x_stride = x_planes
             for t in range(span[0], span[1], BLOCK_HW):
                 offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
                                         BLOCK_HW)
                 xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                _write_y(y_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+                _write_y(y_planes, offs, tile_mask, xt, normalizer, negative_slope, ACTIVATION,
+                         EXACT)
 
 
 @triton.jit
