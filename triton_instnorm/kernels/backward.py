@@ -15,8 +15,8 @@ import triton.language as tl
 from .common import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
     _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _narrow, _partial,
-    _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row, _std,
-    _swept_tile, _tile, _widen,
+    _load_rows, _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row,
+    _std, _store_rows, _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 
 
@@ -33,14 +33,12 @@ def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
 
 
 @triton.jit
-def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
+def _load_x_hat(x_planes, tile, stats, ACC: tl.constexpr):
     """One tile of x, normalized with the saved statistics (0 on masked lanes)."""
-    x_start, x_stride = x_planes
     pivot, gain, offset = stats
-    xt = _widen(tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0),
-                ACC)
+    xt = _widen(_load_rows(x_planes, tile), ACC)
     x_hat = (xt - pivot[:, None]) * gain[:, None] - offset[:, None]
-    return tl.where(tile_mask, x_hat, 0.0)
+    return tl.where(_tile_mask(tile), x_hat, 0.0)
 
 
 @triton.jit
@@ -57,31 +55,27 @@ def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STAT
 
 
 @triton.jit
-def _tile_grads(inputs, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+def _tile_grads(inputs, tile, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x."""
     x_planes, dy_planes, stats, affine = inputs
-    dy_start, dy_stride = dy_planes
     scale_w, shift_b, negative_slope = affine
-    x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
-    dz = _widen(tl.load(dy_start[:, None] + offs[None, :] * dy_stride, mask=tile_mask,
-                        other=0.0), ACC)
+    x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+    dz = _widen(_load_rows(dy_planes, tile), ACC)
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
-        dz = _activation_grad(dz, z, negative_slope, ACTIVATION)
-    return x_hat, tl.where(tile_mask, dz, 0.0)
+        dz = tl.where(_tile_mask(tile), _activation_grad(dz, z, negative_slope, ACTIVATION), 0.0)
+    return x_hat, dz
 
 
 @triton.jit
-def _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients):
+def _write_dx(dx_planes, tile, x_hat, dz, coefficients):
     """dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat) for one tile; ``coefficients`` is
     (dx_scale, mean_dz, mean_dz_xhat) per plane. Compiled, the product is fused into the
     difference, fma(-x_hat, mean_dz_xhat, dz - mean_dz): a constant plane (x_hat = 0) under a
     uniform dy (mean_dz == dz, correctly rounded) still gets exactly 0."""
-    dx_start, dx_stride = dx_planes
     dx_scale, mean_dz, mean_dz_xhat = coefficients
     grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
-    tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
-             _narrow(grad, dx_start.dtype.element_ty), mask=tile_mask)
+    _store_rows(dx_planes, tile, grad)
 
 
 @triton.jit
@@ -92,8 +86,7 @@ def _streamed_sums(inputs, mask, span, ACC: tl.constexpr, ACTIVATION: tl.constex
     sum_dz_xhat = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     sum_dz = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, _tile(t, mask, end, BLOCK_HW, BLOCK_HW), ACC, ACTIVATION)
         sum_dz_xhat += dz * x_hat
         sum_dz += dz
     return tl.sum(sum_dz_xhat, axis=1), tl.sum(sum_dz, axis=1)
@@ -179,8 +172,9 @@ def _bwd(
     span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
-        offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
+        tile = _tile(0, mask, HW, BLOCK_HW,
+                     segment(BLOCK_HW, x[0].dtype.element_ty.primitive_bitwidth))
+        x_hat, dz = _tile_grads(inputs, tile, ACC, ACTIVATION)
         sum_dz_xhat = tl.sum(dz * x_hat, axis=1)
         sum_dz = tl.sum(dz, axis=1)
     elif SUMS_FROM == FROM_PLANE:
@@ -210,13 +204,13 @@ def _bwd(
     dx_planes = _plane_start(dx, rows)
     coefficients = (dx_scale, mean_dz, mean_dz_xhat)
     if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
-        _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
+        _write_dx(dx_planes, tile, x_hat, dz, coefficients)
     else:
         for t in range(span[0], span[1], BLOCK_HW):
-            offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
-                                    BLOCK_HW)
-            x_hat, dz = _tile_grads(inputs, offs, tile_mask, ACC, ACTIVATION)
-            _write_dx(dx_planes, offs, tile_mask, x_hat, dz, coefficients)
+            tile = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1], BLOCK_HW,
+                         BLOCK_HW)
+            x_hat, dz = _tile_grads(inputs, tile, ACC, ACTIVATION)
+            _write_dx(dx_planes, tile, x_hat, dz, coefficients)
 
 
 @triton.jit
@@ -270,11 +264,9 @@ def _stats_bwd(
     grad_mean = _div(_load_param(dmean, nc, mask, 0.0, ACC, BLOCK_R), hw)
     grad_std = _div(_load_param(dstd, nc, mask, 0.0, ACC, BLOCK_R), hw)
     x_planes = _plane_start(x, rows)
-    dx_start, dx_stride = _plane_start(dx, rows)
+    dx_planes = _plane_start(dx, rows)
     start, end = span
     for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
-        grad = grad_mean[:, None] + grad_std[:, None] * x_hat
-        tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
-                 _narrow(grad, dx[0].dtype.element_ty), mask=tile_mask)
+        tile = _tile(t, mask, end, BLOCK_HW, BLOCK_HW)
+        x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+        _store_rows(dx_planes, tile, grad_mean[:, None] + grad_std[:, None] * x_hat)

@@ -203,12 +203,66 @@ def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT:
         return (start, tl.minimum(start + chunk_len, HW)), first
 
 
+@triton.constexpr_function
+def segment(block_hw, bits):
+    """Elements of a plane one warp reads in a row: 32 lanes of 16 bytes (at most the tile)."""
+    return min(block_hw, 32 * 128 // bits)
+
+
 @triton.jit
-def _tile(t, mask, end, BLOCK_HW: tl.constexpr):
-    """Offsets along the plane of the tile starting at ``t``, and its mask (planes x offsets
-    before ``end``): padded lanes are never loaded or stored."""
-    offs = t + tl.arange(0, BLOCK_HW).to(tl.int64)
-    return offs, mask[:, None] & (offs[None, :] < end)
+def _tile(t, mask, end, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
+    """The tile of BLOCK_HW elements of each plane starting at ``t``, as a (segments, planes,
+    SEG) block: (offsets, mask); masked lanes (past ``end``, planes out of range) are never
+    loaded or stored. Loaded in this shape, a tile of several planes gets its warps along the
+    planes (a warp's lanes cover SEG elements of one plane, the segments are its registers),
+    so that each plane reduces within a warp (shuffles, no shared memory) and a thread does one
+    plane's arithmetic, where a (planes, elements) tile would spread every plane over all the
+    warps. ``_load_rows`` / ``_store_rows`` give and take the tile as (planes, elements);
+    SEG = BLOCK_HW keeps the plain (planes, elements) tile."""
+    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
+                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
+    return offs, mask[None, :, None] & (offs < end)
+
+
+@triton.jit
+def _tile_mask(tile):
+    """The mask of a tile as (planes, elements)."""
+    return _rows(tile[1])
+
+
+@triton.jit
+def _rows(block):
+    """A (segments, planes, SEG) block as (planes, segments * SEG): the same registers."""
+    SEGMENTS: tl.constexpr = block.shape[0]
+    PLANES: tl.constexpr = block.shape[1]
+    SEG: tl.constexpr = block.shape[2]
+    return tl.reshape(tl.permute(block, (1, 0, 2)), (PLANES, SEGMENTS * SEG))
+
+
+@triton.jit
+def _segments(rows, SEG: tl.constexpr):
+    """The inverse of ``_rows``."""
+    PLANES: tl.constexpr = rows.shape[0]
+    ELEMENTS: tl.constexpr = rows.shape[1]
+    return tl.permute(tl.reshape(rows, (PLANES, ELEMENTS // SEG, SEG)), (1, 0, 2))
+
+
+@triton.jit
+def _load_rows(planes, tile):
+    """A tile (``_tile``) of a planes view, as (planes, elements); 0 on masked lanes."""
+    start, stride = planes
+    offs, mask = tile
+    return _rows(tl.load(start[None, :, None] + offs * stride, mask=mask, other=0.0))
+
+
+@triton.jit
+def _store_rows(planes, tile, rows):
+    """Stores (planes, elements) ``rows`` into a tile of a planes view, narrowed to its
+    dtype."""
+    start, stride = planes
+    offs, mask = tile
+    tl.store(start[None, :, None] + offs * stride,
+             _segments(_narrow(rows, start.dtype.element_ty), offs.shape[2]), mask=mask)
 
 
 @triton.jit

@@ -12,9 +12,9 @@ import triton.language as tl
 from .common import (
     CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
-    _load_running, _load_stats, _narrow, _partial, _plane_block, _plane_nc, _plane_start,
-    _program_channels, _program_planes, _std, _store_running, _store_stats, _swept_tile, _tile,
-    _widen,
+    _load_rows, _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
+    _program_channels, _program_planes, _std, _store_rows, _store_running, _store_stats,
+    _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 from .moments import (
     _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
@@ -39,10 +39,16 @@ def _normalizer(stats, std, affine, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _write_y(y_planes, offs, tile_mask, xt, normalizer, slope, ACTIVATION: tl.constexpr,
+def _write_y(y_planes, tile, xt, normalizer, slope, ACTIVATION: tl.constexpr,
              EXACT: tl.constexpr):
-    """y = act(x_hat * w + b) for one tile ``xt`` of x (``normalizer``: ``_normalizer``)."""
-    y_start, y_stride = y_planes
+    """Stores y for one tile ``xt`` of x (``_normalized``)."""
+    _store_rows(y_planes, tile, _normalized(xt, normalizer, slope, ACTIVATION, EXACT))
+
+
+@triton.jit
+def _normalized(xt, normalizer, slope, ACTIVATION: tl.constexpr, EXACT: tl.constexpr):
+    """y = act(x_hat * w + b) of a tile ``xt`` of x (``normalizer``: ``_normalizer``), in the
+    accumulation dtype."""
     pivot = normalizer[0]
     delta = _widen(xt, pivot.dtype) - pivot[:, None]
     if EXACT:
@@ -52,9 +58,7 @@ def _write_y(y_planes, offs, tile_mask, xt, normalizer, slope, ACTIVATION: tl.co
     else:
         _, gain, offset = normalizer
         z = delta * gain[:, None] + offset[:, None]
-    out = _activate(z, slope, ACTIVATION)
-    tl.store(y_start[:, None] + offs[None, :] * y_stride, _narrow(out, y_start.dtype.element_ty),
-             mask=tile_mask)
+    return _activate(z, slope, ACTIVATION)
 
 
 @triton.jit
@@ -149,10 +153,11 @@ def _fwd(
         stats = _load_stats(Stats, num_planes, plane, mask)
     elif STATS_FROM == FROM_TILE:  # x read once, kept in registers for y
         pivot = _load_pivot(x_planes, mask, ACC)
-        offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        xt = tl.load(x_planes[0][:, None] + offs[None, :] * x_planes[1], mask=tile_mask,
-                     other=0.0)
-        stats = _tile_stats(_widen(xt, ACC), tile_mask, pivot, hw, mask, x[0], ACC)
+        tile = _tile(0, mask, HW, BLOCK_HW,
+                     segment(BLOCK_HW, x[0].dtype.element_ty.primitive_bitwidth))
+        xt = _load_rows(x_planes, tile)
+        stats = _tile_stats(_widen(xt, ACC), _tile_mask(tile), pivot, tl.cast(HW, ACC), mask,
+                            x[0], ACC)
     else:  # FROM_PLANE: the statistics sweep
         center, mean, m2, inv_scale = _safe_streamed_moments(
             x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
@@ -171,15 +176,13 @@ def _fwd(
         normalizer = _normalizer(stats, std, affine, EXACT)
         negative_slope = _host_float(slope, ACC)
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            _write_y(y_planes, offs, tile_mask, xt, normalizer, negative_slope, ACTIVATION, EXACT)
+            _write_y(y_planes, tile, xt, normalizer, negative_slope, ACTIVATION, EXACT)
         else:
-            x_start, x_stride = x_planes
             for t in range(span[0], span[1], BLOCK_HW):
-                offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
-                                        BLOCK_HW)
-                xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                _write_y(y_planes, offs, tile_mask, xt, normalizer, negative_slope, ACTIVATION,
-                         EXACT)
+                tile = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1], BLOCK_HW,
+                             BLOCK_HW)
+                _write_y(y_planes, tile, _load_rows(x_planes, tile), normalizer, negative_slope,
+                         ACTIVATION, EXACT)
 
 
 @triton.jit

@@ -15,7 +15,9 @@ with the deltas scaled (a branch marked ``_cold_path``).
 import triton
 import triton.language as tl
 
-from .common import _INTERPRETED, _cold_path, _div, _sqrt, _tile, _widen
+from .common import (
+    _INTERPRETED, _cold_path, _div, _load_rows, _sqrt, _tile, _tile_mask, _widen,
+)
 
 # max |x - reference| above this switches on the overflow-safe scaling of the deltas: below it,
 # d^2 summed over 2^31 elements stays far inside float32's range.
@@ -84,25 +86,41 @@ def _row_sums(a, b):
 @triton.jit
 def _tile_moments(xt, tile_mask, pivot, inv_scale, count):
     """(mean, correction, M2) of a = (x - pivot) * inv_scale (no scaling for None) over a tile
-    in registers, ``count`` valid lanes per plane: the corrected two-pass algorithm. The mean is
-    ``mean + correction``: the deviations' sum corrects the rounding of the first sum (large when
-    the pivot is far out) and M2 with it. Two reductions across the CTA, the second one tree for
-    both sums."""
+    in registers, ``count`` valid lanes in each plane (a scalar): the corrected two-pass
+    algorithm. The mean is ``mean + correction``: the deviations' sum corrects the rounding of
+    the first sum and of its quotient (large when the pivot is far out), and M2 with it, so that
+    a reciprocal multiplied is as good as a division. Two reductions across the CTA, the second
+    one tree for both sums."""
     a = xt - pivot[:, None]
     if inv_scale is not None:
         a = a * inv_scale[:, None]
     a = tl.where(tile_mask, a, 0.0)
-    mean = _div(tl.sum(a, axis=1), count)
+    inv_count = 1.0 / count
+    mean = tl.sum(a, axis=1) * inv_count
     centered = tl.where(tile_mask, a - mean[:, None], 0.0)
     deviations, squares = _row_sums(centered, centered * centered)
-    correction = _div(deviations, count)
-    return mean, correction, squares - correction * correction * count
+    correction = deviations * inv_count
+    return mean, correction, squares - correction * deviations
+
+
+@triton.jit
+def _tile_summary(pivot, moments, inv_scale, count, ACC: tl.constexpr):
+    """(K, inv_scale, mean, var) from a tile's (mean, correction, M2) (``_tile_stats``)."""
+    mean, correction, m2 = moments
+    var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL),
+               tl.full(mean.shape, count, ACC))
+    moved, rest = _move_center(pivot, mean, inv_scale)
+    far = mean * mean > 4.0 * var  # False for NaN statistics: the plane stays NaN
+    if inv_scale is None:
+        inv_scale = tl.full(mean.shape, 1.0, ACC)
+    return tl.where(far, moved, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
 
 
 @triton.jit
 def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
-    """(K, inv_scale, mean, var) of a plane held in one tile ``xt`` (in ACC): the statistics
-    the Stats rows hold. ``base``: an element the cold path's mark may read.
+    """(K, inv_scale, mean, var) of a plane held in one tile ``xt`` (in ACC), ``count``
+    elements in each plane: the statistics the Stats rows hold. ``base``: an element the cold
+    path's mark may read.
 
     ``x - K`` rounds at the scale of |x - K|: where the pivot lies more than 2 standard
     deviations from the mean (an outlier at x[plane, 0]) K moves to the mean (``_move_center``),
@@ -111,26 +129,23 @@ def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
 
     Exact with or without FMA contraction (compiled code fuses a * b + c, as the sm_90 PTX shows
     in the sums, the centering, M2 and the affine; the interpreter never does): for those planes
-    inv_scale is exactly 1; a constant plane's products have a zero factor; and a symmetric
-    plane's c * c + fl(c * c), fused, still rounds to 2 fl(c * c), its error being a quarter ulp
-    of the result."""
-    mean, correction, m2 = _tile_moments(xt, tile_mask, pivot, None, count)
-    inv_scale = tl.full(mean.shape, 1.0, ACC)
+    nothing is scaled; a constant plane's products have a zero factor; and a symmetric plane's
+    c * c + fl(c * c), fused, still rounds to 2 fl(c * c), its error being a quarter ulp of the
+    result. Ordinary data computes unscaled throughout; only a program with a plane whose sums
+    overflow takes the branch that redoes it scaled."""
+    moments = _tile_moments(xt, tile_mask, pivot, None, count)
+    stats = _tile_summary(pivot, moments, None, count, ACC)
+    mean, _, m2 = moments
     if _overflowed(mean, m2, mask):
         _cold_path(base)
         bad = ~((tl.abs(mean) + m2) < float("inf"))
         scale = _inverse_scale(
             tl.max(tl.where(tile_mask, tl.abs(xt - pivot[:, None]), 0.0), axis=1), ACC)
-        scaled_mean, scaled_correction, scaled_m2 = _tile_moments(xt, tile_mask, pivot, scale,
-                                                                  count)
-        inv_scale = tl.where(bad, scale, inv_scale)
-        mean = tl.where(bad, scaled_mean, mean)
-        correction = tl.where(bad, scaled_correction, correction)
-        m2 = tl.where(bad, scaled_m2, m2)
-    var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL), count)
-    moved, rest = _move_center(pivot, mean, inv_scale)
-    far = mean * mean > 4.0 * var  # False for NaN statistics: the plane stays NaN
-    return tl.where(far, moved, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
+        scaled = _tile_summary(pivot, _tile_moments(xt, tile_mask, pivot, scale, count), scale,
+                               count, ACC)
+        stats = (tl.where(bad, scaled[0], stats[0]), tl.where(bad, scaled[1], stats[1]),
+                 tl.where(bad, scaled[2], stats[2]), tl.where(bad, scaled[3], stats[3]))
+    return stats
 
 
 @triton.jit
@@ -173,10 +188,10 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     The first tile, loaded before the loop, moves the reference from the pivot to its mean
     first, so that a distant pivot (an outlier at x[plane, 0]) does not make every delta large;
     each iteration then loads the tile the next one takes."""
-    x_start, x_stride = x_planes
     start, end = span
-    offs, tile_mask = _tile(start, mask, end, BLOCK_HW)
-    xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
+    tile = _tile(start, mask, end, BLOCK_HW, BLOCK_HW)
+    xt = _load_rows(x_planes, tile)
+    tile_mask = _tile_mask(tile)
     first_count = tl.maximum(tl.minimum(end - start, BLOCK_HW), 1).to(ACC)
     reference, _ = _move_center(
         pivot, tl.sum(_deltas(xt, tile_mask, pivot, inv_scale, ACC), axis=1) / first_count,
@@ -196,8 +211,9 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
         total = between + added
         between_error += _two_sum_error(between, added, total)
         between = total
-        offs, tile_mask = _tile(t + BLOCK_HW, mask, end, BLOCK_HW)  # the next tile
-        xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
+        tile = _tile(t + BLOCK_HW, mask, end, BLOCK_HW, BLOCK_HW)  # the next tile
+        xt = _load_rows(x_planes, tile)
+        tile_mask = _tile_mask(tile)
     return reference, mean, tl.sum(within, axis=1) + (between + between_error)
 
 
@@ -214,14 +230,13 @@ def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
     if _overflowed(mean, m2, mask):
         _cold_path(base)
         bad = ~((tl.abs(mean) + m2) < float("inf"))
-        x_start, x_stride = x_planes
         start, end = span
         max_delta = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
         for t in range(start, end, BLOCK_HW):
-            offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-            xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-            max_delta = tl.maximum(max_delta, tl.where(tile_mask, tl.abs(xt.to(ACC) -
-                                                                          pivot[:, None]), 0.0))
+            tile = _tile(t, mask, end, BLOCK_HW, BLOCK_HW)
+            xt = _load_rows(x_planes, tile)
+            max_delta = tl.maximum(max_delta, tl.where(_tile_mask(tile),
+                                                       tl.abs(xt.to(ACC) - pivot[:, None]), 0.0))
         scale = _inverse_scale(tl.max(max_delta, axis=1), ACC)
         scaled_reference, scaled_mean, scaled_m2 = _streamed_moments(
             x_planes, mask, span, pivot, scale, ACC, BLOCK_R, BLOCK_HW)
