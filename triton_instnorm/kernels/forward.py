@@ -78,8 +78,8 @@ def _fwd_split_stats(
     x_planes = _plane_start(x, rows)
     center, mean, m2, inv_scale = _safe_streamed_moments(
         x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
-    count = tl.full([BLOCK_R], span[1] - span[0], ACC)
-    hi, lo, rms = _chunk_summary(center, mean, m2, count, inv_scale)
+    hi, lo, rms = _chunk_summary(center, mean, m2, tl.cast(span[1] - span[0], ACC), inv_scale,
+                                 mask, x[0])
     tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
     tl.store(_partial(Partials, CHUNK_LO, num_planes, plane), lo, mask=mask)
     tl.store(_partial(Partials, CHUNK_RMS, num_planes, plane), rms, mask=mask)

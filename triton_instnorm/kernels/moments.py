@@ -226,6 +226,7 @@ def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
     planes' deltas scaled (a cold branch). ``base``: an element the cold path's mark may read."""
     reference, mean, m2 = _streamed_moments(x_planes, mask, span, pivot, None, ACC, BLOCK_R,
                                             BLOCK_HW)
+    center, rest = _move_center(reference, mean, None)
     inv_scale = tl.full([BLOCK_R], 1.0, ACC)
     if _overflowed(mean, m2, mask):
         _cold_path(base)
@@ -240,21 +241,28 @@ def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
         scale = _inverse_scale(tl.max(max_delta, axis=1), ACC)
         scaled_reference, scaled_mean, scaled_m2 = _streamed_moments(
             x_planes, mask, span, pivot, scale, ACC, BLOCK_R, BLOCK_HW)
-        reference = tl.where(bad, scaled_reference, reference)
-        inv_scale = tl.where(bad, scale, inv_scale)
-        mean = tl.where(bad, scaled_mean, mean)
+        scaled_center, scaled_rest = _move_center(scaled_reference, scaled_mean, scale)
+        center = tl.where(bad, scaled_center, center)
+        rest = tl.where(bad, scaled_rest, rest)
         m2 = tl.where(bad, scaled_m2, m2)
-    center, rest = _move_center(reference, mean, inv_scale)
+        inv_scale = tl.where(bad, scale, inv_scale)
     return center, rest, m2, inv_scale
 
 
 @triton.jit
-def _chunk_summary(center, mean, m2, count, inv_scale):
+def _chunk_summary(center, rest, m2, count, inv_scale, mask, base):
     """What a split plane's chunk hands to the combine pass, in units of x: its mean as an
-    unevaluated sum hi + lo (hi = fl(mean), lo exact with inv_scale == 1) and its RMS deviation
-    sqrt(M2 / count); each finite wherever x is."""
-    hi, rest = _move_center(center, mean, inv_scale)
-    return hi, _div(rest, inv_scale), _div(_sqrt(_div(m2, count)), inv_scale)
+    unevaluated sum hi + lo (hi = ``center``, the mean rounded, ``rest`` / inv_scale the rest)
+    and its RMS deviation sqrt(M2 / count), ``count`` its elements (a scalar); each finite
+    wherever x is. Unscaled planes divide by nothing (a program with a scaled plane takes a cold
+    branch)."""
+    lo = rest
+    rms = _sqrt(m2 * (1.0 / tl.maximum(count, 1.0)))
+    if tl.max(tl.where(mask, inv_scale != 1.0, False).to(tl.int32), axis=0) > 0:
+        _cold_path(base)
+        lo = _div(rest, inv_scale)
+        rms = _div(rms, inv_scale)
+    return center, lo, rms
 
 
 @triton.jit
