@@ -7,7 +7,8 @@ is 32 thread-instructions whatever its predicate) executes on ordinary data, spl
 
 1. The listing is cut into basic blocks: a block starts at a label (a branch target) and after a
    branch, ``EXIT`` or ``RET``; edges go to a branch's target and, unless the block ends in an
-   unconditional branch, exit or return, to the next block.
+   unconditional branch, exit or return, to the next block (a branch is conditional with a
+   ``@P`` guard or, as sm_100's ``BRA.U !UP0, target``, a predicate operand).
 2. Hot blocks are those reachable from the entry without entering a *cold* block: a block that
    calls a subroutine (``CALL``: the slow paths of the correctly rounded division and square root
    and of 64-bit integer division, which take over only for operands near the ends of the range
@@ -37,6 +38,8 @@ _LABEL = re.compile(r"^([.$\w]+):\s*$")
 _FUNCTION = re.compile(r"^\s*\.type\s+([.$\w]+),@function")
 _TARGET = re.compile(r"`\(([^)]+)\)")
 _PREDICATE = re.compile(r"^@!?U?P[T\d]+\s+")
+# sm_100's uniform branches take their predicate as an operand: "BRA.U !UP0, `(.L_x_0)"
+_OPERAND_PREDICATE = re.compile(r"^\S+\s+!?U?P\d+\s*,")
 
 # Kinds of instructions reported separately, by opcode prefix.
 KINDS = {
@@ -106,7 +109,7 @@ def blocks(listing) -> list[_Block]:
             divergent = op.startswith("BRA.DIV")  # to the divergent-warp fallback: not followed
             if base in ("BRA", "JMP") and target and not divergent:
                 current.successors.append(target.group(1))
-            if predicated or divergent or base == "BRX":
+            if predicated or divergent or base == "BRX" or _OPERAND_PREDICATE.search(text):
                 current.successors.append(None)
             out.append(_Block(len(out)))
         elif base == "CALL":

@@ -83,3 +83,24 @@ _k:
         /*0050*/                   EXIT ;
 """
     assert sass_flow.count(nested, "_k")["nested"]
+
+
+def test_divergent_warp_fallbacks_are_not_followed():
+    """BRA.DIV jumps to a shuffle sequence's fallback for a diverged warp, which branches back:
+    neither a loop nor part of the hot path."""
+    listing = """
+        .type           _k,@function
+_k:
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   BRA.DIV UR4, `(.L_x_1) ;
+        /*0020*/                   SHFL.BFLY PT, R1, R0, 0x1, 0x1f ;
+.L_x_0:
+        /*0030*/                   FADD R0, R0, R1 ;
+        /*0040*/                   EXIT ;
+.L_x_1:
+        /*0050*/                   WARPSYNC.COLLECTIVE R2, `(.L_x_2) ;
+.L_x_2:
+        /*0060*/                   BRA `(.L_x_0) ;
+"""
+    counts = sass_flow.count(listing, "_k")
+    assert counts["loops"] == [] and counts["straight"] == 5 and counts["cold"] == 2

@@ -145,6 +145,7 @@ class Config:
     num_warps: int
     min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
+    stats_warps: int | None = None  # warps of a split plane's statistics pass; None: num_warps
 
 
 def _warps(tile_elements: int, warp_size: int) -> int:
@@ -198,8 +199,13 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
                 block_r = max(block_r, vector_rows)
             return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
-        return Config(vector_rows, block_hw, False, warps(vector_rows * block_hw),
-                      min_chunk=block_hw)
+        tile = vector_rows * block_hw
+        # The statistics pass reduces each channel of a group across the CTA at every tile: with
+        # 8 (16-bit) channels per lane, half the warps take twice the positions per lane and
+        # halve those reductions per element (64 elements per lane, no activation to hold).
+        stats_warps = warps(tile // 2) if vector_rows >= 8 else None
+        return Config(vector_rows, block_hw, False, warps(tile), min_chunk=block_hw,
+                      stats_warps=stats_warps)
 
     if hw_p2 <= single_cap:
         # Small planes are packed several per program while the GPU stays filled.

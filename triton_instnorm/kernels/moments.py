@@ -180,8 +180,9 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     Each tile is taken in two passes over its registers: its mean (one reduction across the CTA),
     then each element's deviation from it, whose square is added to its position's running sum
     (registers, no reduction inside the loop). The tiles' means are merged in tile order by
-    Chan's formula, the M2 between them summed compensated (TwoSum), so that neither error grows
-    with the number of tiles; the positions' sums are reduced once at the end. A value far from
+    Chan's formula, the M2 between them summed compensated (Fast2Sum, exact while the running
+    sum is the larger, as it is once a few tiles are in), so that neither error grows with the
+    number of tiles; the positions' sums are reduced once at the end. A value far from
     the rest (an outlier) enters M2 through its own tile's two-pass, exactly as a single tile
     would have it.
 
@@ -209,7 +210,7 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
         within += deviation * deviation
         count, mean, added = _merge_moments((count, mean), (tile_count, tile_mean))
         total = between + added
-        between_error += _two_sum_error(between, added, total)
+        between_error += added - (total - between)  # Fast2Sum: exact while between >= added
         between = total
         tile = _tile(t + BLOCK_HW, mask, end, BLOCK_HW, BLOCK_HW)  # the next tile
         xt = _load_rows(x_planes, tile)
