@@ -214,7 +214,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
     ctas = cluster_ctas(hw_p2, clusters and itemsize <= 4)
     if ctas:
         return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
-    return Config(1, loop_cap, False, warps(loop_cap))
+    return Config(1, loop_cap, False, warps(loop_cap),
+                  stats_warps=warps(loop_cap // 2) if itemsize <= 2 else None)
 
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
@@ -233,6 +234,14 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
     chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return cdiv(hw, chunk)
+
+
+def one_tile_chunks(hw: int, how, itemsize: int) -> bool:
+    """Whether the statistics pass of split planes takes each chunk as one tile (the chunks, as
+    the kernels derive them from the chunk count, fit one tile): a tile's two reductions instead
+    of the stream's three and its merges. Not for float64, whose tests pin the stream's
+    rounding to the last ulps, and which has instructions to spare."""
+    return itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
 
 
 def combine_config(num_planes: int, chunks: int, warp_size: int = 32):

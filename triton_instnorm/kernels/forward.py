@@ -68,18 +68,28 @@ def _fwd_split_stats(
     geometry,  # (N * C, C, HW, rows per group)
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
+    ONE_TILE: tl.constexpr = False,  # every chunk fits one tile
 ):
     """First pass over a split plane (grid: row programs x chunks): the chunk's mean and RMS
-    deviation, for ``_fwd_combine`` to combine."""
+    deviation, for ``_fwd_combine`` to combine. A chunk of one tile takes a single tile's
+    statistics (two reductions), a longer one the stream's."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
     x_planes = _plane_start(x, rows)
-    center, mean, m2, inv_scale = _safe_streamed_moments(
-        x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
-    hi, lo, rms = _chunk_summary(center, mean, m2, tl.cast(span[1] - span[0], ACC), inv_scale,
-                                 mask, x[0])
+    pivot = _load_pivot(x_planes, mask, ACC)
+    count = tl.cast(tl.maximum(span[1] - span[0], 1), ACC)
+    if ONE_TILE:
+        tile = _tile(span[0], mask, span[1], BLOCK_HW, BLOCK_HW)
+        center, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
+                                                   _tile_mask(tile), pivot, count, mask, x[0],
+                                                   ACC)
+    else:
+        center, rest, m2, inv_scale = _safe_streamed_moments(
+            x_planes, mask, span, pivot, x[0], ACC, BLOCK_R, BLOCK_HW)
+        var = m2 * (1.0 / count)
+    hi, lo, rms = _chunk_summary(center, rest, var, inv_scale, mask, x[0])
     tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
     tl.store(_partial(Partials, CHUNK_LO, num_planes, plane), lo, mask=mask)
     tl.store(_partial(Partials, CHUNK_RMS, num_planes, plane), rms, mask=mask)

@@ -251,19 +251,21 @@ def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
 
 
 @triton.jit
-def _chunk_summary(center, rest, m2, count, inv_scale, mask, base):
-    """What a split plane's chunk hands to the combine pass, in units of x: its mean as an
-    unevaluated sum hi + lo (hi = ``center``, the mean rounded, ``rest`` / inv_scale the rest)
-    and its RMS deviation sqrt(M2 / count), ``count`` its elements (a scalar); each finite
-    wherever x is. Unscaled planes divide by nothing (a program with a scaled plane takes a cold
-    branch)."""
-    lo = rest
-    rms = _sqrt(m2 * (1.0 / tl.maximum(count, 1.0)))
+def _chunk_summary(center, rest, var, inv_scale, mask, base):
+    """What a split plane's chunk hands to the combine pass, in units of x: its mean ``center +
+    rest / inv_scale`` as an unevaluated sum hi + lo, hi = fl(mean) and lo the rest (TwoSum),
+    and its RMS deviation sqrt(``var``) / inv_scale, each finite wherever x is. Unscaled planes
+    divide by nothing (a program with a scaled plane takes a cold branch)."""
+    hi, lo = _move_center(center, rest, None)
+    rms = _sqrt(var)
     if tl.max(tl.where(mask, inv_scale != 1.0, False).to(tl.int32), axis=0) > 0:
         _cold_path(base)
-        lo = _div(rest, inv_scale)
+        scaled = inv_scale != 1.0
+        scaled_hi, scaled_lo = _move_center(center, rest, inv_scale)
+        hi = tl.where(scaled, scaled_hi, hi)
+        lo = tl.where(scaled, _div(scaled_lo, inv_scale), lo)
         rms = _div(rms, inv_scale)
-    return center, lo, rms
+    return hi, lo, rms
 
 
 @triton.jit
