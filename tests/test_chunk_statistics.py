@@ -1,6 +1,6 @@
 """Split planes whose chunks are one tile each take that tile's statistics in the split pass
 (``_fwd_split_stats`` with ``ONE_TILE``: two reductions, no stream; float64 keeps the stream,
-heuristics.one_tile_chunks): the adversarial planes of tests/test_statistics.py match torch as
+heuristics.statistics_pass): the adversarial planes of tests/test_statistics.py match torch as
 on every other path, both layouts."""
 
 import contextlib

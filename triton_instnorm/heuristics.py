@@ -200,9 +200,9 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
             return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
         tile = vector_rows * block_hw
-        # The statistics pass reduces each channel of a group across the CTA at every tile: with
-        # 8 (16-bit) channels per lane, half the warps take twice the positions per lane and
-        # halve those reductions per element (64 elements per lane, no activation to hold).
+        # The statistics pass reduces each channel of a group across the CTA: with 8 (16-bit)
+        # channels per lane, half the warps take twice the positions per lane and halve those
+        # reductions per element (64 elements per lane, no activation to hold; statistics_pass).
         stats_warps = warps(tile // 2) if vector_rows >= 8 else None
         return Config(vector_rows, block_hw, False, warps(tile), min_chunk=block_hw,
                       stats_warps=stats_warps)
@@ -236,12 +236,18 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     return cdiv(hw, chunk)
 
 
-def one_tile_chunks(hw: int, how, itemsize: int) -> bool:
-    """Whether the statistics pass of split planes takes each chunk as one tile (the chunks, as
-    the kernels derive them from the chunk count, fit one tile): a tile's two reductions instead
-    of the stream's three and its merges. Not for float64, whose tests pin the stream's
-    rounding to the last ulps, and which has instructions to spare."""
-    return itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
+def statistics_pass(hw: int, how, itemsize: int):
+    """(ONE_TILE, num_warps) of a split plane's statistics pass. ONE_TILE: the chunks, as the
+    kernels derive them from the chunk count, fit one tile, which then takes a tile's two
+    reductions instead of the stream's three and its merges (not for float64, whose tests pin
+    the stream's rounding to the last ulps, and which has instructions to spare). The warps:
+    ``Config.stats_warps`` where it is set, except for the stream over channel groups, whose
+    per-channel state would spill there."""
+    one_tile = itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
+    cfg = how.config
+    if cfg.stats_warps is None or (cfg.BLOCK_R > 1 and not one_tile):
+        return one_tile, cfg.num_warps
+    return one_tile, cfg.stats_warps
 
 
 def combine_config(num_planes: int, chunks: int, warp_size: int = 32):

@@ -279,9 +279,9 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     with _device_guard(x):
         if source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
+            one_tile, warps = heuristics.statistics_pass(lay.planes.hw, how, x.element_size())
             run(_fwd_split_stats, how.grid, x=x_view, Partials=partials, geometry=lay.geometry,
-                ONE_TILE=heuristics.one_tile_chunks(lay.planes.hw, how, x.element_size()),
-                **dict(lay.tiles, num_warps=how.config.stats_warps or how.config.num_warps))
+                ONE_TILE=one_tile, **dict(lay.tiles, num_warps=warps))
             _combine(_fwd_combine, how.gpu, partials, Stats=stats, HW=lay.planes.hw,
                      BLOCK_HW=how.config.BLOCK_HW)
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete

@@ -201,13 +201,16 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     mean = tl.zeros([BLOCK_R], dtype=ACC)
     between = tl.zeros([BLOCK_R], dtype=ACC)  # M2 between the tiles' means: between + error
     between_error = tl.zeros([BLOCK_R], dtype=ACC)
-    within = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)  # per position: deviations from the tiles'
+    # per position pair: squared deviations from the tiles' means. Positions a half tile apart
+    # share a lane (a lane holds several of its CTA's spans), so the pairs are summed in
+    # registers, and the running sums take half the registers.
+    within = tl.zeros([BLOCK_R, BLOCK_HW // 2], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
         a = _deltas(xt, tile_mask, reference, inv_scale, ACC)
         tile_count = tl.minimum(end - t, BLOCK_HW).to(ACC)
         tile_mean = tl.sum(a, axis=1) * (1.0 / tile_count)
         deviation = tl.where(tile_mask, a - tile_mean[:, None], 0.0)
-        within += deviation * deviation
+        within += tl.sum(tl.reshape(deviation * deviation, (BLOCK_R, 2, BLOCK_HW // 2)), axis=1)
         count, mean, added = _merge_moments((count, mean), (tile_count, tile_mean))
         total = between + added
         between_error += added - (total - between)  # Fast2Sum: exact while between >= added
