@@ -26,8 +26,12 @@ pytestmark = pytest.mark.perf  # a performance audit: the second test tier
 PINNED = json.loads((sass.RESULTS / "sass.json").read_text())
 SLACK = 1.02
 FACTOR_70 = 1.05
-# Networks allowed above FACTOR_70 ("network dtype step"), each with its reason: none today.
-OVER_BUDGET = set()
+# Networks allowed above FACTOR_70 ("network dtype step"), each with its reason (perf/NOTES.md):
+# the channels_last statistics pass holds a 16-byte group of eight channels in each lane, so that
+# every tile takes eight reductions across the CTA and eight merges per lane (0.87-1.24 of the
+# budget); half the warps, which would halve them, spill at the register cap. Its eval forward
+# is that pass and the normalize pass only: 1.09.
+OVER_BUDGET = {"unet3d_channels_last bf16 eval"}
 
 
 @pytest.fixture(scope="module")

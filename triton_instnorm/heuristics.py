@@ -55,7 +55,7 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   (two or four 16-byte loads) rather than 16: what a program does once per thread (its planes'
   statistics, the reductions' shuffle trees, addresses) is then spread over twice the elements,
   which the compiled code shows as ~30% fewer instructions per element in the single-tile
-  passes (perf/sass.py; perf/NOTES.md); the 8192-element tile takes 8 warps of 90-130 registers,
+  passes (perf/sass.py; perf/NOTES.md); the 8192-element tile takes 8 warps of 88-122 registers,
   so that two CTAs fit an SM, as the occupancy rule assumes. Tiles of 1024 elements or fewer
   take one warp.
 - Devices: the SM count and warp size come from the GPU the tensor is on (device.py); without
