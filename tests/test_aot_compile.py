@@ -3,7 +3,7 @@
 The rest of the suite runs the kernels through Triton's interpreter, which never runs the compiler
 (no frontend type / constexpr checks, no TTGIR, LLVM or ptxas). Here each variant is compiled
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, in a
-subprocess without TRITON_INTERPRET (see ``_aot.py``: under the interpreter ``@triton.jit``
+subprocess without TRITON_INTERPRET (see perf/aot.py: under the interpreter ``@triton.jit``
 yields InterpretedFunctions the compiler cannot take). Signatures come from the real launch code:
 ``launch.py`` is called with CPU tensors and its kernel launches are recorded, then specialized the
 way ``JITFunction.run`` does it (unit ints and None pointers become constexprs, 16-divisible ints
@@ -32,7 +32,7 @@ from _aot import bwd, fwd, stats_bwd, update
 pytestmark = pytest.mark.perf  # a performance audit: the second test tier
 
 LOOPED = (2, 136, 128, 128)  # HW = 16384 > MAX_SINGLE_TILE, 272 planes (no split): the loops
-BIG_TILE = (2, 4, 64, 128)  # HW = 8192 = MAX_SINGLE_TILE: one tile per program, 16 warps
+BIG_TILE = (2, 4, 64, 128)  # HW = 8192 = MAX_SINGLE_TILE: one tile per program, 8 warps
 SPLIT = (1, 2, 512, 512)  # 2 planes of 256K elements: too few programs, planes split in chunks
 
 # Variants the PTX checks below look at.

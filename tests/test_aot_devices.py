@@ -1,8 +1,9 @@
 """The cluster variants for sm_90 and sm_100, and the default ones for other GPUs (A100: sm_80,
-MI300X: gfx942), compiled ahead of time without a GPU (tests/_aot.py).
+MI300X: gfx942), compiled ahead of time without a GPU (perf/aot.py).
 
-Each variant is planned for the GPU it is compiled for (``_aot.planned_for``: the launch code
-takes that GPU's decisions through ``TRITON_INSTNORM_EMULATE`` / ``TRITON_INSTNORM_CLUSTERS``).
+Each variant is planned for the GPU it is compiled for (``perf.aot_worker.planned_for``: the
+launch code takes that GPU's decisions through ``TRITON_INSTNORM_EMULATE`` /
+``TRITON_INSTNORM_CLUSTERS``).
 The cluster variants (contiguous planes of 8193..65,536 elements held in 2..8 CTAs) must compile
 to cluster kernels whose CTAs each load their own part of the plane once, 16 bytes per lane,
 without spilling; they are skipped with the reason on a Triton older than 3.8, which cannot lower

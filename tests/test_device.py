@@ -98,14 +98,15 @@ def test_compile_probe():
     assert out.stdout.split()[-3:] == [str(lowers), "False", "1" if lowers else "2"], out.stdout
 
 
-def _old_warps(tile):  # the rule before warps were counted in lanes
-    return 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+def _nvidia_warps(tile):  # 32 elements per lane, 1 to 16 warps of 32 lanes
+    return min(max(tile // 1024, 1), 16)
 
 
 @pytest.mark.parametrize("tile", [1 << k for k in range(17)])
 def test_warps_are_counted_in_lanes(tile):
-    assert heuristics._warps(tile, 32) == _old_warps(tile)  # NVIDIA: as before
-    assert heuristics._warps(tile, 64) * 64 == heuristics._warps(tile, 32) * 32
+    assert heuristics._warps(tile, 32) == _nvidia_warps(tile)
+    # the same lanes on 64-lane wavefronts, one wavefront at least
+    assert heuristics._warps(tile, 64) * 64 == max(heuristics._warps(tile, 32) * 32, 64)
     if tile >= 1024:  # 16-bit tiles: 8 elements, 16 bytes per lane, on either
         assert tile // (heuristics._warps(tile, 64) * 64) >= 8
 

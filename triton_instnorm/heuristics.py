@@ -7,9 +7,9 @@ it starts with the tiles most likely still in L2.
 
 The thresholds below are first estimates from the register budget and the memory system, not
 yet GPU measurements (perf/NOTES.md lists what is still to measure):
-- ``MAX_SINGLE_TILE = 8192`` elements: 16 warps x 32 lanes hold 16 float32 values per lane for
+- ``MAX_SINGLE_TILE = 8192`` elements: 8 warps x 32 lanes hold 32 float32 values per lane for
   each live tile (x, the centered x, and y in the forward; x, dy, x_hat, dz in the backward),
-  well under the 255-register limit. Beyond that the kernel would spill.
+  under the 255-register limit. Beyond that the kernel would spill.
 - ``LOOP_TILE = 4096``: a streaming tile of 16 KiB (float32) per program keeps enough bytes in
   flight per SM to saturate HBM with ~2 resident programs per SM.
 - ``SMALL_PLANE_TILE = 4096`` elements per program when several small planes share a program,
@@ -37,22 +37,27 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
 - Clusters (``cluster_ctas``; NVIDIA sm_90+ with Triton >= 3.8, and only when
   ``TRITON_INSTNORM_CLUSTERS=1``: see device.py): a contiguous plane longer than one tile is still
   held on chip and read once when its tile is spread over a cluster of ``num_ctas`` CTAs, each
-  holding ``MAX_SINGLE_TILE`` elements with 16 warps: every thread keeps the registers of the
+  holding ``MAX_SINGLE_TILE`` elements with 8 warps: every thread keeps the registers of the
   single-CTA tile, and the reductions cross the CTAs through distributed shared memory (64 bytes
   per CTA, 128 for float64). ``MAX_CLUSTER_CTAS = 8``, the portable cluster size (16 CTAs need
   the non-portable opt-in and a GPC with 16 free SMs, which can leave SMs idle): planes up to
   8 x 8192 = 65,536 elements are read once. The same ladder for 2- and 4-byte inputs and both
   directions, because the tile is held in the accumulation dtype whatever the input's (a kernel
   holding the input in its own dtype halves its ladder for float32): compiled for sm_90 and
-  sm_100, those cluster variants take 40-80 registers per thread, as many as their single-CTA
-  tiles, and spill nothing (tests/test_aot_devices.py). Not for float64, whose gelu backward
-  spills at the 128-register cap on one CTA already and would in a cluster too. Not for
+  sm_100, those cluster variants take as many registers per thread as their single-CTA tiles,
+  and spill nothing (tests/test_aot_devices.py). Not for float64, whose gelu backward spills on
+  one CTA already and would in a cluster too. Not for
   channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
   reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
-- Warps (``_warps``): at most ``LANE_ELEMENTS = 16`` elements per lane and live tile, between
-  ``MIN_LANES = 128`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
-  64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp, and a 1024-element
-  tile keeps 8 elements per lane, one 16-byte load for 16-bit types, on both.
+- Warps (``_warps``): at most ``LANE_ELEMENTS = 32`` elements per lane and live tile, between
+  ``MIN_LANES = 32`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
+  64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp. 32 elements per lane
+  (two or four 16-byte loads) rather than 16: what a program does once per thread (its planes'
+  statistics, the reductions' shuffle trees, addresses) is then spread over twice the elements,
+  which the compiled code shows as ~30% fewer instructions per element in the single-tile
+  passes (perf/sass.py; perf/NOTES.md); the 8192-element tile takes 8 warps of 88-122 registers,
+  so that two CTAs fit an SM, as the occupancy rule assumes. Tiles of 1024 elements or fewer
+  take one warp.
 - Devices: the SM count and warp size come from the GPU the tensor is on (device.py); without
   one from the emulated GPU (H100 unless ``TRITON_INSTNORM_EMULATE`` says otherwise).
 """
@@ -72,8 +77,8 @@ CHANNELS_LAST_ROWS = 32
 
 VECTOR_BYTES = 16  # one 128-bit load per lane
 
-LANE_ELEMENTS = 16  # elements per lane and live tile, at most
-MIN_LANES, MAX_LANES = 128, 512  # lanes per CTA: 4 and 16 warps of 32 lanes
+LANE_ELEMENTS = 32  # elements per lane and live tile, at most
+MIN_LANES, MAX_LANES = 32, 512  # lanes per CTA: 1 and 16 warps of 32 lanes
 
 MAX_CLUSTER_CTAS = 8  # the portable cluster size
 
@@ -140,6 +145,7 @@ class Config:
     num_warps: int
     min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
+    stats_warps: int | None = None  # warps of a split plane's statistics pass; None: num_warps
 
 
 def _warps(tile_elements: int, warp_size: int) -> int:
@@ -193,8 +199,13 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
                 block_r = max(block_r, vector_rows)
             return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
-        return Config(vector_rows, block_hw, False, warps(vector_rows * block_hw),
-                      min_chunk=block_hw)
+        tile = vector_rows * block_hw
+        # The statistics pass reduces each channel of a group across the CTA: with 8 (16-bit)
+        # channels per lane, half the warps take twice the positions per lane and halve those
+        # reductions per element (64 elements per lane, no activation to hold; statistics_pass).
+        stats_warps = warps(tile // 2) if vector_rows >= 8 else None
+        return Config(vector_rows, block_hw, False, warps(tile), min_chunk=block_hw,
+                      stats_warps=stats_warps)
 
     if hw_p2 <= single_cap:
         # Small planes are packed several per program while the GPU stays filled.
@@ -203,7 +214,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
     ctas = cluster_ctas(hw_p2, clusters and itemsize <= 4)
     if ctas:
         return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
-    return Config(1, loop_cap, False, warps(loop_cap))
+    return Config(1, loop_cap, False, warps(loop_cap),
+                  stats_warps=warps(loop_cap // 2) if itemsize <= 2 else None)
 
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
@@ -222,6 +234,20 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
     chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return cdiv(hw, chunk)
+
+
+def statistics_pass(hw: int, how, itemsize: int):
+    """(ONE_TILE, num_warps) of a split plane's statistics pass. ONE_TILE: the chunks, as the
+    kernels derive them from the chunk count, fit one tile, which then takes a tile's two
+    reductions instead of the stream's three and its merges (not for float64, whose tests pin
+    the stream's rounding to the last ulps, and which has instructions to spare). The warps:
+    ``Config.stats_warps`` where it is set, except for the stream over channel groups, whose
+    per-channel state would spill there."""
+    one_tile = itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
+    cfg = how.config
+    if cfg.stats_warps is None or (cfg.BLOCK_R > 1 and not one_tile):
+        return one_tile, cfg.num_warps
+    return one_tile, cfg.stats_warps
 
 
 def combine_config(num_planes: int, chunks: int, warp_size: int = 32):

@@ -282,8 +282,9 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     with _device_guard(x):
         if source == FROM_PARTIALS:
             partials = new_buffer(x, (NUM_FWD_PARTIALS, n * c, how.chunks), acc)
+            one_tile, warps = heuristics.statistics_pass(lay.planes.hw, how, x.element_size())
             run(_fwd_split_stats, how.grid, x=x_view, Partials=partials, geometry=lay.geometry,
-                **lay.tiles)
+                ONE_TILE=one_tile, **dict(lay.tiles, num_warps=warps))
             _combine(_fwd_combine, how.gpu, partials, Stats=stats, HW=lay.planes.hw,
                      BLOCK_HW=how.config.BLOCK_HW)
         if y is not None or source != FROM_PARTIALS:  # else the statistics are complete
@@ -294,7 +295,7 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
                 running=None if use_input_stats else running_view(running_mean, running_var),
                 Stats=stats, geometry=lay.geometry, eps=split_float(eps),
                 slope=split_float(negative_slope), STATS_FROM=source, ACTIVATION=activation,
-                **lay.tiles)
+                EXACT=eps == 0.0, **lay.tiles)
     if y is None:
         y = x.new_empty((0,))
     return y, stats if store_stats else x.new_empty((0,), dtype=acc)
@@ -425,7 +426,7 @@ def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slop
             r=None if residual is None else (residual, *lay.strides[2]),
             w=param_view(weight, n), b=param_view(bias, n), running=None, Stats=stats,
             geometry=lay.geometry, eps=split_float(eps), slope=split_float(negative_slope),
-            STATS_FROM=FROM_PARTIALS, ACTIVATION=activation, **lay.tiles)
+            STATS_FROM=FROM_PARTIALS, ACTIVATION=activation, EXACT=eps == 0.0, **lay.tiles)
     return y
 
 

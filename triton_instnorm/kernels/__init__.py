@@ -21,16 +21,18 @@ exact for data near K):
   the mean rounded to ACC, its rest exact by TwoSum, so that ``x - K`` rounds like ``x - mean``;
   elsewhere K stays x[plane, 0] bit for bit (2-element and constant planes stay exact);
 - a longer plane is streamed in tiles: the first tile moves the reference from x[plane, 0] to
-  its own mean, each tile's mean and M2 are taken exactly in registers (two passes over the
-  registers, no extra memory traffic) and merged in tile order with Chan's parallel formula
-  (count, mean, M2; M2 summed compensated); K ends at the mean rounded to ACC;
+  its own mean, each tile's mean is taken exactly in registers and each element's squared
+  deviation from it added to its position's running sum (no reduction across threads but the
+  tile's mean), the tiles' means merged in tile order with Chan's parallel formula (count,
+  mean, M2; the M2 between them summed compensated); K ends at the mean rounded to ACC;
 - a split plane's chunks do the same and hand the combine pass their mean as hi + lo and their
   RMS deviation; the combine merges the chunks by Chan's formula in its corrected two-pass form,
   in a fixed order (deterministic), and K is the chunk-weighted mean.
 
-When the spread exceeds 2^40 the deltas are scaled (``INV_SCALE`` ~ 1 / spread) so that ``a^2``
-cannot overflow float32 (spreads up to ~1e38 stay finite; the sweep is redone scaled, which
-ordinary data never triggers); otherwise ``INV_SCALE = 1`` and ``a = x - K``.
+When the unscaled sums of a plane overflow (squares of deltas beyond ~1e19), its statistics are
+redone with the deltas scaled (``INV_SCALE`` ~ 1 / spread when the spread exceeds 2^40), so
+that spreads up to ~1e38 stay finite: a branch ordinary data never takes, whose sums come out
+finite; otherwise ``INV_SCALE = 1`` and ``a = x - K``.
 
 Per plane the forward keeps, in a (NUM_STATS, N * C) ``Stats`` buffer (ACC dtype; rows named in
 ``constants.py``):
@@ -39,9 +41,12 @@ Per plane the forward keeps, in a (NUM_STATS, N * C) ``Stats`` buffer (ACC dtype
     x_hat = ((x - K) * INV_SCALE - MEAN) / std        (true mean = K + MEAN / INV_SCALE,
                                                        true rstd = INV_SCALE / std)
 
-The normalization divides (correctly rounded) instead of multiplying by a reciprocal: that is
-what keeps 2-element planes with ``eps=0`` at exactly +-1 (``x * (1/x)`` is not always 1). A
-plane whose statistics give ``var + eps == 0`` (a constant plane with ``eps=0``) takes torch's
+The normalization is one multiply-add per element, ``z = (x - K) * gain + offset`` with
+``gain = w * inv_scale / std`` (one correctly rounded division per plane) and ``offset = b -
+mean * w / std``; only with ``eps = 0`` (the ``EXACT`` constexpr) does it divide by std per
+element, correctly rounded: that keeps 2-element planes at exactly +-1 (``x * (1/x)`` is not
+always 1), which only eps = 0 makes exact in the first place. A plane whose statistics give
+``var + eps == 0`` (a constant plane with ``eps=0``) takes torch's
 rule ``rstd = 0`` (std = +inf): y is exactly the shift, dx = 0, dweight gets 0 from it. Given
 running statistics (eval) are used as they are, as torch does.
 

@@ -15,36 +15,37 @@ import triton.language as tl
 from .common import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
     _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _narrow, _partial,
-    _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row, _std,
-    _swept_tile, _tile,
+    _load_rows, _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row,
+    _std, _store_rows, _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 
 
 @triton.jit
 def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(pivot, inv_scale, mean, 1 / std) of each plane, std recomputed as the forward did."""
+    """(pivot, gain, offset) of each plane: x_hat = ((x - pivot) * inv_scale - mean) / std =
+    (x - pivot) * gain - offset, std recomputed as the forward did; gain is also 1 / std in
+    units of x."""
     pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
     std = _std(var, inv_scale, _host_float(eps, ACC), INPUT_STATS)  # the forward's, bit for bit
-    return pivot, inv_scale, mean, _div(tl.full([BLOCK_R], 1.0, ACC), std)
+    rstd = _div(tl.full([BLOCK_R], 1.0, ACC), std)
+    return pivot, inv_scale * rstd, mean * rstd
 
 
 @triton.jit
-def _load_x_hat(x_planes, offs, tile_mask, stats, ACC: tl.constexpr):
+def _load_x_hat(x_planes, tile, stats, ACC: tl.constexpr):
     """One tile of x, normalized with the saved statistics (0 on masked lanes)."""
-    x_start, x_stride = x_planes
-    pivot, inv_scale, mean, rstd = stats
-    xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0).to(ACC)
-    x_hat = ((xt - pivot[:, None]) * inv_scale[:, None] - mean[:, None]) * rstd[:, None]
-    return tl.where(tile_mask, x_hat, 0.0)
+    pivot, gain, offset = stats
+    xt = _widen(_load_rows(x_planes, tile), ACC)
+    x_hat = (xt - pivot[:, None]) * gain[:, None] - offset[:, None]
+    return tl.where(_tile_mask(tile), x_hat, 0.0)
 
 
 @triton.jit
 def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STATS: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """What the gradients of this program's ``planes = (rows, plane, mask)`` read: (x planes,
-    dy planes, saved statistics (pivot, inv_scale, mean, 1 / std), affine (scale, shift,
-    negative slope))."""
+    dy planes, saved statistics (``_saved_stats``), affine (scale, shift, negative slope))."""
     rows, plane, mask = planes
     nc = _plane_nc(plane, geometry[1])
     stats = _saved_stats(Stats, geometry[0], plane, mask, eps, INPUT_STATS, ACC, BLOCK_R)
@@ -63,41 +64,33 @@ def _residual_planes(view, rows):
 
 
 @triton.jit
-def _tile_grads(inputs, r_planes, offs, tile_mask, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+def _tile_grads(inputs, r_planes, tile, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x
     (and from the residual's planes ``r_planes``, when one was added before the activation)."""
     x_planes, dy_planes, stats, affine = inputs
-    dy_start, dy_stride = dy_planes
     scale_w, shift_b, negative_slope = affine
-    x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
-    dz = tl.load(dy_start[:, None] + offs[None, :] * dy_stride, mask=tile_mask,
-                 other=0.0).to(ACC)
+    x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+    dz = _widen(_load_rows(dy_planes, tile), ACC)
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
         if r_planes is not None:
-            r_start, r_stride = r_planes
-            z += tl.load(r_start[:, None] + offs[None, :] * r_stride, mask=tile_mask,
-                         other=0.0).to(ACC)
-        dz = _activation_grad(dz, z, negative_slope, ACTIVATION)
-    return x_hat, tl.where(tile_mask, dz, 0.0)
+            z += _widen(_load_rows(r_planes, tile), ACC)
+        dz = tl.where(_tile_mask(tile), _activation_grad(dz, z, negative_slope, ACTIVATION), 0.0)
+    return x_hat, dz
 
 
 @triton.jit
-def _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients):
+def _write_dx(dx_planes, dr_planes, tile, x_hat, dz, coefficients):
     """dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat) for one tile; ``coefficients`` is
     (dx_scale, mean_dz, mean_dz_xhat) per plane. A residual added before the activation gets
     dz itself, written to ``dr_planes`` (None: not needed). Compiled, the product is fused into the
     difference, fma(-x_hat, mean_dz_xhat, dz - mean_dz): a constant plane (x_hat = 0) under a
     uniform dy (mean_dz == dz, correctly rounded) still gets exactly 0."""
-    dx_start, dx_stride = dx_planes
     dx_scale, mean_dz, mean_dz_xhat = coefficients
     grad = dx_scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dz_xhat[:, None])
-    tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
-             _narrow(grad, dx_start.dtype.element_ty), mask=tile_mask)
+    _store_rows(dx_planes, tile, grad)
     if dr_planes is not None:
-        dr_start, dr_stride = dr_planes
-        tl.store(dr_start[:, None] + offs[None, :] * dr_stride,
-                 _narrow(dz, dr_start.dtype.element_ty), mask=tile_mask)
+        _store_rows(dr_planes, tile, dz)
 
 
 @triton.jit
@@ -108,8 +101,8 @@ def _streamed_sums(inputs, r_planes, mask, span, ACC: tl.constexpr, ACTIVATION: 
     sum_dz_xhat = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     sum_dz = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
+        x_hat, dz = _tile_grads(inputs, r_planes, _tile(t, mask, end, BLOCK_HW, BLOCK_HW), ACC,
+                                ACTIVATION)
         sum_dz_xhat += dz * x_hat
         sum_dz += dz
     return tl.sum(sum_dz_xhat, axis=1), tl.sum(sum_dz, axis=1)
@@ -200,8 +193,9 @@ def _bwd(
     r_planes = _residual_planes(r, rows)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
-        offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
+        tile = _tile(0, mask, HW, BLOCK_HW,
+                     segment(BLOCK_HW, x[0].dtype.element_ty.primitive_bitwidth))
+        x_hat, dz = _tile_grads(inputs, r_planes, tile, ACC, ACTIVATION)
         sum_dz_xhat = tl.sum(dz * x_hat, axis=1)
         sum_dz = tl.sum(dz, axis=1)
     elif SUMS_FROM == FROM_PLANE:
@@ -218,8 +212,7 @@ def _bwd(
     # dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat); with given statistics the mean and
     # variance are constants of x and both correction terms vanish.
     _, _, stats, affine = inputs
-    _, inv_scale, _, rstd = stats
-    dx_scale = rstd * inv_scale * affine[0]
+    dx_scale = stats[1] * affine[0]
     if USE_INPUT_STATS:
         # Correctly rounded: a constant plane under a uniform dy needs mean_dz == dz exactly for
         # dx == 0 (the approximate division is off by an ulp for some HW).
@@ -233,13 +226,13 @@ def _bwd(
     dr_planes = _residual_planes(dr, rows)
     coefficients = (dx_scale, mean_dz, mean_dz_xhat)
     if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
-        _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients)
+        _write_dx(dx_planes, dr_planes, tile, x_hat, dz, coefficients)
     else:
         for t in range(span[0], span[1], BLOCK_HW):
-            offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
-                                    BLOCK_HW)
-            x_hat, dz = _tile_grads(inputs, r_planes, offs, tile_mask, ACC, ACTIVATION)
-            _write_dx(dx_planes, dr_planes, offs, tile_mask, x_hat, dz, coefficients)
+            tile = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1], BLOCK_HW,
+                         BLOCK_HW)
+            x_hat, dz = _tile_grads(inputs, r_planes, tile, ACC, ACTIVATION)
+            _write_dx(dx_planes, dr_planes, tile, x_hat, dz, coefficients)
 
 
 @triton.jit
@@ -293,11 +286,9 @@ def _stats_bwd(
     grad_mean = _div(_load_param(dmean, nc, mask, 0.0, ACC, BLOCK_R), hw)
     grad_std = _div(_load_param(dstd, nc, mask, 0.0, ACC, BLOCK_R), hw)
     x_planes = _plane_start(x, rows)
-    dx_start, dx_stride = _plane_start(dx, rows)
+    dx_planes = _plane_start(dx, rows)
     start, end = span
     for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        x_hat = _load_x_hat(x_planes, offs, tile_mask, stats, ACC)
-        grad = grad_mean[:, None] + grad_std[:, None] * x_hat
-        tl.store(dx_start[:, None] + offs[None, :] * dx_stride,
-                 _narrow(grad, dx[0].dtype.element_ty), mask=tile_mask)
+        tile = _tile(t, mask, end, BLOCK_HW, BLOCK_HW)
+        x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+        _store_rows(dx_planes, tile, grad_mean[:, None] + grad_std[:, None] * x_hat)

@@ -44,6 +44,15 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # the standard normal density a
 
 
 @triton.jit
+def _cold_path(pointer):
+    """Marks the entry of a branch ordinary data never takes, for the instruction audit
+    (perf/sass_flow.py): a volatile load of the element at ``pointer`` (a scalar pointer the
+    kernel may read), the kernel's only volatile load (``LDG...STRONG.SYS`` in NVIDIA SASS).
+    Costs one load when the branch is taken."""
+    tl.load(pointer, volatile=True)
+
+
+@triton.jit
 def _activate(z, slope, ACTIVATION: tl.constexpr):
     if ACTIVATION == ACT_RELU:
         z = tl.where(z <= 0, 0.0, z)  # not (z > 0, z, 0): NaN stays NaN, as torch.relu
@@ -102,6 +111,18 @@ def _std(var, inv_scale, eps, INPUT_STATS: tl.constexpr):
     if INPUT_STATS:
         std = tl.where(std == 0, float("inf"), std)
     return std
+
+
+@triton.jit
+def _widen(x, ACC: tl.constexpr):
+    """``x`` in the accumulation dtype. bfloat16 through its bits, the high half of a float32:
+    one instruction per element (a shift or a mask), where the conversion takes two for every
+    other one. The interpreter converts directly (it holds bfloat16 as float32)."""
+    if x.dtype == tl.bfloat16 and not _INTERPRETED:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return x.to(ACC)
 
 
 @triton.jit
@@ -182,12 +203,75 @@ def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT:
         return (start, tl.minimum(start + chunk_len, HW)), first
 
 
+@triton.constexpr_function
+def segment(block_hw, bits):
+    """The segment of a tile (``_tile``): the elements of a plane its lanes read side by side.
+    A lane reads 16 bytes (``vector`` elements) and holds ~32 elements of a tile
+    (heuristics.LANE_ELEMENTS), so a plane is spread over block_hw / 32 lanes: a segment of
+    that many vectors keeps each plane within those lanes and a lane within one plane (at most
+    a warp's 32 lanes). Planes of 64 elements or fewer take segments of 8: their rows are seldom
+    16-byte aligned (7 x 7), and 8 lanes of one element each per plane beat 16 (the compiled
+    7 x 7 forward: 54 instructions per element against 63)."""
+    vector = 128 // bits
+    if block_hw <= 64:
+        return min(block_hw, 8)
+    return min(32 * vector, max(8, block_hw * vector // 32))
+
+
 @triton.jit
-def _tile(t, mask, end, BLOCK_HW: tl.constexpr):
-    """Offsets along the plane of the tile starting at ``t``, and its mask (planes x offsets
-    before ``end``): padded lanes are never loaded or stored."""
-    offs = t + tl.arange(0, BLOCK_HW).to(tl.int64)
-    return offs, mask[:, None] & (offs[None, :] < end)
+def _tile(t, mask, end, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
+    """The tile of BLOCK_HW elements of each plane starting at ``t``, as a (segments, planes,
+    SEG) block: (offsets, mask); masked lanes (past ``end``, planes out of range) are never
+    loaded or stored. Loaded in this shape, a tile of several planes gets its warps along the
+    planes (a warp's lanes cover SEG elements of one plane, the segments are its registers),
+    so that each plane reduces within a warp (shuffles, no shared memory) and a thread does one
+    plane's arithmetic, where a (planes, elements) tile would spread every plane over all the
+    warps. ``_load_rows`` / ``_store_rows`` give and take the tile as (planes, elements);
+    SEG = BLOCK_HW keeps the plain (planes, elements) tile."""
+    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
+                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
+    return offs, mask[None, :, None] & (offs < end)
+
+
+@triton.jit
+def _tile_mask(tile):
+    """The mask of a tile as (planes, elements)."""
+    return _rows(tile[1])
+
+
+@triton.jit
+def _rows(block):
+    """A (segments, planes, SEG) block as (planes, segments * SEG): the same registers."""
+    SEGMENTS: tl.constexpr = block.shape[0]
+    PLANES: tl.constexpr = block.shape[1]
+    SEG: tl.constexpr = block.shape[2]
+    return tl.reshape(tl.permute(block, (1, 0, 2)), (PLANES, SEGMENTS * SEG))
+
+
+@triton.jit
+def _segments(rows, SEG: tl.constexpr):
+    """The inverse of ``_rows``."""
+    PLANES: tl.constexpr = rows.shape[0]
+    ELEMENTS: tl.constexpr = rows.shape[1]
+    return tl.permute(tl.reshape(rows, (PLANES, ELEMENTS // SEG, SEG)), (1, 0, 2))
+
+
+@triton.jit
+def _load_rows(planes, tile):
+    """A tile (``_tile``) of a planes view, as (planes, elements); 0 on masked lanes."""
+    start, stride = planes
+    offs, mask = tile
+    return _rows(tl.load(start[None, :, None] + offs * stride, mask=mask, other=0.0))
+
+
+@triton.jit
+def _store_rows(planes, tile, rows):
+    """Stores (planes, elements) ``rows`` into a tile of a planes view, narrowed to its
+    dtype."""
+    start, stride = planes
+    offs, mask = tile
+    tl.store(start[None, :, None] + offs * stride,
+             _segments(_narrow(rows, start.dtype.element_ty), offs.shape[2]), mask=mask)
 
 
 @triton.jit

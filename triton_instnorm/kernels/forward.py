@@ -12,8 +12,9 @@ import triton.language as tl
 from .common import (
     CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
-    _load_running, _load_stats, _narrow, _partial, _plane_block, _plane_nc, _plane_start,
-    _program_channels, _program_planes, _std, _store_running, _store_stats, _swept_tile, _tile,
+    _load_rows, _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
+    _program_channels, _program_planes, _std, _store_rows, _store_running, _store_stats,
+    _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 from .moments import (
     _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
@@ -21,24 +22,48 @@ from .moments import (
 
 
 @triton.jit
-def _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION: tl.constexpr):
-    """y = act(x_hat * w + b + r) for one tile ``xt`` of x, x_hat = ((x - pivot) * inv_scale -
-    mean) / std; ``norm`` is (pivot, inv_scale, mean, std), ``affine`` (w, b, negative
-    slope); ``r_planes`` the residual's planes (read once, added before the activation and the
-    rounding to y's dtype), or None."""
-    y_start, y_stride = y_planes
-    pivot, inv_scale, mean, std = norm
-    scale_w, shift_b, negative_slope = affine
-    delta = xt.to(pivot.dtype) - pivot[:, None]
-    x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
-    z = x_hat * scale_w[:, None] + shift_b[:, None]
+def _normalizer(stats, std, affine, EXACT: tl.constexpr):
+    """Per plane, what ``_write_y`` needs for y = act(x_hat * w + b), x_hat = ((x - K) *
+    inv_scale - mean) / std: (K, gain, offset) with x_hat * w + b = (x - K) * gain + offset, one
+    division per plane. With ``EXACT`` (eps == 0) the per-element division instead, (K,
+    inv_scale, mean, std, w, b): it keeps 2-element planes at exactly +-1 (x * (1 / x) is not
+    always 1), which only eps == 0 makes exact in the first place. ``gain = w / std`` rounds
+    once (not w * (1 / std)): y keeps the division's accuracy within an ulp or so."""
+    pivot, inv_scale, mean, _ = stats
+    scale_w, shift_b = affine
+    if EXACT:
+        return pivot, inv_scale, mean, std, scale_w, shift_b
+    else:
+        gain = _div(scale_w, std)
+        return pivot, inv_scale * gain, shift_b - mean * gain
+
+
+@triton.jit
+def _write_y(y_planes, r_planes, tile, xt, normalizer, slope, ACTIVATION: tl.constexpr,
+             EXACT: tl.constexpr):
+    """Stores y = act(z + r) for one tile ``xt`` of x (z: ``_normalized``); ``r_planes``: the
+    residual's planes (read once, added before the activation and the rounding to y's dtype),
+    or None."""
+    z = _normalized(xt, normalizer, EXACT)
     if r_planes is not None:
-        r_start, r_stride = r_planes
-        z += tl.load(r_start[:, None] + offs[None, :] * r_stride, mask=tile_mask,
-                     other=0.0).to(z.dtype)
-    out = _activate(z, negative_slope, ACTIVATION)
-    tl.store(y_start[:, None] + offs[None, :] * y_stride, _narrow(out, y_start.dtype.element_ty),
-             mask=tile_mask)
+        z += _widen(_load_rows(r_planes, tile), z.dtype)
+    _store_rows(y_planes, tile, _activate(z, slope, ACTIVATION))
+
+
+@triton.jit
+def _normalized(xt, normalizer, EXACT: tl.constexpr):
+    """z = x_hat * w + b of a tile ``xt`` of x (``normalizer``: ``_normalizer``), in the
+    accumulation dtype."""
+    pivot = normalizer[0]
+    delta = _widen(xt, pivot.dtype) - pivot[:, None]
+    if EXACT:
+        _, inv_scale, mean, std, scale_w, shift_b = normalizer
+        x_hat = _div(delta * inv_scale[:, None] - mean[:, None], std[:, None])
+        z = x_hat * scale_w[:, None] + shift_b[:, None]
+    else:
+        _, gain, offset = normalizer
+        z = delta * gain[:, None] + offset[:, None]
+    return z
 
 
 @triton.jit
@@ -48,18 +73,28 @@ def _fwd_split_stats(
     geometry,  # (N * C, C, HW, rows per group)
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
+    ONE_TILE: tl.constexpr = False,  # every chunk fits one tile
 ):
     """First pass over a split plane (grid: row programs x chunks): the chunk's mean and RMS
-    deviation, for ``_fwd_combine`` to combine."""
+    deviation, for ``_fwd_combine`` to combine. A chunk of one tile takes a single tile's
+    statistics (two reductions), a longer one the stream's."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
     x_planes = _plane_start(x, rows)
-    center, mean, m2, inv_scale = _safe_streamed_moments(
-        x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
-    count = tl.full([BLOCK_R], span[1] - span[0], ACC)
-    hi, lo, rms = _chunk_summary(center, mean, m2, count, inv_scale)
+    pivot = _load_pivot(x_planes, mask, ACC)
+    count = tl.cast(tl.maximum(span[1] - span[0], 1), ACC)
+    if ONE_TILE:
+        tile = _tile(span[0], mask, span[1], BLOCK_HW, BLOCK_HW)
+        center, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
+                                                   _tile_mask(tile), pivot, count, mask, x[0],
+                                                   ACC)
+    else:
+        center, rest, m2, inv_scale = _safe_streamed_moments(
+            x_planes, mask, span, pivot, x[0], ACC, BLOCK_R, BLOCK_HW)
+        var = m2 * (1.0 / count)
+    hi, lo, rms = _chunk_summary(center, rest, var, inv_scale, mask, x[0])
     tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
     tl.store(_partial(Partials, CHUNK_LO, num_planes, plane), lo, mask=mask)
     tl.store(_partial(Partials, CHUNK_RMS, num_planes, plane), rms, mask=mask)
@@ -105,6 +140,7 @@ def _fwd(
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane (the whole plane with FROM_TILE)
+    EXACT: tl.constexpr = False,  # eps == 0: divide by std per element (_normalizer)
 ):
     """Statistics, normalize, affine and activation of a chunk of BLOCK_R planes (grid: row
     programs x chunks; one chunk unless the planes are split).
@@ -133,19 +169,19 @@ def _fwd(
         stats = _load_stats(Stats, num_planes, plane, mask)
     elif STATS_FROM == FROM_TILE:  # x read once, kept in registers for y
         pivot = _load_pivot(x_planes, mask, ACC)
-        offs, tile_mask = _tile(0, mask, HW, BLOCK_HW)
-        xt = tl.load(x_planes[0][:, None] + offs[None, :] * x_planes[1], mask=tile_mask,
-                     other=0.0)
-        stats = _tile_stats(tl.where(tile_mask, xt.to(ACC) - pivot[:, None], 0.0), tile_mask,
-                            pivot, hw, ACC)
+        tile = _tile(0, mask, HW, BLOCK_HW,
+                     segment(BLOCK_HW, x[0].dtype.element_ty.primitive_bitwidth))
+        xt = _load_rows(x_planes, tile)
+        stats = _tile_stats(_widen(xt, ACC), _tile_mask(tile), pivot, tl.cast(HW, ACC), mask,
+                            x[0], ACC)
     else:  # FROM_PLANE: the statistics sweep
         center, mean, m2, inv_scale = _safe_streamed_moments(
-            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), ACC, BLOCK_R, BLOCK_HW)
+            x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
         stats = (center, inv_scale, mean, _div(m2, hw))
     if Stats is not None:
         if STATS_FROM != FROM_PARTIALS:
             _store_stats(Stats, num_planes, plane, first, stats)
-    pivot, inv_scale, mean, var = stats
+    _, inv_scale, _, var = stats
     std = _std(var, inv_scale, _host_float(eps, ACC), STATS_FROM != FROM_RUNNING)
 
     # ---- normalize, affine, activation --------------------------------------------------------
@@ -155,18 +191,18 @@ def _fwd(
             r_planes = _plane_start(r, rows)
         else:
             r_planes = None
-        norm = (pivot, inv_scale, mean, std)
         affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
-                  _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
+                  _load_param(b, nc, mask, 0.0, ACC, BLOCK_R))
+        normalizer = _normalizer(stats, std, affine, EXACT)
+        negative_slope = _host_float(slope, ACC)
         if STATS_FROM == FROM_TILE:  # x is still in registers
-            _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+            _write_y(y_planes, r_planes, tile, xt, normalizer, negative_slope, ACTIVATION, EXACT)
         else:
-            x_start, x_stride = x_planes
             for t in range(span[0], span[1], BLOCK_HW):
-                offs, tile_mask = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1],
-                                        BLOCK_HW)
-                xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-                _write_y(y_planes, r_planes, offs, tile_mask, xt, norm, affine, ACTIVATION)
+                tile = _tile(_swept_tile(t, span, REVERSE, BLOCK_HW), mask, span[1], BLOCK_HW,
+                             BLOCK_HW)
+                _write_y(y_planes, r_planes, tile, _load_rows(x_planes, tile), normalizer,
+                         negative_slope, ACTIVATION, EXACT)
 
 
 @triton.jit

@@ -1,14 +1,23 @@
 """The per-plane statistics (the math, and how K is chosen: the package docstring): a plane
 held in one tile (``_tile_stats``), streamed in tiles (``_safe_streamed_moments``), or split in
 chunks (``_chunk_summary`` per chunk, ``_combine_chunks`` per plane). Every reduction is a
-corrected two-pass one or Chan's parallel combination, never a difference of large sums, and
-every merge runs in a fixed order (deterministic).
+corrected two-pass one, Welford's update or Chan's parallel combination, never a difference of
+large sums, and every merge runs in a fixed order (deterministic).
+
+What a pass pays per element is what keeps it memory-bound (perf/sass.py counts it from the
+compiled code): the statistics of a tile take two reductions across the CTA (the sum of the
+deltas, then the deviations' sum and sum of squares together), a stream one Welford update per
+element in registers and two reductions at its end. The overflow guard costs ordinary data
+nothing: its sums come out finite, and only a program with a plane whose sums do not is redone
+with the deltas scaled (a branch marked ``_cold_path``).
 """
 
 import triton
 import triton.language as tl
 
-from .common import _div, _sqrt, _tile
+from .common import (
+    _INTERPRETED, _cold_path, _div, _load_rows, _sqrt, _tile, _tile_mask, _widen,
+)
 
 # max |x - reference| above this switches on the overflow-safe scaling of the deltas: below it,
 # d^2 summed over 2^31 elements stays far inside float32's range.
@@ -28,6 +37,14 @@ def _inverse_scale(max_delta, ACC: tl.constexpr):
 
 
 @triton.jit
+def _overflowed(mean, m2, mask):
+    """True if any plane's sums left the finite range (an overflow, or inf / NaN in the data):
+    the program then redoes its statistics scaled. One value for the whole program."""
+    bad = mask & ~((tl.abs(mean) + m2) < float("inf"))
+    return tl.max(bad.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _two_sum_error(a, b, s):
     """a + b - s exactly, for s = fl(a + b) (Knuth's TwoSum): sums and differences only, so FMA
     contraction cannot change it."""
@@ -38,25 +55,72 @@ def _two_sum_error(a, b, s):
 @triton.jit
 def _move_center(center, mean, inv_scale):
     """(center, mean) -> (fl(center + mean / inv_scale), the rest of the mean, in units of a):
-    the same mean, split so that its large part is exact (TwoSum) and its small part small."""
-    shift = _div(mean, inv_scale)  # exact when inv_scale == 1
-    moved = center + shift
-    rest = mean - shift * inv_scale  # 0 when inv_scale == 1
-    return moved, _two_sum_error(center, shift, moved) * inv_scale + rest
+    the same mean, split so that its large part is exact (TwoSum) and its small part small.
+    ``inv_scale`` None: unscaled."""
+    if inv_scale is None:
+        moved = center + mean
+        return moved, _two_sum_error(center, mean, moved)
+    else:
+        shift = _div(mean, inv_scale)  # exact when inv_scale == 1
+        moved = center + shift
+        rest = mean - shift * inv_scale  # 0 when inv_scale == 1
+        return moved, _two_sum_error(center, shift, moved) * inv_scale + rest
 
 
 @triton.jit
-def _two_pass(a, tile_mask, count):
-    """(mean, a - mean) of one tile in registers, ``count`` valid lanes per plane (0 on the
-    others): the first step of an exact two-pass reduction. The division rounds correctly."""
-    mean = _div(tl.sum(a, axis=1), count)
-    return mean, tl.where(tile_mask, a - mean[:, None], 0.0)
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
-def _tile_stats(delta, tile_mask, pivot, count, ACC: tl.constexpr):
-    """(K, inv_scale, mean, var) of a plane held in one tile, ``delta = x - pivot`` (0 on masked
-    lanes): the statistics the Stats rows hold.
+def _row_sums(a, b):
+    """(sum of a, sum of b) along axis 1, in one reduction tree: one round of shuffles and
+    barriers where two tl.sum make two. The interpreter folds a custom reduction one element
+    after the other, so it takes two tl.sum there (summed pairwise, as a GPU's tree does)."""
+    if _INTERPRETED:
+        return tl.sum(a, axis=1), tl.sum(b, axis=1)
+    else:
+        return tl.reduce((a, b), 1, _add_pairs)
+
+
+@triton.jit
+def _tile_moments(xt, tile_mask, pivot, inv_scale, count):
+    """(mean, correction, M2) of a = (x - pivot) * inv_scale (no scaling for None) over a tile
+    in registers, ``count`` valid lanes in each plane (a scalar): the corrected two-pass
+    algorithm. The mean is ``mean + correction``: the deviations' sum corrects the rounding of
+    the first sum and of its quotient (large when the pivot is far out), and M2 with it, so that
+    a reciprocal multiplied is as good as a division. Two reductions across the CTA, the second
+    one tree for both sums."""
+    a = xt - pivot[:, None]
+    if inv_scale is not None:
+        a = a * inv_scale[:, None]
+    a = tl.where(tile_mask, a, 0.0)
+    inv_count = 1.0 / count
+    mean = tl.sum(a, axis=1) * inv_count
+    centered = tl.where(tile_mask, a - mean[:, None], 0.0)
+    deviations, squares = _row_sums(centered, centered * centered)
+    correction = deviations * inv_count
+    return mean, correction, squares - correction * deviations
+
+
+@triton.jit
+def _tile_summary(pivot, moments, inv_scale, count, ACC: tl.constexpr):
+    """(K, inv_scale, mean, var) from a tile's (mean, correction, M2) (``_tile_stats``)."""
+    mean, correction, m2 = moments
+    var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL),
+               tl.full(mean.shape, count, ACC))
+    moved, rest = _move_center(pivot, mean, inv_scale)
+    far = mean * mean > 4.0 * var  # False for NaN statistics: the plane stays NaN
+    if inv_scale is None:
+        inv_scale = tl.full(mean.shape, 1.0, ACC)
+    return tl.where(far, moved, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
+
+
+@triton.jit
+def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
+    """(K, inv_scale, mean, var) of a plane held in one tile ``xt`` (in ACC), ``count``
+    elements in each plane: the statistics the Stats rows hold. ``base``: an element the cold
+    path's mark may read.
 
     ``x - K`` rounds at the scale of |x - K|: where the pivot lies more than 2 standard
     deviations from the mean (an outlier at x[plane, 0]) K moves to the mean (``_move_center``),
@@ -64,101 +128,147 @@ def _tile_stats(delta, tile_mask, pivot, count, ACC: tl.constexpr):
     K = pivot, bit for bit: constant planes and 2-element planes stay exact.
 
     Exact with or without FMA contraction (compiled code fuses a * b + c, as the sm_90 PTX shows
-    in the sums, the centering, M2, std and the affine; the interpreter never does): for those
-    planes inv_scale is exactly 1, so a fused product is the rounded one; a constant plane's
-    products have a zero factor; and a symmetric plane's c * c + fl(c * c), fused, still rounds
-    to 2 fl(c * c), its error being a quarter ulp of the result."""
-    inv_scale = _inverse_scale(tl.max(tl.abs(delta), axis=1), ACC)
-    mean, centered = _two_pass(delta * inv_scale[:, None], tile_mask, count)
-    # The corrected two-pass algorithm: the deviations' sum corrects the mean for the rounding of
-    # the first sum (which is large when the pivot is far out) and M2 with it. A symmetric plane's
-    # deviations sum to exactly 0: 2-element planes stay exact.
-    correction = _div(tl.sum(centered, axis=1), count)
-    m2 = tl.sum(centered * centered, axis=1) - correction * correction * count
-    var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL), count)
-    moved, rest = _move_center(pivot, mean, inv_scale)
-    far = mean * mean > 4.0 * var  # False for NaN statistics: the plane stays NaN
-    return tl.where(far, moved, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
+    in the sums, the centering, M2 and the affine; the interpreter never does): for those planes
+    nothing is scaled; a constant plane's products have a zero factor; and a symmetric plane's
+    c * c + fl(c * c), fused, still rounds to 2 fl(c * c), its error being a quarter ulp of the
+    result. Ordinary data computes unscaled throughout; only a program with a plane whose sums
+    overflow takes the branch that redoes it scaled."""
+    moments = _tile_moments(xt, tile_mask, pivot, None, count)
+    stats = _tile_summary(pivot, moments, None, count, ACC)
+    mean, _, m2 = moments
+    if _overflowed(mean, m2, mask):
+        _cold_path(base)
+        bad = ~((tl.abs(mean) + m2) < float("inf"))
+        scale = _inverse_scale(
+            tl.max(tl.where(tile_mask, tl.abs(xt - pivot[:, None]), 0.0), axis=1), ACC)
+        scaled = _tile_summary(pivot, _tile_moments(xt, tile_mask, pivot, scale, count), scale,
+                               count, ACC)
+        stats = (tl.where(bad, scaled[0], stats[0]), tl.where(bad, scaled[1], stats[1]),
+                 tl.where(bad, scaled[2], stats[2]), tl.where(bad, scaled[3], stats[3]))
+    return stats
 
 
 @triton.jit
 def _merge_moments(total, part):
     """Chan's parallel formula: (count, mean, M2 added) of two disjoint sets, ``total`` =
-    (count, mean) of the first, ``part`` = (count, mean, M2) of the second, both about the same
-    reference; the M2 of the union is the first's plus what is returned. A difference of means
-    and non-negative terms: stable."""
+    (count, mean) of the first, ``part`` = (count, mean) of the second, both about the same
+    reference; the M2 of the union is the first's plus the second's plus what is returned. A
+    difference of means and non-negative terms: stable."""
     n_a, mean_a = total
-    n_b, mean_b, m2_b = part
+    n_b, mean_b = part
     n = n_a + n_b
     weight_b = _div(n_b, n)
     delta = mean_b - mean_a
-    return n, mean_a + delta * weight_b, m2_b + delta * delta * (n_a * weight_b)
+    return n, mean_a + delta * weight_b, delta * delta * (n_a * weight_b)
+
+
+@triton.jit
+def _deltas(xt, tile_mask, reference, inv_scale, ACC: tl.constexpr):
+    """a = (x - reference) * inv_scale (no scaling for None) of a tile, 0 on masked lanes."""
+    a = _widen(xt, ACC) - reference[:, None]
+    if inv_scale is not None:
+        a = a * inv_scale[:, None]
+    return tl.where(tile_mask, a, 0.0)
 
 
 @triton.jit
 def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Over ``span = (start, end)`` of each plane, in tiles: (center, mean, M2) of a = (x -
-    center) * inv_scale, the center at the mean, and max |x - reference| (to detect the rare
-    planes whose squares could overflow).
+    """Over ``span = (start, end)`` of each plane, in tiles: (reference, mean, M2) of a = (x -
+    reference) * inv_scale (no scaling for None), the reference a float near the data.
 
-    The first tile moves the reference from the pivot to its own mean, so that a distant pivot
-    (an outlier at x[plane, 0]) does not make every delta large. Each tile's mean and M2 are
-    then taken in registers, exactly (two passes over the registers), and merged into the
-    running ones with Chan's parallel formula in tile order; M2 is summed compensated (TwoSum),
-    so that its error does not grow with the number of tiles."""
-    x_start, x_stride = x_planes
+    Each tile is taken in two passes over its registers: its mean (one reduction across the CTA),
+    then each element's deviation from it, whose square is added to its position's running sum
+    (registers, no reduction inside the loop). The tiles' means are merged in tile order by
+    Chan's formula, the M2 between them summed compensated (Fast2Sum, exact while the running
+    sum is the larger, as it is once a few tiles are in), so that neither error grows with the
+    number of tiles; the positions' sums are reduced once at the end. A value far from
+    the rest (an outlier) enters M2 through its own tile's two-pass, exactly as a single tile
+    would have it.
+
+    The first tile, loaded before the loop, moves the reference from the pivot to its mean
+    first, so that a distant pivot (an outlier at x[plane, 0]) does not make every delta large;
+    each iteration then loads the tile the next one takes."""
     start, end = span
-    reference = pivot
+    tile = _tile(start, mask, end, BLOCK_HW, BLOCK_HW)
+    xt = _load_rows(x_planes, tile)
+    tile_mask = _tile_mask(tile)
+    first_count = tl.maximum(tl.minimum(end - start, BLOCK_HW), 1).to(ACC)
+    reference, _ = _move_center(
+        pivot, tl.sum(_deltas(xt, tile_mask, pivot, inv_scale, ACC), axis=1) / first_count,
+        inv_scale)
     count = tl.zeros([], dtype=ACC)  # the same for every plane of the program
     mean = tl.zeros([BLOCK_R], dtype=ACC)
-    m2 = tl.zeros([BLOCK_R], dtype=ACC)
-    m2_error = tl.zeros([BLOCK_R], dtype=ACC)  # M2 = m2 + m2_error
-    max_delta = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
+    between = tl.zeros([BLOCK_R], dtype=ACC)  # M2 between the tiles' means: between + error
+    between_error = tl.zeros([BLOCK_R], dtype=ACC)
+    # per position pair: squared deviations from the tiles' means. Positions a half tile apart
+    # share a lane (a lane holds several of its CTA's spans), so the pairs are summed in
+    # registers, and the running sums take half the registers.
+    within = tl.zeros([BLOCK_R, BLOCK_HW // 2], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
-        offs, tile_mask = _tile(t, mask, end, BLOCK_HW)
-        xt = tl.load(x_start[:, None] + offs[None, :] * x_stride, mask=tile_mask, other=0.0)
-        xt = xt.to(ACC)
+        a = _deltas(xt, tile_mask, reference, inv_scale, ACC)
         tile_count = tl.minimum(end - t, BLOCK_HW).to(ACC)
-        if t == start:  # terms divided first: no overflow where x - pivot is near the top
-            share = tl.where(tile_mask, (xt - pivot[:, None]) * (1.0 / tile_count), 0.0)
-            reference = pivot + tl.sum(share, axis=1)
-        delta = tl.where(tile_mask, xt - reference[:, None], 0.0)
-        tile_mean, centered = _two_pass(delta * inv_scale[:, None], tile_mask, tile_count)
-        count, mean, added = _merge_moments(
-            (count, mean), (tile_count, tile_mean, tl.sum(centered * centered, axis=1)))
-        total = m2 + added
-        m2_error += _two_sum_error(m2, added, total)
-        m2 = total
-        max_delta = tl.maximum(max_delta, tl.abs(delta))
-    center, rest = _move_center(reference, mean, inv_scale)
-    return (center, rest, m2 + m2_error), tl.max(max_delta, axis=1)
+        tile_mean = tl.sum(a, axis=1) * (1.0 / tile_count)
+        deviation = tl.where(tile_mask, a - tile_mean[:, None], 0.0)
+        within += tl.sum(tl.reshape(deviation * deviation, (BLOCK_R, 2, BLOCK_HW // 2)), axis=1)
+        count, mean, added = _merge_moments((count, mean), (tile_count, tile_mean))
+        total = between + added
+        between_error += added - (total - between)  # Fast2Sum: exact while between >= added
+        between = total
+        tile = _tile(t + BLOCK_HW, mask, end, BLOCK_HW, BLOCK_HW)  # the next tile
+        xt = _load_rows(x_planes, tile)
+        tile_mask = _tile_mask(tile)
+    return reference, mean, tl.sum(within, axis=1) + (between + between_error)
 
 
 @triton.jit
-def _safe_streamed_moments(x_planes, mask, span, pivot, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_HW: tl.constexpr):
-    """_streamed_moments with the overflow guard: (center, mean, M2, inv_scale). Ordinary data
-    takes one sweep; a plane with max |x - reference| > 2^40 is swept again with its deltas
-    scaled."""
+def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """_streamed_moments with the overflow guard, each plane's mean moved into its center:
+    (center, mean, M2, inv_scale). Ordinary data takes one sweep; a program with a plane whose
+    sums leave the finite range sweeps again to find max |x - pivot|, then once more with those
+    planes' deltas scaled (a cold branch). ``base``: an element the cold path's mark may read."""
+    reference, mean, m2 = _streamed_moments(x_planes, mask, span, pivot, None, ACC, BLOCK_R,
+                                            BLOCK_HW)
+    center, rest = _move_center(reference, mean, None)
     inv_scale = tl.full([BLOCK_R], 1.0, ACC)
-    moments, max_delta = _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC, BLOCK_R,
-                                           BLOCK_HW)
-    if tl.max(tl.where(mask, max_delta, 0.0), axis=0) > BIG_DELTA:
-        inv_scale = _inverse_scale(max_delta, ACC)
-        moments, max_delta = _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC,
-                                               BLOCK_R, BLOCK_HW)
-    center, mean, m2 = moments
-    return center, mean, m2, inv_scale
+    if _overflowed(mean, m2, mask):
+        _cold_path(base)
+        bad = ~((tl.abs(mean) + m2) < float("inf"))
+        start, end = span
+        max_delta = tl.zeros([BLOCK_R, BLOCK_HW], dtype=ACC)
+        for t in range(start, end, BLOCK_HW):
+            tile = _tile(t, mask, end, BLOCK_HW, BLOCK_HW)
+            xt = _load_rows(x_planes, tile)
+            max_delta = tl.maximum(max_delta, tl.where(_tile_mask(tile),
+                                                       tl.abs(xt.to(ACC) - pivot[:, None]), 0.0))
+        scale = _inverse_scale(tl.max(max_delta, axis=1), ACC)
+        scaled_reference, scaled_mean, scaled_m2 = _streamed_moments(
+            x_planes, mask, span, pivot, scale, ACC, BLOCK_R, BLOCK_HW)
+        scaled_center, scaled_rest = _move_center(scaled_reference, scaled_mean, scale)
+        center = tl.where(bad, scaled_center, center)
+        rest = tl.where(bad, scaled_rest, rest)
+        m2 = tl.where(bad, scaled_m2, m2)
+        inv_scale = tl.where(bad, scale, inv_scale)
+    return center, rest, m2, inv_scale
 
 
 @triton.jit
-def _chunk_summary(center, mean, m2, count, inv_scale):
-    """What a split plane's chunk hands to the combine pass, in units of x: its mean as an
-    unevaluated sum hi + lo (hi = fl(mean), lo exact with inv_scale == 1) and its RMS deviation
-    sqrt(M2 / count); each finite wherever x is."""
-    hi, rest = _move_center(center, mean, inv_scale)
-    return hi, _div(rest, inv_scale), _div(_sqrt(_div(m2, count)), inv_scale)
+def _chunk_summary(center, rest, var, inv_scale, mask, base):
+    """What a split plane's chunk hands to the combine pass, in units of x: its mean ``center +
+    rest / inv_scale`` as an unevaluated sum hi + lo, hi = fl(mean) and lo the rest (TwoSum),
+    and its RMS deviation sqrt(``var``) / inv_scale, each finite wherever x is. Unscaled planes
+    divide by nothing (a program with a scaled plane takes a cold branch)."""
+    hi, lo = _move_center(center, rest, None)
+    rms = _sqrt(var)
+    if tl.max(tl.where(mask, inv_scale != 1.0, False).to(tl.int32), axis=0) > 0:
+        _cold_path(base)
+        scaled = inv_scale != 1.0
+        scaled_hi, scaled_lo = _move_center(center, rest, inv_scale)
+        hi = tl.where(scaled, scaled_hi, hi)
+        lo = tl.where(scaled, _div(scaled_lo, inv_scale), lo)
+        rms = _div(rms, inv_scale)
+    return hi, lo, rms
 
 
 @triton.jit
