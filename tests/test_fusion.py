@@ -224,8 +224,8 @@ def test_registered_block(launches):
 
         assert not any(_activations(_fuse(Sub())).values())
     finally:
-        from triton_instnorm import forward_programs
-        forward_programs._REGISTERED.pop(_TwoNorms, None)
+        from triton_instnorm import fusion
+        fusion._REGISTERED.pop(_TwoNorms, None)
     with pytest.raises(TypeError, match="register_block takes"):
         tin.register_block(object, [("a", "b")])
 

@@ -7,7 +7,7 @@
 
 from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm, instance_stats
 from .convert import convert_instance_norm, revert_instance_norm
-from .forward_programs import register_block
+from .fusion import register_block
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .onnx_export import onnx_translation_table  # also registers the TorchScript symbolics

@@ -70,7 +70,8 @@ def revert_instance_norm(module: torch.nn.Module) -> torch.nn.Module:
     with ``activation=``, or a fused layer passed without the module that held its activation):
     torch's layer cannot express it.
     """
-    restorable = {id(m) for m in fusion.fused_norms(module)}
+    restorable = {id(n) for m in module.modules() if isinstance(m, fusion.FusedActivation)
+                  for n in m._fused_norms}  # (the norms a conversion fused)
     for name, m in module.named_modules():
         if type(m) in _TO_TORCH and m.activation is not None and id(m) not in restorable:
             where = f"'{name}'" if name else "the module passed"
