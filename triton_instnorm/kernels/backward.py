@@ -55,15 +55,6 @@ def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STAT
 
 
 @triton.jit
-def _residual_planes(view, rows):
-    """``_plane_start`` of an optional planes view (the residual and its gradient)."""
-    if view is None:
-        return None
-    else:
-        return _plane_start(view, rows)
-
-
-@triton.jit
 def _tile_grads(inputs, r_planes, tile, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x
     (and from the residual's planes ``r_planes``, when one was added before the activation)."""
@@ -133,8 +124,11 @@ def _bwd_split_sums(
     inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
                              USE_INPUT_STATS, ACC, BLOCK_R)
     span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, True)
-    sum_dz_xhat, sum_dz = _streamed_sums(inputs, _residual_planes(r, rows), mask, span, ACC,
-                                         ACTIVATION, BLOCK_R, BLOCK_HW)
+    r_planes = None  # (a jit function returning None does not compile on Triton 3.6)
+    if r is not None:
+        r_planes = _plane_start(r, rows)
+    sum_dz_xhat, sum_dz = _streamed_sums(inputs, r_planes, mask, span, ACC, ACTIVATION, BLOCK_R,
+                                         BLOCK_HW)
     tl.store(_partial(Partials, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=mask)
     tl.store(_partial(Partials, SUM_DZ, num_planes, plane), sum_dz, mask=mask)
 
@@ -190,7 +184,9 @@ def _bwd(
     inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
                              USE_INPUT_STATS, ACC, BLOCK_R)
     span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
-    r_planes = _residual_planes(r, rows)
+    r_planes = None  # (a jit function returning None does not compile on Triton 3.6)
+    if r is not None:
+        r_planes = _plane_start(r, rows)
 
     if SUMS_FROM == FROM_TILE:  # one read of x and dy, kept in registers for dx
         tile = _tile(0, mask, HW, BLOCK_HW,
@@ -223,7 +219,9 @@ def _bwd(
         mean_dz_xhat = tl.zeros([BLOCK_R], dtype=ACC)
         mean_dz = tl.zeros([BLOCK_R], dtype=ACC)
     dx_planes = _plane_start(dx, rows)
-    dr_planes = _residual_planes(dr, rows)
+    dr_planes = None
+    if dr is not None:
+        dr_planes = _plane_start(dr, rows)
     coefficients = (dx_scale, mean_dz, mean_dz_xhat)
     if SUMS_FROM == FROM_TILE:  # x_hat and dz are still in registers
         _write_dx(dx_planes, dr_planes, tile, x_hat, dz, coefficients)
