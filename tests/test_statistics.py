@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from utils import DEVICE, TOL, assert_close, grads, randn
 
 import triton_instnorm as tin
-from triton_instnorm import heuristics
+from triton_instnorm import heuristics, launch
 
 ERROR_RATIO = 4
 ULPS = 2
@@ -23,11 +23,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 def _path(name):
     """(1, 4, 16, 16): planes of 256 elements: in one tile, looped in 8 tiles (channels_last: 32),
-    or split in 4 chunks."""
+    split in 4 chunks, or split in chunks of one tile each (the split pass then takes a tile's
+    statistics, ``ONE_TILE``, except for float64: heuristics.statistics_pass)."""
     stack = contextlib.ExitStack()
     if name in ("looped", "split"):
         stack.enter_context(heuristics.tile_limit(32))
         stack.enter_context(heuristics.split_planes(64 if name == "split" else 1 << 30))
+    elif name == "split_one_tile":
+        stack.enter_context(heuristics.tile_limit(128))
+        stack.enter_context(heuristics.split_planes(32))
     return stack
 
 
@@ -62,7 +66,7 @@ def _assert_near_torch(ours, torchs, refs, dtype):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("path", ["single_tile", "looped", "split"])
+@pytest.mark.parametrize("path", ["single_tile", "looped", "split", "split_one_tile"])
 @pytest.mark.parametrize("kind", ["outlier_first", "outlier_last", "halves_1e4_apart"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_adversarial_planes_match_torch(dtype, kind, path, layout, launches):
@@ -75,8 +79,11 @@ def test_adversarial_planes_match_torch(dtype, kind, path, layout, launches):
     b = torch.randn(4, generator=g).to(dtype).to(DEVICE)
     dy = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     with _path(path):
+        if path == "split_one_tile":
+            how = launch.layout(x).how
+            assert how.chunks > 1 and heuristics.cdiv(256, how.chunks) <= how.config.BLOCK_HW
         ours = grads(tin.instance_norm, x, w, b, dy)
-    assert launches("_fwd_split_stats") == (1 if path == "split" else 0)
+    assert launches("_fwd_split_stats") == (1 if path.startswith("split") else 0)
     _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),
                        _reference_grads(x, w, b, dy), dtype)
 
@@ -92,7 +99,7 @@ def test_outlier_first_in_a_256x256_plane():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("path", ["single_tile", "looped", "split"])
+@pytest.mark.parametrize("path", ["single_tile", "looped", "split", "split_one_tile"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_eps0_constant_planes_take_torchs_rule(dtype, path, layout, poison):
     """var == 0 with eps == 0: torch's invstd = 0, so y is exactly the shift, dx exactly 0 and
