@@ -12,7 +12,7 @@ from test_statistics import DTYPES, _adversarial, _assert_near_torch, _reference
 from utils import DEVICE, grads
 
 import triton_instnorm as tin
-from triton_instnorm import heuristics, launch
+from triton_instnorm import heuristics
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -30,8 +30,8 @@ def test_one_tile_chunks_match_torch(dtype, kind, layout, launches):
     with contextlib.ExitStack() as stack:  # tiles of 128 elements at most, chunks of one tile
         stack.enter_context(heuristics.tile_limit(128))
         stack.enter_context(heuristics.split_planes(32))
-        how = launch.layout(x).how
-        assert how.chunks > 1 and heuristics.cdiv(256, how.chunks) <= how.config.BLOCK_HW
+        plan = tin.explain(x).plans["forward"]
+        assert plan.chunks > 1 and heuristics.cdiv(256, plan.chunks) <= plan.config.BLOCK_HW
         ours = grads(tin.instance_norm, x, w, b, dy)
     assert launches("_fwd_split_stats") == 1
     _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),

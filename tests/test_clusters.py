@@ -57,7 +57,7 @@ def recorded(monkeypatch):
 
 def _ctas(shape, memory_format=torch.contiguous_format, dtype=torch.bfloat16):
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
-    return launch.plan(launch.planes(x, launch.can_fold(x)), x).config.num_ctas
+    return tin.explain(x).plans["forward"].config.num_ctas
 
 
 def _check(shape, dtype, memory_format=torch.contiguous_format, activation=None):
@@ -94,7 +94,7 @@ LADDER = {ONE_CTA: 1, ONE_CTA + 1: 2, 2 * ONE_CTA: 2, 2 * ONE_CTA + 1: 4, 4 * ON
 @pytest.mark.parametrize("hw", LADDER, ids=str)
 def test_cluster_ladder(clusters, hw):
     x = torch.empty((2, 3, hw), dtype=torch.bfloat16)
-    config = launch.plan(launch.planes(x, True), x).config
+    config = tin.explain(x).plans["forward"].config
     assert config.num_ctas == LADDER[hw]
     assert config.SINGLE_TILE == (hw <= LARGEST)
     if config.num_ctas > 1:  # each CTA holds one single-CTA tile with its warps

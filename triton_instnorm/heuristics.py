@@ -64,9 +64,17 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
 
 import contextlib
 import dataclasses
+import math
+import types
 from dataclasses import dataclass
 
+import torch
+
 from .device import DEFAULT_EMULATED, EMULATED, Device
+from .kernels.constants import (
+    ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
+    NUM_SUMS,
+)
 
 MAX_SINGLE_TILE = 8192  # elements per CTA held in registers
 LOOP_TILE = 4096
@@ -236,15 +244,14 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     return cdiv(hw, chunk)
 
 
-def statistics_pass(hw: int, how, itemsize: int):
+def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int):
     """(ONE_TILE, num_warps) of a split plane's statistics pass. ONE_TILE: the chunks, as the
     kernels derive them from the chunk count, fit one tile, which then takes a tile's two
     reductions instead of the stream's three and its merges (not for float64, whose tests pin
     the stream's rounding to the last ulps, and which has instructions to spare). The warps:
     ``Config.stats_warps`` where it is set, except for the stream over channel groups, whose
     per-channel state would spill there."""
-    one_tile = itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
-    cfg = how.config
+    one_tile = itemsize <= 4 and cdiv(hw, chunks) <= cfg.BLOCK_HW
     if cfg.stats_warps is None or (cfg.BLOCK_R > 1 and not one_tile):
         return one_tile, cfg.num_warps
     return one_tile, cfg.stats_warps
@@ -261,3 +268,206 @@ def combine_config(num_planes: int, chunks: int, warp_size: int = 32):
 def reduce_block(c: int) -> int:
     """Channels per program of the tiny (N, C) reductions (running stats, dweight/dbias)."""
     return min(1024, next_power_of_2(max(c, 1)))
+
+
+# ------------------------------------------------------------------------------- the launch plan
+# One pure function (``plan``) turns a problem and a GPU into every pass of a call: its kernel,
+# grid, constexprs and launch options, and the buffers the call allocates. launch.py executes
+# plans; explain.py prints them; the tests and the AOT specs read them.
+
+FORWARD, BACKWARD, STATS_BACKWARD, UPDATE = "forward", "backward", "stats_backward", "update"
+# the passes for planes held in parts (distributed.py)
+NORMALIZE, BACKWARD_SUMS, BACKWARD_FROM_SUMS = "normalize", "backward_sums", "backward_from_sums"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a call's plan depends on: the op, the planes (as launch.layout sees the tensors:
+    ``groups`` x ``rows_per_group`` planes of ``hw`` elements, ``rows_contiguous`` for
+    channels_last), the input dtype and the flags that change the passes."""
+
+    op: str
+    n: int
+    c: int
+    hw: int
+    groups: int = 1
+    rows_per_group: int = 0
+    rows_contiguous: bool = False
+    dtype: object = torch.float32
+    use_input_stats: bool = True
+    store_stats: bool = False  # forward: the caller reads the statistics
+    write_y: bool = True  # forward: False computes the statistics only
+    residual: bool = False
+    activation: int = ACT_NONE
+    reduce_dw: bool = False  # backward: dweight / dbias summed over n (per-channel, needed)
+    reduce_db: bool = False
+
+    @property
+    def acc(self):
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A buffer the call allocates: ``like`` an operand (an output laid out as it is), or of
+    ``shape`` and ``dtype``."""
+
+    name: str
+    shape: tuple | None
+    dtype: object
+    like: str | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One launch: ``args`` name what the host gives (tensors, views, runtime scalars);
+    ``options`` hold what the plan decides (constexprs, sizes, num_warps, num_ctas)."""
+
+    kernel: str
+    grid: tuple
+    args: tuple  # (kernel argument, the host's name for its value)
+    options: types.MappingProxyType
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every pass of one call, in launch order, and why it takes its path."""
+
+    problem: Problem
+    gpu: Device
+    config: Config | None  # the tile of the passes over planes (None: per-channel passes only)
+    chunks: int  # of each plane, grid axis 1
+    source: int | None  # FROM_*: where the passes over planes take their per-plane reductions
+    path: str  # "single tile", "cluster", "looped", "split", "elementwise", "per channel"
+    reason: str
+    buffers: tuple
+    passes: tuple
+
+
+def _pass(kernel, grid, args, **options):
+    """A Pass; ``args``: argument names, or (argument, the host's name for its value)."""
+    args = tuple((a, a) if isinstance(a, str) else a for a in args)
+    return Pass(kernel, tuple(grid), args, types.MappingProxyType(options))
+
+
+_FWD_ARGS = ("x", "y", "r", "w", "b", "running", "Stats", "eps", "slope", "EXACT")
+_BWD_ARGS = ("x", "dy", "r", "w", "b", "Stats", "eps", "slope")
+
+
+def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
+         clusters: bool = False) -> Plan:
+    """The plan of ``problem`` on ``gpu`` (``clusters``: device.cluster_launch); pure, but for
+    the test hooks (``tile_limit``, ``split_planes``), which callers key their caches on."""
+    p, acc = problem, problem.acc
+    if p.op == UPDATE:
+        return Plan(p, gpu, None, 1, None, "per channel", "running statistics, one program "
+                    "per channel block", (), (_reduce_pass(p, "_update_running_stats"),))
+    cfg = plane_config(p.hw, p.rows_per_group, groups=p.groups, rows_contiguous=p.rows_contiguous,
+                       itemsize=p.dtype.itemsize, gpu=gpu, clusters=clusters)
+    row_programs = p.groups * cdiv(p.rows_per_group, cfg.BLOCK_R)
+    chunks = split_chunks(p.hw, row_programs, cfg, gpu.sms)
+    source = FROM_PARTIALS if chunks > 1 else FROM_TILE if cfg.SINGLE_TILE else FROM_PLANE
+    grid, planes = (row_programs, chunks), p.n * p.c
+    tiles = dict(geometry=(planes, p.c, p.hw, p.rows_per_group), BLOCK_R=cfg.BLOCK_R,
+                 BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
+    if cfg.num_ctas > 1:
+        tiles["num_ctas"] = cfg.num_ctas
+    split = source == FROM_PARTIALS
+    buffers, passes = [], []
+    if p.op in (FORWARD, NORMALIZE):
+        if p.op == NORMALIZE:
+            source = FROM_PARTIALS  # the statistics are given
+        elif not p.use_input_stats:
+            source = FROM_RUNNING
+        split = p.op == FORWARD and source == FROM_PARTIALS
+        buffers += [Buffer("y", None, p.dtype, "x")] if p.write_y else []
+        if p.op == FORWARD and (p.store_stats or split):  # split planes combine through Stats
+            buffers.append(Buffer("Stats", (NUM_STATS, p.n, p.c), acc))
+        if split:
+            buffers.append(Buffer("Partials", (NUM_FWD_PARTIALS, planes, chunks), acc))
+            one_tile, warps = statistics_pass(p.hw, chunks, cfg, p.dtype.itemsize)
+            passes.append(_pass("_fwd_split_stats", grid, ("x", "Partials"),
+                                **dict(tiles, num_warps=warps), ONE_TILE=one_tile))
+            passes.append(_combine_pass("_fwd_combine", planes, chunks, gpu, ("Partials", "Stats"),
+                                        HW=p.hw, BLOCK_HW=cfg.BLOCK_HW))
+        if p.write_y or not split:  # else the statistics are complete
+            passes.append(_pass("_fwd", grid, _FWD_ARGS, **tiles, STATS_FROM=source,
+                                ACTIVATION=p.activation))
+    elif p.op in (BACKWARD, BACKWARD_SUMS, BACKWARD_FROM_SUMS):
+        flags = dict(USE_INPUT_STATS=p.use_input_stats, ACTIVATION=p.activation)
+        if p.op == BACKWARD_FROM_SUMS:
+            source, split = FROM_PARTIALS, False  # the sums are given
+        if p.op != BACKWARD_SUMS:
+            buffers.append(Buffer("dx", None, p.dtype, "x"))
+            buffers += [Buffer("dr", None, p.dtype, "r")] if p.residual else []
+        if p.op == BACKWARD:
+            buffers.append(Buffer("PlaneSums", (NUM_SUMS, planes), acc))
+        if split or p.op == BACKWARD_SUMS:
+            buffers.append(Buffer("Partials", (NUM_SUMS, planes, chunks), acc))
+            passes.append(_pass("_bwd_split_sums", grid, (*_BWD_ARGS, "Partials"), **tiles,
+                                **flags))
+            if chunks > 1:
+                if p.op == BACKWARD_SUMS:
+                    buffers.append(Buffer("PlaneSums", (NUM_SUMS, planes), acc))
+                passes.append(_combine_pass("_bwd_combine", planes, chunks, gpu,
+                                            ("Partials", "PlaneSums")))
+        if p.op != BACKWARD_SUMS:
+            if p.hw and planes:  # else a part with no element of its planes
+                sums = ("PlaneSums", "KernelSums" if p.op == BACKWARD_FROM_SUMS else "PlaneSums")
+                passes.append(_pass("_bwd", grid, (*_BWD_ARGS, "dx", "dr", sums), **tiles,
+                                    **flags, SUMS_FROM=source))
+            if (p.reduce_dw or p.reduce_db) and p.c:
+                buffers += [Buffer(name, None, None, like) for name, like, needed in (
+                    ("DW", "w", p.reduce_dw), ("DB", "b", p.reduce_db)) if needed]
+                passes.append(_reduce_pass(p, "_sum_partials_over_n"))
+    elif p.op == STATS_BACKWARD:  # elementwise: chunks are just more programs
+        buffers.append(Buffer("dx", None, p.dtype, "x"))
+        passes.append(_pass("_stats_bwd", grid, ("x", "dx", "dmean", "dstd", "Stats", "eps"),
+                            **tiles, CHUNKED=chunks > 1))
+    else:
+        raise ValueError(f"unknown op {p.op!r}")
+    path, reason = _path(p, cfg, source, row_programs, chunks, gpu)
+    return Plan(p, gpu, cfg, chunks, source, path, reason, tuple(buffers), tuple(passes))
+
+
+def _combine_pass(kernel, planes, chunks, gpu, args, **options):
+    """A combine pass: the (fields, N * C, chunks) partials of split planes reduced over the
+    chunks, BLOCK_R planes per program."""
+    block_r, block_chunks, warps = combine_config(planes, chunks, gpu.warp_size)
+    return _pass(kernel, (cdiv(planes, block_r),), args, num_planes=planes, chunks=chunks,
+                 **options, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks, num_warps=warps)
+
+
+def _reduce_pass(p, kernel):
+    """A pass over the (N, C) per-plane values, one program per block of channels."""
+    block = reduce_block(p.c)
+    if kernel == "_update_running_stats":
+        return _pass(kernel, (cdiv(p.c, block),), ("Stats", "running", "momentum"), N=p.n,
+                     C=p.c, HW=p.hw, BLOCK_C=block)
+    return _pass(kernel, (cdiv(p.c, block),), ("PlaneSums", "DW", "DB"), N=p.n, C=p.c,
+                 BLOCK_C=block)
+
+
+def _path(p, cfg, source, row_programs, chunks, gpu):
+    """(path, reason): which threshold decided how the planes are read."""
+    target = PROGRAMS_PER_SM * gpu.sms
+    if source == FROM_RUNNING or p.op == STATS_BACKWARD:
+        return "elementwise", (f"{'given statistics' if source == FROM_RUNNING else 'statistics'}"
+                               f": x read once, {chunks} chunk(s) per plane")
+    if p.op in (NORMALIZE, BACKWARD_FROM_SUMS):
+        return "elementwise", "per-plane values given: x read once"
+    if cfg.num_ctas > 1:
+        return "cluster", (f"{p.hw} elements > MAX_SINGLE_TILE = {MAX_SINGLE_TILE}, held in a "
+                           f"{cfg.num_ctas}-CTA cluster (<= MAX_CLUSTER_CTAS = {MAX_CLUSTER_CTAS})")
+    if cfg.SINGLE_TILE:
+        return "single tile", (f"{cfg.BLOCK_R} plane(s) x {cfg.BLOCK_HW} elements fit one tile "
+                               f"(<= MAX_SINGLE_TILE = {_capped(MAX_SINGLE_TILE)})")
+    long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}"
+    if chunks > 1:
+        return "split", (f"{long}; {row_programs} row programs < PROGRAMS_PER_SM x SMs = "
+                         f"{target}: {chunks} chunks per plane")
+    return "looped", f"{long}; {row_programs} row programs, no split (target {target})"

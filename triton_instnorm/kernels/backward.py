@@ -271,7 +271,7 @@ def _stats_bwd(
     eps,  # (hi, lo): the statistics pass's
     BLOCK_R: tl.constexpr,
     BLOCK_HW: tl.constexpr,
-    SPLIT: tl.constexpr,  # grid axis 1 walks chunks of the planes
+    CHUNKED: tl.constexpr,  # grid axis 1 walks chunks of the planes
 ):
     """dx = (dmean + dstd * x_hat) / HW: the gradient through each plane's mean and
     std = sqrt(biased var + eps) (AdaIN's style statistics). Elementwise: x read once."""
@@ -279,7 +279,7 @@ def _stats_bwd(
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     nc = _plane_nc(plane, C)
-    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, CHUNKED)
     # the gradient of sqrt(var + eps) as autograd takes it: no invstd rule at var + eps == 0
     stats = _saved_stats(Stats, num_planes, plane, mask, eps, False, ACC, BLOCK_R)
     hw = tl.full([BLOCK_R], HW, ACC)

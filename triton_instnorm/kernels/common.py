@@ -188,12 +188,12 @@ def _chunk_sizes(HW, chunks, ACC: tl.constexpr, BLOCK_HW: tl.constexpr,
 
 
 @triton.jit
-def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
+def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, CHUNKED: tl.constexpr):
     """This program's chunk of its planes, grid axis 1 walking the chunks: ((start, end), first),
     ``first`` masking the planes for which this is chunk 0, the program that writes per-plane
-    results. Without ``SPLIT`` (one chunk, known at compile time) the range is the whole plane,
+    results. Without ``CHUNKED`` (one chunk, known at compile time) the range is the whole plane,
     in 32 bits."""
-    if not SPLIT:
+    if not CHUNKED:
         return (0, HW), mask
     else:
         chunk = tl.program_id(1)

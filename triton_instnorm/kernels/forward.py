@@ -149,14 +149,14 @@ def _fwd(
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     # Chunks need partials only for statistics; the eval pass is elementwise, so a split grid
     # just gives each program its chunk.
-    SPLIT: tl.constexpr = (STATS_FROM == FROM_PARTIALS) | (STATS_FROM == FROM_RUNNING)
+    CHUNKED: tl.constexpr = (STATS_FROM == FROM_PARTIALS) | (STATS_FROM == FROM_RUNNING)
     # The normalize sweep after a statistics sweep walks the tiles backwards: the ones read last
     # are the likeliest to be in L2 still.
     REVERSE: tl.constexpr = STATS_FROM == FROM_PLANE
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     nc = _plane_nc(plane, C)
-    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, CHUNKED)
     x_planes = _plane_start(x, rows)
     hw = tl.full([BLOCK_R], HW, ACC)
 

@@ -1,0 +1,102 @@
+"""``triton_instnorm.explain``: the launch plan printed, and its bytes equal to the traffic
+audit's (perf/counting.py, the kernels run through Triton's interpreter) for every perf shape
+class on every emulated GPU, on each path the planes can take."""
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton_instnorm as tin  # noqa: E402
+from perf import counting, machine, model, providers  # noqa: E402
+from perf.shapes import SHAPE_CLASSES  # noqa: E402
+from triton_instnorm import device, heuristics  # noqa: E402
+
+GPUS = list(device.EMULATED)
+PATHS = {  # the test hooks force the looped and split paths on the classes' tiny shapes
+    "planned": contextlib.nullcontext,
+    "looped": lambda: _hooks(tile_limit=32, split_planes=1 << 30),
+    "split": lambda: _hooks(tile_limit=16, split_planes=48),
+}
+
+
+@contextlib.contextmanager
+def _hooks(tile_limit, split_planes):
+    with heuristics.tile_limit(tile_limit), heuristics.split_planes(split_planes):
+        yield
+
+
+def _smoke_cases():
+    return [pytest.param(cls, shape, id=f"{cls.name}-{model.shape_to_str(shape)}")
+            for cls in SHAPE_CLASSES.values() for shape in cls.smoke_shapes]
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(device.EMULATE_ENV, raising=False)
+    monkeypatch.delenv(device.CLUSTERS_ENV, raising=False)
+
+
+def test_explain_prints_the_plan_without_a_kernel(launches):
+    text = str(tin.explain(shape=(4, 32, 256, 256), dtype=torch.bfloat16, gpu="a100"))
+    for expected in ("NVIDIA A100", "forward: split", "backward: split", "PROGRAMS_PER_SM",
+                     "_fwd_split_stats", "_bwd_combine", "x the minimum"):
+        assert expected in text, text
+    eval_text = str(tin.explain(shape=(2, 8, 7, 7), training=False))
+    assert "forward: elementwise" in eval_text and "backward" not in eval_text
+    assert sum(launches(k) for k in ("_fwd", "_bwd", "_fwd_split_stats")) == 0
+
+
+def test_explain_of_a_tensor_is_its_layout(monkeypatch):
+    x = torch.empty(2, 16, 9, 9).to(memory_format=torch.channels_last)
+    monkeypatch.setenv(device.EMULATE_ENV, "mi300x")
+    e = tin.explain(x)
+    assert e.gpu is device.EMULATED["mi300x"] and e.layout == "channels_last"
+    assert e.plans["forward"].problem.rows_contiguous
+    with pytest.raises(ValueError, match="v100"):
+        tin.explain(x, gpu="v100")
+
+
+def test_minimum_is_the_byte_models():
+    for dtype in ("bfloat16", "float32"):
+        e = tin.explain(shape=(2, 3, 10, 10), dtype=providers.TORCH_DTYPES[dtype])
+        assert e.minimum == {d: model.norm_bytes((2, 3, 10, 10), dtype, d)
+                             for d in ("forward", "backward")}
+
+
+def _counted(shape, memory_format, dtype, gpu, path, programs="all"):
+    """[(kernel, grid, bytes read, bytes written)] of a training step, (forward, backward),
+    counted through the interpreter as perf/traffic.py counts them, and as explain plans them."""
+    case = providers.make_case(shape, dtype, memory_format, torch.device("cpu"))
+    fn, inputs = providers.norm_fn(providers.OURS, case)
+    with PATHS[path]():
+        e = tin.explain(case.x, gpu=gpu)
+        with counting.count(programs) as fwd:
+            y = fn(*inputs)
+        with counting.count(programs) as bwd:
+            torch.autograd.grad(y, inputs, case.dy)
+    counted = [[(lc.kernel, lc.grid[:len(step.grid)], lc.bytes_loaded, lc.bytes_stored)
+                for lc, step in zip(t.launches, e.plans[d].passes)]
+               for t, d in ((fwd, "forward"), (bwd, "backward"))]
+    planned = [[(step.kernel, step.grid, read, written)
+                for step, (_, read, written) in zip(e.plans[d].passes, e.bytes[d])]
+               for d in ("forward", "backward")]
+    kernels = [[lc.kernel for lc in t.launches] for t in (fwd, bwd)]
+    return counted, planned, kernels, e
+
+
+@pytest.mark.perf
+@pytest.mark.skipif(not machine.interpreting(), reason="counted through Triton's interpreter")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("shape_class, shape", _smoke_cases())
+def test_explain_bytes_are_the_traffic_audits(shape_class, shape, gpu, path, monkeypatch):
+    monkeypatch.setenv(device.EMULATE_ENV, gpu)
+    dtype = "bfloat16" if path != "looped" else "float32"
+    counted, planned, kernels, e = _counted(shape, shape_class.memory_format, dtype, gpu, path)
+    assert kernels == [[s.kernel for s in e.plans[d].passes] for d in ("forward", "backward")]
+    assert counted == planned, str(e)
