@@ -52,6 +52,7 @@ def _plain(v):
     return v
 
 
+@functools.lru_cache(maxsize=64)  # eps, momentum and slopes: a few values per model
 def split_float(v: float):
     """(hi, lo) float32-representable with hi + lo == v to ~48 bits: float64 scalars for Triton,
     whose float arguments are float32."""
@@ -177,6 +178,10 @@ class Layout:
     planes: Planes
     strides: tuple
     plan: heuristics.Plan
+    # the plan as _execute walks it: (name, shape, dtype) of each buffer it allocates, and
+    # (kernel, grid, args, options as a dict) of each pass
+    scratch: tuple
+    steps: tuple
 
 
 def layout(op: str, flags: tuple, *tensors) -> Layout:
@@ -203,9 +208,11 @@ def cached_layout(op, flags, shape, dtype, gpu, clusters, tile_limit, chunk, *st
     p = views[0]
     problem = heuristics.Problem(op, shape[0], shape[1], p.hw, p.groups, p.rows_per_group,
                                  p.row_stride == 1 and p.hw > 1, dtype, *flags)
+    plan = heuristics.plan(problem, gpu, clusters)
     return Layout(fold, p, tuple(None if v is None else (v.group_stride, v.row_stride,
                                                          v.spatial_stride) for v in views),
-                  heuristics.plan(problem, gpu, clusters))
+                  plan, tuple((b.name, b.shape, b.dtype) for b in plan.buffers if b.like is None),
+                  tuple((s.kernel, s.grid, s.args, dict(s.options)) for s in plan.passes))
 
 
 def _device_guard(t: torch.Tensor):
@@ -216,27 +223,39 @@ def _execute(lay: Layout, like: torch.Tensor, values: dict) -> dict:
     """Runs the passes of ``lay.plan``: ``values`` holds what the host gives by argument name
     (views, parameters, scalars, the outputs already allocated); the plan's other buffers are
     allocated on ``like``'s device into it."""
-    for buf in lay.plan.buffers:
-        if buf.like is None:
-            values[buf.name] = new_buffer(like, buf.shape, buf.dtype)
-    kernels = globals()  # looked up at each launch: perf/aot_worker.py swaps in recorders
-    with _device_guard(like):
-        for step in lay.plan.passes:
-            run(kernels[step.kernel], step.grid, **{a: values.get(v) for a, v in step.args},
-                **step.options)
+    for name, shape, dtype in lay.scratch:
+        values[name] = new_buffer(like, shape, dtype)
+    if like.is_cuda:
+        with torch.cuda.device_of(like):
+            _run_steps(lay.steps, values)
+    else:
+        _run_steps(lay.steps, values)
     return values
 
 
-def _views(lay: Layout, names: str, *tensors) -> dict:
-    """{name: planes view} of the tensors given to ``layout`` (None for an absent one)."""
-    return {name: None if t is None else (t, *strides)
-            for name, t, strides in zip(names.split(), tensors, lay.strides)}
+def _run_steps(steps, values):
+    kernels = globals()  # looked up at each launch: perf/aot_worker.py swaps in recorders
+    get = values.get
+    for kernel, grid, args, options in steps:
+        arguments = {a: get(v) for a, v in args}
+        arguments.update(options)
+        run(kernels[kernel], grid, **arguments)
 
 
-def _scalars(x, weight, bias, eps: float, negative_slope: float) -> dict:
-    n = x.shape[0]
-    return dict(w=param_view(weight, n), b=param_view(bias, n), eps=split_float(eps),
-                slope=split_float(negative_slope), EXACT=eps == 0.0)
+_PLANES_Y = ("x", "y", "r")  # the planes operands of the forward's passes, as given to layout
+_PLANES_DX = ("x", "dy", "dx", "r", "dr")  # and of the backward's
+
+
+def _values(lay: Layout, names: tuple, tensors: tuple, weight, bias, eps: float,
+            negative_slope: float) -> dict:
+    """What the passes over planes take from the host: the planes views of ``tensors`` (as
+    given to ``layout``, None for an absent one) by ``names``, the parameters and scalars."""
+    n = tensors[0].shape[0]
+    values = {"w": param_view(weight, n), "b": param_view(bias, n), "eps": split_float(eps),
+              "slope": split_float(negative_slope), "EXACT": eps == 0.0}
+    for name, t, strides in zip(names, tensors, lay.strides):
+        values[name] = None if t is None else (t, *strides)
+    return values
 
 
 # ------------------------------------------------------------------------------------ the passes
@@ -252,9 +271,8 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     residual = None if residual is None else kernel_layout(residual)
     lay = layout(heuristics.FORWARD, (use_input_stats, store_stats, write_y, residual is not None,
                                       activation), x, y, residual)
-    values = _views(lay, "x y r", x, y, residual)
-    values.update(_scalars(x, weight, bias, eps, negative_slope), running=None if use_input_stats
-                  else running_view(running_mean, running_var))
+    values = _values(lay, _PLANES_Y, (x, y, residual), weight, bias, eps, negative_slope)
+    values["running"] = None if use_input_stats else running_view(running_mean, running_var)
     stats = _execute(lay, x, values).get("Stats")
     if y is None:
         y = x.new_empty((0,))
@@ -299,8 +317,9 @@ def _backward(op, dy, x, weight, bias, stats, plane_sums, use_input_stats, eps, 
     reduce_db = need_db and bias is not None and _per_channel(bias, n)
     lay = layout(op, (use_input_stats, False, True, residual is not None, activation, reduce_dw,
                       reduce_db), x, dy, dx, residual, dres)
-    values = _views(lay, "x dy dx r dr", x, dy, dx, residual, dres)
-    values.update(_scalars(x, weight, bias, eps, negative_slope), Stats=stats,
+    values = _values(lay, _PLANES_DX, (x, dy, dx, residual, dres), weight, bias, eps,
+                     negative_slope)
+    values.update(Stats=stats,
                   DW=new_buffer(weight, weight.shape, weight.dtype) if reduce_dw else None,
                   DB=new_buffer(bias, bias.shape, bias.dtype) if reduce_db else None)
     if plane_sums is not None:  # given: _bwd averages them over its own planes' length
@@ -319,9 +338,9 @@ def stats_backward(dmean, dstd, x, stats, eps: float):
     dx = new_output(x)
     n = x.shape[0]
     lay = layout(heuristics.STATS_BACKWARD, (), x, dx)
-    values = _views(lay, "x dx", x, dx)
-    _execute(lay, x, dict(values, dmean=param_view(dmean, n), dstd=param_view(dstd, n),
-                          Stats=stats, eps=split_float(eps)))
+    _execute(lay, x, dict(x=(x, *lay.strides[0]), dx=(dx, *lay.strides[1]),
+                          dmean=param_view(dmean, n), dstd=param_view(dstd, n), Stats=stats,
+                          eps=split_float(eps)))
     return dx
 
 
@@ -355,8 +374,8 @@ def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slop
     residual = None if residual is None else kernel_layout(residual)
     lay = layout(heuristics.NORMALIZE, (True, False, True, residual is not None, activation),
                  x, y, residual)
-    values = _views(lay, "x y r", x, y, residual)
-    _execute(lay, x, dict(values, **_scalars(x, weight, bias, eps, negative_slope), Stats=stats))
+    values = _values(lay, _PLANES_Y, (x, y, residual), weight, bias, eps, negative_slope)
+    _execute(lay, x, dict(values, Stats=stats))
     return y
 
 
@@ -373,9 +392,8 @@ def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float,
     residual = None if residual is None else kernel_layout(residual)
     lay = layout(heuristics.BACKWARD_SUMS, (use_input_stats, False, True, residual is not None,
                                             activation), x, dy, residual)
-    values = _views(lay, "x dy r", x, dy, residual)
-    values = _execute(lay, x, dict(values, **_scalars(x, weight, bias, eps, negative_slope),
-                                   Stats=stats))
+    values = _values(lay, ("x", "dy", "r"), (x, dy, residual), weight, bias, eps, negative_slope)
+    values = _execute(lay, x, dict(values, Stats=stats))
     if "PlaneSums" in values:  # combined from the chunks
         return values["PlaneSums"]
     return values["Partials"].view(NUM_SUMS, planes_n)
