@@ -68,16 +68,16 @@ def test_minimum_is_the_byte_models():
                              for d in ("forward", "backward")}
 
 
-def _counted(shape, memory_format, dtype, gpu, path, programs="all"):
+def _counted(shape, memory_format, dtype, gpu, path, provider=providers.OURS):
     """[(kernel, grid, bytes read, bytes written)] of a training step, (forward, backward),
     counted through the interpreter as perf/traffic.py counts them, and as explain plans them."""
     case = providers.make_case(shape, dtype, memory_format, torch.device("cpu"))
-    fn, inputs = providers.norm_fn(providers.OURS, case)
+    fn, inputs = providers.norm_fn(provider, case)  # (sets TRITON_INSTNORM_CLUSTERS)
     with PATHS[path]():
         e = tin.explain(case.x, gpu=gpu)
-        with counting.count(programs) as fwd:
+        with counting.count() as fwd:
             y = fn(*inputs)
-        with counting.count(programs) as bwd:
+        with counting.count() as bwd:
             torch.autograd.grad(y, inputs, case.dy)
     counted = [[(lc.kernel, lc.grid[:len(step.grid)], lc.bytes_loaded, lc.bytes_stored)
                 for lc, step in zip(t.launches, e.plans[d].passes)]
@@ -89,14 +89,71 @@ def _counted(shape, memory_format, dtype, gpu, path, programs="all"):
     return counted, planned, kernels, e
 
 
-@pytest.mark.perf
-@pytest.mark.skipif(not machine.interpreting(), reason="counted through Triton's interpreter")
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("gpu", GPUS)
-@pytest.mark.parametrize("shape_class, shape", _smoke_cases())
+counted_here = pytest.mark.skipif(not machine.interpreting(),
+                                  reason="counted through Triton's interpreter")
+
+
+def _cases():
+    """Every smoke shape of every class on every emulated GPU as planned; the looped and split
+    paths (forced by the test hooks) on an H100 and an MI300X (64-lane wavefronts)."""
+    return [pytest.param(*case.values, gpu, path, id=f"{case.id}-{gpu}-{path}")
+            for case in _smoke_cases() for gpu in GPUS for path in PATHS
+            if path == "planned" or gpu in ("h100", "mi300x")]
+
+
+@pytest.mark.perf  # 88 training steps through the interpreter
+@counted_here
+@pytest.mark.parametrize("shape_class, shape, gpu, path", _cases())
 def test_explain_bytes_are_the_traffic_audits(shape_class, shape, gpu, path, monkeypatch):
     monkeypatch.setenv(device.EMULATE_ENV, gpu)
     dtype = "bfloat16" if path != "looped" else "float32"
     counted, planned, kernels, e = _counted(shape, shape_class.memory_format, dtype, gpu, path)
     assert kernels == [[s.kernel for s in e.plans[d].passes] for d in ("forward", "backward")]
     assert counted == planned, str(e)
+
+
+FLAGS = {  # explain's arguments, and the call that runs them
+    "eval": (dict(training=False), dict(use_input_stats=False)),
+    "residual_gelu": (dict(residual=True, activation="gelu"), dict(activation="gelu")),
+    "no_affine_silu": (dict(affine=False, activation="silu"), dict(activation="silu")),
+}
+
+
+@counted_here
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("flags", FLAGS)
+def test_explain_bytes_follow_the_flags(flags, path):
+    """Running statistics, a residual read again by the backward under an activation, no
+    parameters: the bytes still those the kernels move."""
+    explained, call = FLAGS[flags]
+    shape = (2, 3, 10, 10)
+    x = torch.randn(shape, requires_grad=True)
+    affine = explained.get("affine", True)
+    w, b = (torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)) if affine \
+        else (None, None)
+    r = torch.randn(shape, requires_grad=True) if explained.get("residual") else None
+    running = (torch.randn(3), torch.rand(3) + 0.5) if not explained.get("training", True) \
+        else (None, None)
+    with PATHS[path]():
+        e = tin.explain(x, **explained)
+        with counting.count() as fwd:
+            y = tin.instance_norm(x, *running, weight=w, bias=b, residual=r, **call)
+        counted = [fwd]
+        if "backward" in e.plans:
+            with counting.count() as bwd:
+                torch.autograd.grad(y, [t for t in (x, w, b, r) if t is not None],
+                                    torch.randn_like(y))
+            counted.append(bwd)
+    for t, (direction, plan) in zip(counted, e.plans.items(), strict=True):
+        assert [(lc.kernel, lc.bytes_loaded, lc.bytes_stored) for lc in t.launches] == \
+            e.bytes[direction], str(e)
+
+
+@counted_here
+@pytest.mark.skipif(not device.clusters_supported(device.EMULATED["h100"], real=False),
+                    reason="this Triton lowers no cluster reduction")
+def test_explain_bytes_of_a_cluster(monkeypatch):
+    counted, planned, _, e = _counted((1, 2, 128, 128), "contiguous", "bfloat16", "h100",
+                                      "planned", providers.CLUSTERS)
+    monkeypatch.delenv(device.CLUSTERS_ENV, raising=False)
+    assert e.plans["forward"].path == "cluster" and counted == planned, str(e)
