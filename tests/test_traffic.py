@@ -375,13 +375,14 @@ def _full_size(entry, dtype=torch.bfloat16, zeros=False):
     return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
 
 
-def _largest(counted) -> int:
-    return max(launch.programs for launch in counted.launches)
+def _largest(plan) -> int:
+    return max(step.programs for step in plan.passes)
 
 
-def _grids(entry):
-    fwd, bwd, _, _ = _count(*_full_size(entry), programs="none")
-    return fwd, bwd
+def _plans(entry):
+    """The (forward, backward) plans of a training step at full size: nothing is launched."""
+    e = tin.explain(_full_size(entry)[0])
+    return e.plans["forward"], e.plans["backward"]
 
 
 def test_byte_model_counts_the_statistics_the_kernels_store():
@@ -398,14 +399,23 @@ def test_table_covers_every_shape_class():
 
 @pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
 def test_programs_per_launch(entry):
-    fwd, bwd = _grids(entry)
-    assert (_largest(fwd), _largest(bwd)) == entry.programs, (fwd.grids(), bwd.grids())
+    fwd, bwd = _plans(entry)
+    assert (_largest(fwd), _largest(bwd)) == entry.programs, (str(fwd), str(bwd))
+
+
+@pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
+def test_explained_bytes_over_minimum(entry):
+    """explain's bytes (tests/test_explain.py ties them to the counts) at full size, every entry:
+    the ratios the sampled counts below pin where they fit the budget."""
+    e = tin.explain(_full_size(entry)[0])
+    ratios = tuple(round(sum(r + w for _, r, w in e.bytes[d]) / e.minimum[d], 2)
+                   for d in ("forward", "backward"))
+    assert ratios == entry.ratio
 
 
 @pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
 def test_bytes_over_minimum(entry, request):
-    fwd, _ = _grids(entry)
-    top = max(fwd.launches, key=lambda launch: launch.programs)
+    top = max(_plans(entry)[0].passes, key=lambda step: step.programs)
     sampled = math.prod(min(g, 3) for g in top.grid)
     if sampled * math.prod(entry.shape) / top.programs > SAMPLE_BUDGET:
         if not request.config.getoption("--runslow"):
@@ -428,9 +438,9 @@ def _twin(entry):
                  if e.below_target else []) for e in SHAPE_TABLE])
 def test_occupancy_target(entry):
     """At least TARGET programs, or for a channels_last class as many as its contiguous twin."""
-    programs = _largest(_grids(entry)[0])
+    programs = _largest(_plans(entry)[0])
     twin = _twin(entry)
-    assert programs >= TARGET or (twin is not None and programs >= _largest(_grids(twin)[0]))
+    assert programs >= TARGET or (twin is not None and programs >= _largest(_plans(twin)[0]))
 
 
 # ------------------------------------------------------------- the same classes, clusters on
@@ -467,8 +477,8 @@ def clusters(monkeypatch):
 
 
 def _launch_shapes(entry):
-    fwd, bwd = _grids(entry)
-    return [(lc.kernel, lc.grid, lc.ctas) for lc in fwd.launches + bwd.launches]
+    fwd, bwd = _plans(entry)
+    return [(s.kernel, s.grid, s.options.get("num_ctas", 1)) for s in fwd.passes + bwd.passes]
 
 
 @needs_cluster_lowering
