@@ -45,7 +45,7 @@ class Explanation:
         lines = [f"instance norm of {tuple(self.shape)} {str(self.dtype).replace('torch.', '')}"
                  f" ({self.layout}), {self.flags}, on {self.gpu.name} ({self.gpu.sms} SMs)"]
         for direction, plan in self.plans.items():
-            lines.append(f"{direction}: {plan.path} - {plan.reason}")
+            lines.append(f"{direction}: {plan.path} - {reason(plan)}")
             lines.append(f"  {'pass':<22}{'grid':>10}{'per SM':>8}  {'tile':<14}{'warps':>5}"
                          f"{'read':>14}{'written':>14}")
             for step, (_, read, written) in zip(plan.passes, self.bytes[direction]):
@@ -111,6 +111,31 @@ def explain(input: torch.Tensor | None = None, *, shape=None, dtype=torch.float3
                               "training" if training else "eval") if f),
         plans, {d: pass_bytes(p, param, param) for d, p in plans.items()},
         {d: minimum_bytes(p, param) for d, p in plans.items()})
+
+
+def reason(plan: heuristics.Plan) -> str:
+    """Which threshold of heuristics.py decided the plan's path."""
+    p, cfg, h = plan.problem, plan.config, heuristics
+    if plan.path == "per channel":
+        return "the running statistics, one program per block of channels"
+    if plan.path == "elementwise":
+        given = {FROM_RUNNING: "the running statistics are given"}.get(
+            plan.source, "the per-plane values are given")
+        return (f"{given if p.op != h.STATS_BACKWARD else 'dx of given statistics'}: x read "
+                f"once, {plan.chunks} chunk(s) per plane")
+    if plan.path == "cluster":
+        return (f"{p.hw} elements > MAX_SINGLE_TILE = {h.MAX_SINGLE_TILE}: held in a "
+                f"{cfg.num_ctas}-CTA cluster (at most MAX_CLUSTER_CTAS = {h.MAX_CLUSTER_CTAS})")
+    if plan.path == "single tile":
+        return (f"{cfg.BLOCK_R} plane(s) of {p.hw} elements in one tile of {cfg.BLOCK_R} x "
+                f"{cfg.BLOCK_HW} (at most MAX_SINGLE_TILE = {h.MAX_SINGLE_TILE})")
+    rows = plan.passes[-1].grid[0] if p.op != h.BACKWARD else plan.passes[0].grid[0]
+    target = h.PROGRAMS_PER_SM * plan.gpu.sms
+    long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}, streamed"
+    if plan.path == "split":
+        return (f"{long}; {rows} row programs < PROGRAMS_PER_SM x SMs = {target}: "
+                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk} elements each)")
+    return f"{long} twice; {rows} row programs, no split (PROGRAMS_PER_SM x SMs = {target})"
 
 
 def _layout_name(x) -> str:

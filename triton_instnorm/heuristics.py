@@ -62,8 +62,6 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   one from the emulated GPU (H100 unless ``TRITON_INSTNORM_EMULATE`` says otherwise).
 """
 
-import contextlib
-import dataclasses
 import math
 import types
 from dataclasses import dataclass
@@ -71,6 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from .device import DEFAULT_EMULATED, EMULATED, Device
+from .hooks import HOOKS, split_planes, tile_limit  # noqa: F401  (the tests' overrides)
 from .kernels.constants import (
     ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
     NUM_SUMS,
@@ -94,41 +93,6 @@ PROGRAMS_PER_SM = 2
 MIN_CHUNK = 8192
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
 COMBINE_TILE = 2048  # partials per combine program
-
-
-@dataclass
-class Overrides:
-    """Overrides for tests, set through ``tile_limit`` / ``split_planes``. A plain object, not a
-    context variable: the backward of a CUDA tensor runs on autograd's device thread, which must
-    see what the test set."""
-
-    tile_limit: int | None = None  # cap on elements per tile, to force the looped paths
-    chunk: int | None = None  # force a split with this many elements per chunk
-
-
-HOOKS = Overrides()
-
-
-@contextlib.contextmanager
-def _override(**values):
-    old = dataclasses.replace(HOOKS)
-    for name, value in values.items():
-        setattr(HOOKS, name, value)
-    try:
-        yield
-    finally:
-        for field in dataclasses.fields(HOOKS):
-            setattr(HOOKS, field.name, getattr(old, field.name))
-
-
-def tile_limit(elements: int):
-    """Caps the tile size (for tests: makes small planes take the multi-tile loops)."""
-    return _override(tile_limit=elements)
-
-
-def split_planes(chunk_elements: int):
-    """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
-    return _override(chunk=chunk_elements)
 
 
 # Host integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions in
@@ -257,17 +221,6 @@ def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int):
     return one_tile, cfg.stats_warps
 
 
-def combine_config(num_planes: int, chunks: int, warp_size: int = 32):
-    """(BLOCK_R, BLOCK_CHUNKS, num_warps) of a combine pass: the chunks of BLOCK_R planes in one
-    register tile of at most COMBINE_TILE partials (128 lanes x 16 values)."""
-    block_chunks = next_power_of_2(chunks)
-    block_r = max(1, min(next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
-    return block_r, block_chunks, _warps(COMBINE_TILE, warp_size)
-
-
-def reduce_block(c: int) -> int:
-    """Channels per program of the tiny (N, C) reductions (running stats, dweight/dbias)."""
-    return min(1024, next_power_of_2(max(c, 1)))
 
 
 # ------------------------------------------------------------------------------- the launch plan
@@ -335,7 +288,7 @@ class Pass:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every pass of one call, in launch order, and why it takes its path."""
+    """Every pass of one call in launch order, and the buffers it allocates."""
 
     problem: Problem
     gpu: Device
@@ -343,7 +296,6 @@ class Plan:
     chunks: int  # of each plane, grid axis 1
     source: int | None  # FROM_*: where the passes over planes take their per-plane reductions
     path: str  # "single tile", "cluster", "looped", "split", "elementwise", "per channel"
-    reason: str
     buffers: tuple
     passes: tuple
 
@@ -364,8 +316,9 @@ def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
     the test hooks (``tile_limit``, ``split_planes``), which callers key their caches on."""
     p, acc = problem, problem.acc
     if p.op == UPDATE:
-        return Plan(p, gpu, None, 1, None, "per channel", "running statistics, one program "
-                    "per channel block", (), (_reduce_pass(p, "_update_running_stats"),))
+        update = _reduce_pass(p, "_update_running_stats", ("Stats", "running", "momentum"),
+                              HW=p.hw)
+        return Plan(p, gpu, None, 1, None, "per channel", (), (update,))
     cfg = plane_config(p.hw, p.rows_per_group, groups=p.groups, rows_contiguous=p.rows_contiguous,
                        itemsize=p.dtype.itemsize, gpu=gpu, clusters=clusters)
     row_programs = p.groups * cdiv(p.rows_per_group, cfg.BLOCK_R)
@@ -423,51 +376,39 @@ def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
             if (p.reduce_dw or p.reduce_db) and p.c:
                 buffers += [Buffer(name, None, None, like) for name, like, needed in (
                     ("DW", "w", p.reduce_dw), ("DB", "b", p.reduce_db)) if needed]
-                passes.append(_reduce_pass(p, "_sum_partials_over_n"))
+                passes.append(_reduce_pass(p, "_sum_partials_over_n", ("PlaneSums", "DW", "DB")))
     elif p.op == STATS_BACKWARD:  # elementwise: chunks are just more programs
         buffers.append(Buffer("dx", None, p.dtype, "x"))
         passes.append(_pass("_stats_bwd", grid, ("x", "dx", "dmean", "dstd", "Stats", "eps"),
                             **tiles, CHUNKED=chunks > 1))
     else:
         raise ValueError(f"unknown op {p.op!r}")
-    path, reason = _path(p, cfg, source, row_programs, chunks, gpu)
-    return Plan(p, gpu, cfg, chunks, source, path, reason, tuple(buffers), tuple(passes))
+    return Plan(p, gpu, cfg, chunks, source, _path(p, cfg, source, chunks), tuple(buffers),
+                tuple(passes))
 
 
 def _combine_pass(kernel, planes, chunks, gpu, args, **options):
     """A combine pass: the (fields, N * C, chunks) partials of split planes reduced over the
-    chunks, BLOCK_R planes per program."""
-    block_r, block_chunks, warps = combine_config(planes, chunks, gpu.warp_size)
+    chunks, the chunks of BLOCK_R planes in one register tile of at most COMBINE_TILE partials
+    (128 lanes x 16 values)."""
+    block_chunks = next_power_of_2(chunks)
+    block_r = max(1, min(next_power_of_2(planes), COMBINE_TILE // block_chunks))
     return _pass(kernel, (cdiv(planes, block_r),), args, num_planes=planes, chunks=chunks,
-                 **options, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks, num_warps=warps)
+                 **options, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks,
+                 num_warps=_warps(COMBINE_TILE, gpu.warp_size))
 
 
-def _reduce_pass(p, kernel):
-    """A pass over the (N, C) per-plane values, one program per block of channels."""
-    block = reduce_block(p.c)
-    if kernel == "_update_running_stats":
-        return _pass(kernel, (cdiv(p.c, block),), ("Stats", "running", "momentum"), N=p.n,
-                     C=p.c, HW=p.hw, BLOCK_C=block)
-    return _pass(kernel, (cdiv(p.c, block),), ("PlaneSums", "DW", "DB"), N=p.n, C=p.c,
-                 BLOCK_C=block)
+def _reduce_pass(p, kernel, args, **options):
+    """A pass over (N, C) per-plane values (running stats, dweight / dbias), a block of at most
+    1024 channels per program."""
+    block = min(1024, next_power_of_2(max(p.c, 1)))
+    return _pass(kernel, (cdiv(p.c, block),), args, N=p.n, C=p.c, **options, BLOCK_C=block)
 
 
-def _path(p, cfg, source, row_programs, chunks, gpu):
-    """(path, reason): which threshold decided how the planes are read."""
-    target = PROGRAMS_PER_SM * gpu.sms
-    if source == FROM_RUNNING or p.op == STATS_BACKWARD:
-        return "elementwise", (f"{'given statistics' if source == FROM_RUNNING else 'statistics'}"
-                               f": x read once, {chunks} chunk(s) per plane")
-    if p.op in (NORMALIZE, BACKWARD_FROM_SUMS):
-        return "elementwise", "per-plane values given: x read once"
+def _path(p, cfg, source, chunks) -> str:
+    """How the planes are read (explain.py says which threshold decided it)."""
+    if source == FROM_RUNNING or p.op in (STATS_BACKWARD, NORMALIZE, BACKWARD_FROM_SUMS):
+        return "elementwise"  # the per-plane values are given, or the pass needs none
     if cfg.num_ctas > 1:
-        return "cluster", (f"{p.hw} elements > MAX_SINGLE_TILE = {MAX_SINGLE_TILE}, held in a "
-                           f"{cfg.num_ctas}-CTA cluster (<= MAX_CLUSTER_CTAS = {MAX_CLUSTER_CTAS})")
-    if cfg.SINGLE_TILE:
-        return "single tile", (f"{cfg.BLOCK_R} plane(s) x {cfg.BLOCK_HW} elements fit one tile "
-                               f"(<= MAX_SINGLE_TILE = {_capped(MAX_SINGLE_TILE)})")
-    long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}"
-    if chunks > 1:
-        return "split", (f"{long}; {row_programs} row programs < PROGRAMS_PER_SM x SMs = "
-                         f"{target}: {chunks} chunks per plane")
-    return "looped", f"{long}; {row_programs} row programs, no split (target {target})"
+        return "cluster"
+    return "single tile" if cfg.SINGLE_TILE else "split" if chunks > 1 else "looped"

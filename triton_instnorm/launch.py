@@ -1,15 +1,17 @@
-"""Host side of the kernels: tensors as kernel views, buffers, and the launches.
+"""Host side of the kernels: tensors as kernel views, and the execution of launch plans.
+
+A call's plan (heuristics.plan: every pass, its grid, tiles and options, and the buffers) is
+computed once per layout and cached (``layout``): what a call derives from its tensors' shape,
+strides, dtype and GPU, and its flags; a training loop sees the same few, and the host path
+stays short. ``execute`` then allocates the plan's buffers and launches its passes, giving each
+kernel the host's values by argument name: each tensor as a view that carries its own strides
+(``planes_view``, ``param_view``, ``running_view``; the kernel side is described in
+``kernels/common.py``), and the scalars.
 
 Every kernel is called with keyword arguments through ``run``, which also counts the launch in
 ``LAUNCHES`` (per kernel name): tests use it to prove that the Triton kernels, not an eager
-fallback, produced a result. Each tensor reaches a kernel as a view that carries its own strides
-(``planes_view``, ``param_view``, ``running_view``; the kernel side is described in
-``kernels/common.py``). What a pass derives from its tensors' shape, strides, dtype and device
-(the planes, their strides, the launch configuration) is computed once per such layout and
-cached (``layout``): a training loop sees the same few, and the host path stays short.
-
-Nothing here synchronizes with the device or branches on device values, so every call can be
-captured in a CUDA graph.
+fallback, produced a result. Nothing here synchronizes with the device or branches on device
+values, so every call can be captured in a CUDA graph.
 """
 
 import collections
@@ -27,7 +29,7 @@ from .kernels import (  # noqa: F401  (launched by the name the plans give)
     _sum_partials_over_n, _update_running_stats,
 )
 from .kernels.common import INTERPRETED
-from .kernels.constants import NUM_SUMS, SUM_DZ, SUM_DZ_XHAT
+from .kernels.constants import SUM_DZ, SUM_DZ_XHAT
 
 LAUNCHES = collections.Counter()
 
@@ -178,7 +180,7 @@ class Layout:
     planes: Planes
     strides: tuple
     plan: heuristics.Plan
-    # the plan as _execute walks it: (name, shape, dtype) of each buffer it allocates, and
+    # the plan as execute walks it: (name, shape, dtype) of each buffer it allocates, and
     # (kernel, grid, args, options as a dict) of each pass
     scratch: tuple
     steps: tuple
@@ -219,7 +221,7 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device_of(t) if t.is_cuda else contextlib.nullcontext()
 
 
-def _execute(lay: Layout, like: torch.Tensor, values: dict) -> dict:
+def execute(lay: Layout, like: torch.Tensor, values: dict) -> dict:
     """Runs the passes of ``lay.plan``: ``values`` holds what the host gives by argument name
     (views, parameters, scalars, the outputs already allocated); the plan's other buffers are
     allocated on ``like``'s device into it."""
@@ -242,11 +244,11 @@ def _run_steps(steps, values):
         run(kernels[kernel], grid, **arguments)
 
 
-_PLANES_Y = ("x", "y", "r")  # the planes operands of the forward's passes, as given to layout
-_PLANES_DX = ("x", "dy", "dx", "r", "dr")  # and of the backward's
+FORWARD_PLANES = ("x", "y", "r")  # the planes operands of the forward's passes, as given to layout
+BACKWARD_PLANES = ("x", "dy", "dx", "r", "dr")  # and of the backward's
 
 
-def _values(lay: Layout, names: tuple, tensors: tuple, weight, bias, eps: float,
+def host_values(lay: Layout, names: tuple, tensors: tuple, weight, bias, eps: float,
             negative_slope: float) -> dict:
     """What the passes over planes take from the host: the planes views of ``tensors`` (as
     given to ``layout``, None for an absent one) by ``names``, the parameters and scalars."""
@@ -271,9 +273,9 @@ def forward(x, weight, bias, running_mean, running_var, use_input_stats: bool, e
     residual = None if residual is None else kernel_layout(residual)
     lay = layout(heuristics.FORWARD, (use_input_stats, store_stats, write_y, residual is not None,
                                       activation), x, y, residual)
-    values = _values(lay, _PLANES_Y, (x, y, residual), weight, bias, eps, negative_slope)
+    values = host_values(lay, FORWARD_PLANES, (x, y, residual), weight, bias, eps, negative_slope)
     values["running"] = None if use_input_stats else running_view(running_mean, running_var)
-    stats = _execute(lay, x, values).get("Stats")
+    stats = execute(lay, x, values).get("Stats")
     if y is None:
         y = x.new_empty((0,))
     return y, stats if store_stats else x.new_empty((0,), dtype=acc_dtype(x.dtype))
@@ -295,18 +297,14 @@ def _update_plan(n, c, hw, dtype):
 
 
 def backward(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
-             negative_slope: float, need_dw: bool, need_db: bool, residual=None):
+             negative_slope: float, need_dw: bool, need_db: bool, residual=None,
+             plane_sums=None, count: int = 0):
     """(dx, dweight, dbias, dresidual); dweight / dbias have the parameter's shape, or are empty
     when not needed. ``residual``: the one the forward added before its activation, given when
     its gradient is needed: dresidual = dy * act'(z), which the pass forms anyway (else
-    empty)."""
-    return _backward(heuristics.BACKWARD, dy, x, weight, bias, stats, None, use_input_stats, eps,
-                     activation, negative_slope, need_dw, need_db, residual)
-
-
-def _backward(op, dy, x, weight, bias, stats, plane_sums, use_input_stats, eps, activation,
-              negative_slope, need_dw, need_db, residual, count=None):
-    """backward, or backward_from_sums (``plane_sums`` given, rescaled to x's planes)."""
+    empty). ``plane_sums``: the per-plane sums given, of planes of ``count`` elements of which
+    ``x`` holds a part (parts.backward_from_sums)."""
+    op = heuristics.BACKWARD if plane_sums is None else heuristics.BACKWARD_FROM_SUMS
     x = kernel_layout(x)
     dy = kernel_layout(dy)
     dx = new_output(x)
@@ -317,7 +315,7 @@ def _backward(op, dy, x, weight, bias, stats, plane_sums, use_input_stats, eps, 
     reduce_db = need_db and bias is not None and _per_channel(bias, n)
     lay = layout(op, (use_input_stats, False, True, residual is not None, activation, reduce_dw,
                       reduce_db), x, dy, dx, residual, dres)
-    values = _values(lay, _PLANES_DX, (x, dy, dx, residual, dres), weight, bias, eps,
+    values = host_values(lay, BACKWARD_PLANES, (x, dy, dx, residual, dres), weight, bias, eps,
                      negative_slope)
     values.update(Stats=stats,
                   DW=new_buffer(weight, weight.shape, weight.dtype) if reduce_dw else None,
@@ -326,7 +324,7 @@ def _backward(op, dy, x, weight, bias, stats, plane_sums, use_input_stats, eps, 
         hw = lay.planes.hw
         values.update(PlaneSums=plane_sums, KernelSums=plane_sums if count == hw or not hw
                       else plane_sums * (hw / count))
-    plane_sums = _execute(lay, x, values)["PlaneSums"]
+    plane_sums = execute(lay, x, values)["PlaneSums"]
     dw = _param_grad(values["DW"], plane_sums, SUM_DZ_XHAT, weight, need_dw)
     db = _param_grad(values["DB"], plane_sums, SUM_DZ, bias, need_db)
     return dx, dw, db, x.new_empty((0,)) if dres is None else dres
@@ -338,7 +336,7 @@ def stats_backward(dmean, dstd, x, stats, eps: float):
     dx = new_output(x)
     n = x.shape[0]
     lay = layout(heuristics.STATS_BACKWARD, (), x, dx)
-    _execute(lay, x, dict(x=(x, *lay.strides[0]), dx=(dx, *lay.strides[1]),
+    execute(lay, x, dict(x=(x, *lay.strides[0]), dx=(dx, *lay.strides[1]),
                           dmean=param_view(dmean, n), dstd=param_view(dstd, n), Stats=stats,
                           eps=split_float(eps)))
     return dx
@@ -358,53 +356,3 @@ def _param_grad(reduced, plane_sums, field: int, p, needed: bool):
         return reduced
     # one (N, C) copy: outputs never alias
     return plane_sums[field].view(p.shape).to(p.dtype, copy=True)
-
-
-# --------------------------------------- passes for planes held in parts (see distributed.py)
-
-def normalize(x, weight, bias, stats, eps: float, activation: int, negative_slope: float,
-              residual=None):
-    """y from given statistics: the forward's normalize pass alone, ``_fwd`` reading ``stats``
-    (NUM_STATS fields of N * C planes, as the forward writes them), e.g. statistics of whole
-    planes of which ``x`` holds a part."""
-    x = kernel_layout(x)
-    y = new_output(x)
-    if x.numel() == 0:  # a part with no element of its planes
-        return y
-    residual = None if residual is None else kernel_layout(residual)
-    lay = layout(heuristics.NORMALIZE, (True, False, True, residual is not None, activation),
-                 x, y, residual)
-    values = _values(lay, _PLANES_Y, (x, y, residual), weight, bias, eps, negative_slope)
-    _execute(lay, x, dict(values, Stats=stats))
-    return y
-
-
-def backward_sums(dy, x, weight, bias, stats, use_input_stats: bool, eps: float, activation: int,
-                  negative_slope: float, residual=None):
-    """The backward's per-plane sums alone, (NUM_SUMS, N * C): SUM_DZ_XHAT and SUM_DZ over the
-    elements of each plane that ``x`` holds (``_bwd_split_sums``, then ``_bwd_combine`` when the
-    planes are split across programs)."""
-    x = kernel_layout(x)
-    dy = kernel_layout(dy)
-    planes_n = x.shape[0] * x.shape[1]
-    if x.numel() == 0:  # a part with no element of its planes
-        return stats.new_zeros((NUM_SUMS, planes_n))
-    residual = None if residual is None else kernel_layout(residual)
-    lay = layout(heuristics.BACKWARD_SUMS, (use_input_stats, False, True, residual is not None,
-                                            activation), x, dy, residual)
-    values = _values(lay, ("x", "dy", "r"), (x, dy, residual), weight, bias, eps, negative_slope)
-    values = _execute(lay, x, dict(values, Stats=stats))
-    if "PlaneSums" in values:  # combined from the chunks
-        return values["PlaneSums"]
-    return values["Partials"].view(NUM_SUMS, planes_n)
-
-
-def backward_from_sums(dy, x, weight, bias, stats, plane_sums, count: int, use_input_stats: bool,
-                       eps: float, activation: int, negative_slope: float, need_dw: bool,
-                       need_db: bool, residual=None):
-    """(dx, dweight, dbias, dresidual) as ``backward`` returns them, from given per-plane sums
-    of planes of ``count`` elements, of which ``x`` holds a part: ``_bwd`` reading
-    ``plane_sums``."""
-    return _backward(heuristics.BACKWARD_FROM_SUMS, dy, x, weight, bias, stats, plane_sums,
-                     use_input_stats, eps, activation, negative_slope, need_dw, need_db,
-                     residual, count)

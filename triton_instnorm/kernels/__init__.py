@@ -74,7 +74,8 @@ From a module to the kernels:
 
     InstanceNorm2d.forward (modules.py) -> instance_norm (functional.py: PyTorch's checks)
       -> torch.ops.triton_instnorm.forward (ops.py: custom op, autograd)
-      -> launch.forward (launch.py: tensors as views, launch configuration from heuristics.py)
+      -> launch.forward (launch.py: tensors as views; the call's plan from heuristics.plan,
+         cached; the plan executed, triton_instnorm.explain prints it)
       -> [_fwd_split_stats, _fwd_combine], _fwd (forward.py); the backward: launch.backward
          -> [_bwd_split_sums, _bwd_combine], _bwd, _sum_partials_over_n (backward.py);
          running statistics: _update_running_stats;
