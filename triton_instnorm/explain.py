@@ -20,7 +20,7 @@ import torch
 
 from . import activations, device, heuristics, launch
 from .kernels.constants import (
-    ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
+    ACT_NONE, FROM_PARTIALS, FROM_LOOP, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
     NUM_SUMS,
 )
 
@@ -182,14 +182,14 @@ def pass_bytes(plan: heuristics.Plan, weight: int, bias: int, running: int | Non
             continue
         elif step.kernel == "_fwd":
             source, write_y = o["STATS_FROM"], p.write_y
-            read = {FROM_TILE: s + tensor, FROM_PLANE: s + tensor * (1 + write_y),
+            read = {FROM_TILE: s + tensor, FROM_LOOP: s + tensor * (1 + write_y),
                     FROM_PARTIALS: chunks * NUM_STATS * a + tensor * write_y,
                     FROM_RUNNING: chunks * 2 * running + tensor * write_y}[source]
             read += (params + tensor * p.residual) * write_y
             stored = p.op == heuristics.FORWARD and any(b.name == "Stats" for b in plan.buffers)
             written = tensor * write_y + NUM_STATS * a * (stored and source != FROM_PARTIALS)
         elif step.kernel in ("_bwd_split_sums", "_bwd"):
-            sweeps = 2 if o.get("SUMS_FROM") == FROM_PLANE else 1
+            sweeps = 2 if o.get("SUMS_FROM") == FROM_LOOP else 1
             read = chunks * NUM_STATS * a + params + sweeps * (2 * tensor + dz_residual)
             if step.kernel == "_bwd_split_sums":
                 written = chunks * NUM_SUMS * a

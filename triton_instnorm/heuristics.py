@@ -71,7 +71,7 @@ import torch
 from .device import DEFAULT_EMULATED, EMULATED, Device
 from .hooks import HOOKS, split_planes, tile_limit  # noqa: F401  (the tests' overrides)
 from .kernels.constants import (
-    ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
+    ACT_NONE, FROM_PARTIALS, FROM_LOOP, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
     NUM_SUMS,
 )
 
@@ -323,7 +323,7 @@ def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
                        itemsize=p.dtype.itemsize, gpu=gpu, clusters=clusters)
     row_programs = p.groups * cdiv(p.rows_per_group, cfg.BLOCK_R)
     chunks = split_chunks(p.hw, row_programs, cfg, gpu.sms)
-    source = FROM_PARTIALS if chunks > 1 else FROM_TILE if cfg.SINGLE_TILE else FROM_PLANE
+    source = FROM_PARTIALS if chunks > 1 else FROM_TILE if cfg.SINGLE_TILE else FROM_LOOP
     grid, planes = (row_programs, chunks), p.n * p.c
     tiles = dict(geometry=(planes, p.c, p.hw, p.rows_per_group), BLOCK_R=cfg.BLOCK_R,
                  BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
