@@ -40,9 +40,9 @@ FWD_FP32 = fwd("fp32", w="fp32", b="fp32")
 FWD_BF16 = fwd("bf16", w="fp32", b="fp32", activation=2)  # bf16 input, fp32 parameters
 FWD_FP64 = fwd("fp64", activation=4)
 FWD_FP64_EVAL = fwd("fp64", use_input_stats=False, running="fp64", store_stats=False, activation=1)
-# channels_last with enough planes for 16-byte channel groups (8 bf16 channels per position)
+# channels_last with enough planes for 16-byte channel vectors (8 bf16 channels per position)
 FWD_BF16_CL = fwd("bf16", (2, 2048, 8, 8), layout="channels_last", w="fp32", b="fp32", activation=1)
-# channels_last, long planes: 16-byte channel groups, spatial positions split across programs
+# channels_last, long planes: 16-byte channel vectors, spatial positions split across programs
 CL_SPLIT = (4, 128, 64, 64)
 
 # 36 host calls, ~45 kernel launches: ~17 s on 2 cores, compilation included.

@@ -131,7 +131,7 @@ def test_clusters_are_off_by_default_and_toggle_at_each_launch(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 16, 128, 128), (2, 8, 64, 64), (1, 4, 256, 256)])
 def test_channels_last_takes_no_cluster(clusters, shape):
     """Triton spreads a channels_last tile's channels over the CTAs (2-byte loads strided by C):
-    such planes keep their 16-byte channel groups and split paths."""
+    such planes keep their 16-byte channel vectors and split paths."""
     assert _ctas(shape, torch.channels_last) == 1
 
 

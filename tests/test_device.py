@@ -127,12 +127,12 @@ def test_test_hooks_nest_restore_and_reach_other_threads():
     with heuristics.tile_limit(16):
         with heuristics.split_planes(48):
             thread = threading.Thread(target=lambda: seen.append(
-                (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk)))
+                (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len)))
             thread.start()
             thread.join()
-        assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk) == (16, None)
+        assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len) == (16, None)
         with pytest.raises(RuntimeError), heuristics.tile_limit(32):
             raise RuntimeError
         assert heuristics.HOOKS.tile_limit == 16
     assert seen == [(16, 48)]
-    assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk) == (None, None)
+    assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len) == (None, None)

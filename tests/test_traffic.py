@@ -55,7 +55,7 @@ SINGLE_TILE_SWEEPS = 1  # reads of x (and dy) when a plane stays in registers
 LOOPED_SWEEPS = 2  # statistics (or c1, c2) sweep, then the normalize (or dx) sweep
 STATS_BUDGET = 64  # bytes per plane the statistics and parameters may move, at most
 LOOP_TILE = 32  # tile_limit that forces the looped path on the small planes below
-SPLIT_TILE, SPLIT_CHUNK = 16, 48  # tiles of 16 elements, chunks of 48: planes split in chunks
+SPLIT_TILE, SPLIT_CHUNK_LEN = 16, 48  # tiles of 16 elements, chunks of 48: planes split in chunks
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def _looped():
 
 @contextlib.contextmanager
 def _split():
-    with heuristics.tile_limit(SPLIT_TILE), heuristics.split_planes(SPLIT_CHUNK):
+    with heuristics.tile_limit(SPLIT_TILE), heuristics.split_planes(SPLIT_CHUNK_LEN):
         yield
 
 
@@ -149,7 +149,7 @@ def test_split_path_reads_twice_in_two_launches(dtype):
     shape = (2, 3, 100)
     x, w, b, dy = _inputs(shape, dtype)
     fwd, bwd, y, dx = _count(x, w, b, dy, "split")
-    chunks = math.ceil(shape[-1] / SPLIT_CHUNK)
+    chunks = math.ceil(shape[-1] / SPLIT_CHUNK_LEN)
     assert _chunks(fwd) == _chunks(bwd) == chunks, fwd.table()
     pivots = chunks * PIVOT  # the partial-sums pass; the normalize pass reads the saved pivot
     assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, LOOPED_SWEEPS, pivots)
@@ -196,7 +196,7 @@ def test_looped_second_sweep_runs_backwards():
 EVAL_SPLIT = {  # planes the heuristics split; before each chunk's program normalized its plane
     "small": ((2, 3, 100), _split),  # 3 chunks
     "huge_planes": ((1, 4, 1024, 1024), contextlib.nullcontext),  # 86 chunks
-    "channels_last": ((4, 32, 64, 64), contextlib.nullcontext),  # 16-byte channel groups, split
+    "channels_last": ((4, 32, 64, 64), contextlib.nullcontext),  # 16-byte channel vectors, split
 }
 
 
@@ -332,7 +332,7 @@ SHAPE_TABLE = [
     Entry("tiny_planes", (256, 512, 4, 4), (512, 512), (1.07, 1.18)),
     Entry("huge_planes", (1, 4, 1024, 1024), (344, 344), (1.50, 1.67)),
     Entry("huge_planes", (1, 1, 2048, 2048), (342, 342), (1.50, 1.67)),
-    # channels_last: 16-byte channel groups (8 bf16 channels), spatial positions split across
+    # channels_last: 16-byte channel vectors (8 bf16 channels), spatial positions split across
     # programs; the bytes above the contiguous twin's are the chunks' partial sums.
     Entry("style_transfer_2d_channels_last", (4, 32, 256, 256), (304, 304), (1.50, 1.67)),
     Entry("style_transfer_2d_channels_last", (4, 64, 128, 128), (352, 352), (1.51, 1.67)),

@@ -208,8 +208,8 @@ def combine_statistics(stats, count: int, mesh, mesh_dims):
 
 
 def _chan_merge(parts, counts, acc):
-    """Stats rows (float64) of whole planes and their count, from (parts, NUM_STATS, planes)
-    Stats rows and (parts,) counts.
+    """Stats fields (float64) of whole planes and their count, from (parts, NUM_STATS, planes)
+    Stats fields and (parts,) counts.
 
     A part's mean is its PIVOT + MEAN / INV_SCALE, its M2 = VAR * count / INV_SCALE^2. The merge
     runs in units of the smallest INV_SCALE (the widest part's), keeps the mean as the first

@@ -96,7 +96,7 @@ def explain(input: torch.Tensor | None = None, *, shape=None, dtype=torch.float3
 
     def plan(op, flags, *tensors):
         return launch.cached_layout(op, flags, x.shape, x.dtype, where, clusters,
-                                    heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk,
+                                    heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len,
                                     *[None if t is None else t.stride() for t in tensors]).plan
 
     plans = {"forward": plan(heuristics.FORWARD, (training, True, True, residual, act), x, y, r)}
@@ -134,7 +134,7 @@ def reason(plan: heuristics.Plan) -> str:
     long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}, streamed"
     if plan.path == "split":
         return (f"{long}; {rows} row programs < PROGRAMS_PER_SM x SMs = {target}: "
-                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk} elements each)")
+                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each)")
     return f"{long} twice; {rows} row programs, no split (PROGRAMS_PER_SM x SMs = {target})"
 
 

@@ -20,7 +20,7 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   combine) and turns the L2-friendly second sweep of the loop into a second DRAM read, so it
   only pays when SMs would otherwise idle. Each chunk adds ~46 bytes per plane (its partial
   sums written and read back once by the combine pass, the plane's statistics and parameters
-  read by its normalize program): ``MIN_CHUNK = 8192`` elements (two loop tiles, 16 KiB of
+  read by its normalize program): ``MIN_CHUNK_LEN = 8192`` elements (two loop tiles, 16 KiB of
   bf16 per pass) keeps that under 0.2% of the chunk's traffic while letting planes of 2^16
   elements and more reach 2 programs per SM.
 - Occupancy: several small planes share a program only while there are still
@@ -48,7 +48,7 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   and spill nothing (tests/test_aot_devices.py). Not for float64, whose gelu backward spills on
   one CTA already and would in a cluster too. Not for
   channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
-  reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
+  reads one channel with 2-byte loads strided by C instead of 16-byte channel vectors.
 - Warps (``_warps``): at most ``LANE_ELEMENTS = 32`` elements per lane and live tile, between
   ``MIN_LANES = 32`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
   64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp. 32 elements per lane
@@ -90,7 +90,7 @@ MIN_LANES, MAX_LANES = 32, 512  # lanes per CTA: 1 and 16 warps of 32 lanes
 MAX_CLUSTER_CTAS = 8  # the portable cluster size
 
 PROGRAMS_PER_SM = 2
-MIN_CHUNK = 8192
+MIN_CHUNK_LEN = 8192
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
 COMBINE_TILE = 2048  # partials per combine program
 
@@ -115,7 +115,7 @@ class Config:
     BLOCK_HW: int
     SINGLE_TILE: bool
     num_warps: int
-    min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
+    min_chunk_len: int = MIN_CHUNK_LEN  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
     stats_warps: int | None = None  # warps of a split plane's statistics pass; None: num_warps
 
@@ -164,7 +164,7 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
         vector_rows = min(max(1, VECTOR_BYTES // itemsize), rows_p2, single_cap)
         most_rows = min(rows_p2, CHANNELS_LAST_ROWS, max(1, single_cap // hw_p2))
         if vector_rows * hw_p2 <= single_cap:
-            # The whole plane in one tile, 16-byte channel groups or more, unless the tensor is
+            # The whole plane in one tile, 16-byte channel vectors or more, unless the tensor is
             # too small to fill the GPU with them.
             block_r = min(most_rows, max(occupancy, 1))
             if occupancy >= vector_rows:
@@ -176,7 +176,7 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
         # channels per lane, half the warps take twice the positions per lane and halve those
         # reductions per element (64 elements per lane, no activation to hold; statistics_pass).
         stats_warps = warps(tile // 2) if vector_rows >= 8 else None
-        return Config(vector_rows, block_hw, False, warps(tile), min_chunk=block_hw,
+        return Config(vector_rows, block_hw, False, warps(tile), min_chunk_len=block_hw,
                       stats_warps=stats_warps)
 
     if hw_p2 <= single_cap:
@@ -192,20 +192,20 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
-    split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk``
+    split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk_len``
     elements of its planes; the kernels derive the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
-    if HOOKS.chunk is not None:
-        chunk = max(cfg.BLOCK_HW, HOOKS.chunk // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    if HOOKS.chunk_len is not None:
+        chunk_len = max(cfg.BLOCK_HW, HOOKS.chunk_len // cfg.BLOCK_HW * cfg.BLOCK_HW)
     else:
         target = PROGRAMS_PER_SM * sm_count
         if row_programs >= target:
             return 1
         want = cdiv(target, row_programs)
-        chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
-    chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
-    return cdiv(hw, chunk)
+        chunk_len = max(cfg.min_chunk_len, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    chunk_len = max(chunk_len, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
+    return cdiv(hw, chunk_len)
 
 
 def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int):

@@ -13,7 +13,7 @@ class Overrides:
     see what the test set."""
 
     tile_limit: int | None = None  # cap on elements per tile, to force the looped paths
-    chunk: int | None = None  # force a split with this many elements per chunk
+    chunk_len: int | None = None  # force a split with chunks of this many elements
 
 
 HOOKS = Overrides()
@@ -36,6 +36,6 @@ def tile_limit(elements: int):
     return _override(tile_limit=elements)
 
 
-def split_planes(chunk_elements: int):
+def split_planes(chunk_len: int):
     """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
-    return _override(chunk=chunk_elements)
+    return _override(chunk_len=chunk_len)

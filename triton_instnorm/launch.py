@@ -55,7 +55,7 @@ def _plain(v):
 
 
 @functools.lru_cache(maxsize=64)  # eps, momentum and slopes: a few values per model
-def split_float(v: float):
+def hi_lo(v: float):
     """(hi, lo) float32-representable with hi + lo == v to ~48 bits: float64 scalars for Triton,
     whose float arguments are float32."""
     v = float(v)
@@ -83,7 +83,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------- tensors as views
 
 @dataclass(frozen=True)
-class Planes:
+class PlaneLayout:
     """A (N, C, *spatial) tensor seen as groups of planes: element (g, r, s) at
     g * group_stride + r * row_stride + s * spatial_stride, with groups * rows_per_group == N * C
     and row = g * rows_per_group + r = n * C + c."""
@@ -137,16 +137,16 @@ def can_fold(t: torch.Tensor) -> bool:
     return c == 1 or n == 1 or t.stride(0) == c * t.stride(1)
 
 
-def planes(t: torch.Tensor, fold: bool) -> Planes:
+def planes(t: torch.Tensor, fold: bool) -> PlaneLayout:
     """``t`` as planes; ``fold`` (see can_fold) must be the same for tensors read side by side."""
     n, c = t.shape[0], t.shape[1]
     hw = math.prod(t.shape[2:])
     spatial = _spatial_stride(t)
     if not fold:
-        return Planes(n, c, hw, t.stride(0), t.stride(1), spatial)
+        return PlaneLayout(n, c, hw, t.stride(0), t.stride(1), spatial)
     if c == 1:  # rows are the batch entries
-        return Planes(1, n, hw, 0, t.stride(0), spatial)
-    return Planes(1, n * c, hw, 0, t.stride(1), spatial)
+        return PlaneLayout(1, n, hw, 0, t.stride(0), spatial)
+    return PlaneLayout(1, n * c, hw, 0, t.stride(1), spatial)
 
 
 def planes_view(t: torch.Tensor, fold: bool):
@@ -177,7 +177,7 @@ class Layout:
     call's plan."""
 
     fold: bool
-    planes: Planes
+    planes: PlaneLayout
     strides: tuple
     plan: heuristics.Plan
     # the plan as execute walks it: (name, shape, dtype) of each buffer it allocates, and
@@ -198,7 +198,7 @@ def layout(op: str, flags: tuple, *tensors) -> Layout:
     strides = [None if u is None else u.stride() for u in tensors]
     return cached_layout(op, flags, t.shape, t.dtype, gpu,
                          device.cluster_launch(gpu, real=t.is_cuda), heuristics.HOOKS.tile_limit,
-                         heuristics.HOOKS.chunk, *strides)
+                         heuristics.HOOKS.chunk_len, *strides)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -253,8 +253,8 @@ def host_values(lay: Layout, names: tuple, tensors: tuple, weight, bias, eps: fl
     """What the passes over planes take from the host: the planes views of ``tensors`` (as
     given to ``layout``, None for an absent one) by ``names``, the parameters and scalars."""
     n = tensors[0].shape[0]
-    values = {"w": param_view(weight, n), "b": param_view(bias, n), "eps": split_float(eps),
-              "slope": split_float(negative_slope), "EXACT": eps == 0.0}
+    values = {"w": param_view(weight, n), "b": param_view(bias, n), "eps": hi_lo(eps),
+              "slope": hi_lo(negative_slope), "EXACT": eps == 0.0}
     for name, t, strides in zip(names, tensors, lay.strides):
         values[name] = None if t is None else (t, *strides)
     return values
@@ -287,7 +287,7 @@ def update_running_stats(stats, running_mean, running_var, n: int, c: int, hw: i
     step = p.passes[0]
     with _device_guard(stats):
         run(_update_running_stats, step.grid, Stats=stats,
-            running=running_view(running_mean, running_var), momentum=split_float(momentum),
+            running=running_view(running_mean, running_var), momentum=hi_lo(momentum),
             **step.options)
 
 
@@ -338,7 +338,7 @@ def stats_backward(dmean, dstd, x, stats, eps: float):
     lay = layout(heuristics.STATS_BACKWARD, (), x, dx)
     execute(lay, x, dict(x=(x, *lay.strides[0]), dx=(dx, *lay.strides[1]),
                           dmean=param_view(dmean, n), dstd=param_view(dstd, n), Stats=stats,
-                          eps=split_float(eps)))
+                          eps=hi_lo(eps)))
     return dx
 
 

@@ -200,7 +200,7 @@ def _backward(ctx, dy, _dstats):
 
 
 def _mean_std(stats, eps: float):
-    """Per-plane mean and sqrt(var + eps), shape (N, C), from the statistics buffer (the rows'
+    """Per-plane mean and sqrt(var + eps), shape (N, C), from the statistics buffer (the fields'
     meaning is in kernels/constants.py)."""
     inv_scale = stats[constants.INV_SCALE]
     std = torch.sqrt(stats[constants.VAR] + eps * inv_scale * inv_scale)
