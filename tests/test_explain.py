@@ -157,3 +157,32 @@ def test_explain_bytes_of_a_cluster(monkeypatch):
                                       "planned", providers.CLUSTERS)
     monkeypatch.delenv(device.CLUSTERS_ENV, raising=False)
     assert e.plans["forward"].path == "cluster" and counted == planned, str(e)
+
+
+def test_plans_list_every_pass_and_buffer():
+    """The plan is one value: the passes and buffers of each path, compared without a launch."""
+    h, bf16 = heuristics, torch.bfloat16
+
+    def plan(shape, direction="forward", **kw):
+        return tin.explain(shape=shape, dtype=bf16, gpu="h100", **kw).plans[direction]
+
+    def passes(p):
+        return [(s.kernel, s.grid) for s in p.passes]
+
+    def buffers(p):
+        return {b.name: b.shape or b.like for b in p.buffers}
+
+    split = plan((1, 4, 1024, 1024))  # 4 planes of 2^20 elements: 86 chunks each
+    assert split.path == "split" and split.chunks == 86
+    assert passes(split) == [("_fwd_split_stats", (4, 86)), ("_fwd_combine", (1,)),
+                             ("_fwd", (4, 86))]
+    assert buffers(split) == {"y": "x", "Stats": (4, 1, 4), "Partials": (3, 4, 86)}
+    assert split.passes[2].options["STATS_FROM"] == h.FROM_PARTIALS
+    looped = plan((1, 512, 128, 128), "backward")  # enough planes: streamed, not split
+    assert looped.path == "looped" and looped.passes[0].options["SUMS_FROM"] == h.FROM_LOOP
+    assert passes(looped) == [("_bwd", (512, 1)), ("_sum_partials_over_n", (1,))]
+    assert buffers(looped) == {"dx": "x", "PlaneSums": (2, 512), "DW": "w", "DB": "b"}
+    tile = plan((64, 64, 7, 7), "backward", affine=False)  # no dweight / dbias to reduce
+    assert tile.path == "single tile" and passes(tile) == [("_bwd", (512, 1))]
+    assert tile.passes[0].options["BLOCK_R"] == 8  # 4096 planes share 2 x 132 SMs' programs
+    assert plan((8, 64, 7, 7)) == plan((8, 64, 7, 7)) and str(split)
