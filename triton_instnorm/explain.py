@@ -81,17 +81,19 @@ def explain(input: torch.Tensor | None = None, *, shape=None, dtype=torch.float3
             raise TypeError("explain() needs a tensor or a shape")
         input = torch.empty(shape, dtype=dtype, device="meta").contiguous(
             memory_format=memory_format)
-    x = launch.kernel_layout(input.detach())
+    # planned on a meta tensor of the same layout: nothing is copied or read
+    x = launch.kernel_layout(torch.empty_strided(input.shape, input.stride(), dtype=input.dtype,
+                                                 device="meta"))
     if gpu is None:
-        where = device.describe(x)
+        where = device.describe(input)
     elif gpu.lower() in device.EMULATED:
         where = device.EMULATED[gpu.lower()]
     else:
         raise ValueError(f"gpu={gpu!r}: expected one of {', '.join(device.EMULATED)}")
     if clusters is None:
-        clusters = device.cluster_launch(where, real=x.is_cuda)
+        clusters = device.cluster_launch(where, real=input.is_cuda)
     act = activations.code(activation)
-    y = torch.empty_like(x, device="meta")
+    y = torch.empty_like(x)
     r = y if residual else None
 
     def plan(op, flags, *tensors):
