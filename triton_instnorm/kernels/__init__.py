@@ -4,14 +4,15 @@ Words, one per concept:
   plane    the HW elements of one (n, c); ``plane`` also indexes it, n * C + c
   group    the planes sharing one group stride (the folded batch, or one sample); row: a
            plane's place in its group, BLOCK_R rows per program
-  tile     the [BLOCK_R, BLOCK_HW] block a program holds in registers at a time
-  segment  the elements of a plane a tile's lanes read side by side (SEG)
+  tile     the [BLOCK_R, BLOCK_HW] block a program holds in registers; segment (SEG): the
+           elements of a plane its lanes read side by side
   chunk    the part of a plane one program covers on grid axis 1 (CHUNKED); chunks: their count
   split    planes cut into chunks whose partial sums a combine pass reduces (FROM_PARTIALS)
   pivot    the value near the data that deltas are taken from: a = (x - pivot) * inv_scale
-  stats    a plane's four Stats fields (pivot, inv_scale, mean of a, var of a)
-  field    one per-plane value of a (fields, N * C) buffer: Stats, PlaneSums, partials
-  norm     (pivot, ..., std) the forward divides by; rnorm: with rstd, the backward's
+  stats    a plane's four Stats fields (pivot, inv_scale, mean of a, var of a); field: one
+           per-plane value of a (fields, N * C) buffer (Stats, PlaneSums, partials)
+  normalizer  the forward's (pivot, gain, offset): z = (x - pivot) * gain + offset; rnorm:
+           the backward's, from the saved stats: x_hat = (x - pivot) * gain - offset
   paths    single tile (FROM_TILE), looped (FROM_LOOP), split (FROM_PARTIALS), cluster
 
 Every (n, c) pair owns one *plane* of ``HW`` elements (the flattened spatial dims). Per plane:
