@@ -203,7 +203,7 @@ def measure(number: int = 2000, repeats: int = 9, device: str = "cpu") -> dict:
     return {"forward, no_grad": inference, "forward": forward, "forward+backward": both}
 
 
-def split(forward: dict) -> dict:
+def layer_costs(forward: dict) -> dict:
     """What each layer adds to the module forward (grad mode on), us per call."""
     return {
         "module (nn.Module call, torch's InstanceNorm forward)":
@@ -242,7 +242,7 @@ def report(results: dict) -> str:
         for name, us in timings.items():
             lines.append(f"  {name:<{width}} {us:8.1f}   x{us / torch_us:4.2f} torch")
     lines += ["", "split of the module forward (grad mode on):"]
-    for name, us in split(results["forward"]).items():
+    for name, us in layer_costs(results["forward"]).items():
         lines.append(f"  {name:<55} {us:6.1f}")
     return "\n".join(lines)
 

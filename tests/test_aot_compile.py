@@ -40,9 +40,9 @@ FWD_FP32 = fwd("fp32", w="fp32", b="fp32")
 FWD_BF16 = fwd("bf16", w="fp32", b="fp32", activation=2)  # bf16 input, fp32 parameters
 FWD_FP64 = fwd("fp64", activation=4)
 FWD_FP64_EVAL = fwd("fp64", use_input_stats=False, running="fp64", store_stats=False, activation=1)
-# channels_last with enough planes for 16-byte channel groups (8 bf16 channels per position)
+# channels_last with enough planes for 16-byte channel vectors (8 bf16 channels per position)
 FWD_BF16_CL = fwd("bf16", (2, 2048, 8, 8), layout="channels_last", w="fp32", b="fp32", activation=1)
-# channels_last, long planes: 16-byte channel groups, spatial positions split across programs
+# channels_last, long planes: 16-byte channel vectors, spatial positions split across programs
 CL_SPLIT = (4, 128, 64, 64)
 
 # 36 host calls, ~45 kernel launches: ~17 s on 2 cores, compilation included.
@@ -197,9 +197,10 @@ def test_every_kernel_is_covered(fast):
 
 def test_specialization_follows_the_launch_code(fast):
     """The signature is the JIT's: None pointers and unit strides are constexprs, dtypes follow
-    the tensors, tile constants come from heuristics.plane_config."""
-    from triton_instnorm import heuristics
-    from triton_instnorm.kernels import constants
+    the tensors, tile constants and warps from the call's plan (triton_instnorm.explain)."""
+    import torch
+
+    import triton_instnorm as tin
 
     # bf16 input, fp32 weight / bias, contiguous (2, 8, 32, 32): the rows fold into one group
     r = _one(fast, FWD_BF16, compiled=False)
@@ -209,10 +210,11 @@ def test_specialization_follows_the_launch_code(fast):
     assert const["running"] == "None"
     # unit spatial strides (what lets loads vectorize), unit channel strides of the parameters
     assert const["x[3]"] == const["y[3]"] == const["w[2]"] == const["b[2]"] == "1"
-    cfg = heuristics.plane_config(32 * 32, 2 * 8, rows_contiguous=False)
-    assert (const["BLOCK_R"], const["BLOCK_HW"], const["STATS_FROM"]) == (
-        str(cfg.BLOCK_R), str(cfg.BLOCK_HW), str(constants.FROM_TILE))
-    assert r["num_warps"] == cfg.num_warps
+    plan = tin.explain(shape=(2, 8, 32, 32), dtype=torch.bfloat16, gpu="h100").plans["forward"]
+    (step,) = plan.passes
+    assert {k: const[k] for k in ("BLOCK_R", "BLOCK_HW", "STATS_FROM")} == {
+        k: str(step.options[k]) for k in ("BLOCK_R", "BLOCK_HW", "STATS_FROM")}
+    assert plan.path == "single tile" and r["num_warps"] == step.options["num_warps"]
     assert {"x[0]", "y[0]", "Stats", "geometry[2]"} <= set(r["divisible16"])
     assert _one(fast, FWD_FP64, compiled=False)["signature"]["Stats"] == "*fp64"
 

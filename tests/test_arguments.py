@@ -27,7 +27,7 @@ def _x(n=2, c=3):
     return make_inputs((n, c, 5, 4), affine=False, seed=n * 10 + c)[0]
 
 
-def _stats(c=3, shape=None):
+def _running_pair(c=3, shape=None):
     shape = (c,) if shape is None else shape
     return torch.full(shape, 0.5, device=DEVICE), torch.full(shape, 2.0, device=DEVICE)
 
@@ -65,9 +65,9 @@ def _case(x, running=None, **kwargs):
 
 
 CASES = {
-    **{f"momentum {k}": _case(_x(), "stats", momentum=v) for k, v in MOMENTUM.items()},
+    **{f"momentum {k}": _case(_x(), "running", momentum=v) for k, v in MOMENTUM.items()},
     **{f"eps {k}": _case(_x(), eps=v) for k, v in EPS.items()},
-    **{f"use_input_stats {k}": _case(_x(), "stats", use_input_stats=v)
+    **{f"use_input_stats {k}": _case(_x(), "running", use_input_stats=v)
        for k, v in USE_INPUT_STATS.items()},
     "weight list": _case(_x(), weight=[1.0, 1.0, 1.0]),
     "running_mean ndarray, eval": _case(_x(), use_input_stats=False, running_mean=np.zeros(3),
@@ -77,15 +77,15 @@ CASES = {
     "0-dim bias, C=1": _case(_x(c=1), bias=torch.tensor(-0.5, device=DEVICE)),
     "0-dim weight and bias, C=1": _case(_x(c=1), weight=torch.tensor(1.5, device=DEVICE),
                                         bias=torch.tensor(-0.5, device=DEVICE)),
-    "0-dim running stats, C=1, eval": _case(_x(c=1), "0-dim stats", use_input_stats=False),
-    "0-dim running stats, C=1, train": _case(_x(c=1), "0-dim stats"),
+    "0-dim running stats, C=1, eval": _case(_x(c=1), "0-dim running", use_input_stats=False),
+    "0-dim running stats, C=1, train": _case(_x(c=1), "0-dim running"),
     "0-dim running_var, C=1, train": _case(_x(c=1), "0-dim running_var"),
     # An empty batch: torch's batch norm of the empty input indexes the (empty) repeated weight.
     "empty batch, weight": _case(_x(n=0), weight=torch.ones(3, device=DEVICE)),
     "empty batch, bias": _case(_x(n=0), bias=torch.zeros(3, device=DEVICE)),
-    "empty batch, weight, running stats": _case(_x(n=0), "stats",
+    "empty batch, weight, running stats": _case(_x(n=0), "running",
                                                 weight=torch.ones(3, device=DEVICE)),
-    "empty batch, bias, eval": _case(_x(n=0), "stats", use_input_stats=False,
+    "empty batch, bias, eval": _case(_x(n=0), "running", use_input_stats=False,
                                      bias=torch.zeros(3, device=DEVICE)),
 }
 
@@ -93,12 +93,12 @@ CASES = {
 def _running(kind, c):
     if kind is None:
         return {}
-    if kind == "stats":
-        rm, rv = _stats(c)
-    elif kind == "0-dim stats":
-        rm, rv = _stats(shape=())
+    if kind == "running":
+        rm, rv = _running_pair(c)
+    elif kind == "0-dim running":
+        rm, rv = _running_pair(shape=())
     else:  # "0-dim running_var"
-        rm, rv = _stats(c)[0], _stats(shape=())[1]
+        rm, rv = _running_pair(c)[0], _running_pair(shape=())[1]
     return dict(running_mean=rm, running_var=rv)
 
 

@@ -57,7 +57,7 @@ def recorded(monkeypatch):
 
 def _ctas(shape, memory_format=torch.contiguous_format, dtype=torch.bfloat16):
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
-    return launch.plan(launch.planes(x, launch.can_fold(x)), x).config.num_ctas
+    return tin.explain(x).plans["forward"].config.num_ctas
 
 
 def _check(shape, dtype, memory_format=torch.contiguous_format, activation=None):
@@ -94,7 +94,7 @@ LADDER = {ONE_CTA: 1, ONE_CTA + 1: 2, 2 * ONE_CTA: 2, 2 * ONE_CTA + 1: 4, 4 * ON
 @pytest.mark.parametrize("hw", LADDER, ids=str)
 def test_cluster_ladder(clusters, hw):
     x = torch.empty((2, 3, hw), dtype=torch.bfloat16)
-    config = launch.plan(launch.planes(x, True), x).config
+    config = tin.explain(x).plans["forward"].config
     assert config.num_ctas == LADDER[hw]
     assert config.SINGLE_TILE == (hw <= LARGEST)
     if config.num_ctas > 1:  # each CTA holds one single-CTA tile with its warps
@@ -131,7 +131,7 @@ def test_clusters_are_off_by_default_and_toggle_at_each_launch(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 16, 128, 128), (2, 8, 64, 64), (1, 4, 256, 256)])
 def test_channels_last_takes_no_cluster(clusters, shape):
     """Triton spreads a channels_last tile's channels over the CTAs (2-byte loads strided by C):
-    such planes keep their 16-byte channel groups and split paths."""
+    such planes keep their 16-byte channel vectors and split paths."""
     assert _ctas(shape, torch.channels_last) == 1
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import triton
 
-from triton_instnorm import device, heuristics, launch
+import triton_instnorm
+from triton_instnorm import device, heuristics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,8 +117,8 @@ def test_occupancy_follows_the_sm_count(monkeypatch, no_env, gpu, rows):
     """2048 planes of 64 elements share programs while 2 x SMs programs remain."""
     monkeypatch.setenv(device.EMULATE_ENV, gpu)
     x = torch.empty((1, 2048, 64))
-    how = launch.plan(launch.planes(x, True), x)
-    assert how.config.BLOCK_R == rows and how.gpu is device.EMULATED[gpu]
+    plan = triton_instnorm.explain(x).plans["forward"]
+    assert plan.config.BLOCK_R == rows and plan.gpu is device.EMULATED[gpu]
 
 
 def test_test_hooks_nest_restore_and_reach_other_threads():
@@ -126,12 +127,12 @@ def test_test_hooks_nest_restore_and_reach_other_threads():
     with heuristics.tile_limit(16):
         with heuristics.split_planes(48):
             thread = threading.Thread(target=lambda: seen.append(
-                (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk)))
+                (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len)))
             thread.start()
             thread.join()
-        assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk) == (16, None)
+        assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len) == (16, None)
         with pytest.raises(RuntimeError), heuristics.tile_limit(32):
             raise RuntimeError
         assert heuristics.HOOKS.tile_limit == 16
     assert seen == [(16, 48)]
-    assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk) == (None, None)
+    assert (heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len) == (None, None)

@@ -122,23 +122,27 @@ def _layouts():
 
 @pytest.mark.parametrize("i", range(5))
 def test_cached_layout_is_the_computed_one(i):
-    """launch.layout (cached per shape, strides, dtype, device and the heuristics' test hooks)
-    gives what planes() and plan() give for the tensors themselves."""
-    from triton_instnorm import heuristics, launch
+    """launch.layout (cached per op, flags, shape, strides, dtype, GPU and the heuristics' test
+    hooks) gives what planes() and heuristics.plan() give for the tensors themselves."""
+    from triton_instnorm import device, heuristics, launch
 
     x = launch.kernel_layout(_layouts()[i])
     y = torch.empty_like(x)
+    flags = (True, True, True, False, 0)  # a training forward writing y and the statistics
     for hook in (contextlib.nullcontext(), heuristics.tile_limit(64),
                  heuristics.split_planes(16)):
         with hook:
-            lay = launch.layout(x, y)
+            lay = launch.layout(heuristics.FORWARD, flags, x, y, None)
             fold = launch.can_fold(x) and launch.can_fold(y)
             px = launch.planes(x, fold)
             assert lay.fold == fold and lay.planes == px
-            assert lay.how == launch.plan(px, x)
-            assert lay.geometry == launch.geometry(x, px)
-            for t, strides in zip((x, y), lay.strides, strict=True):
+            problem = heuristics.Problem(heuristics.FORWARD, *x.shape[:2], px.hw, px.groups,
+                                         px.rows_per_group, px.row_stride == 1 and px.hw > 1,
+                                         x.dtype, *flags)
+            assert lay.plan == heuristics.plan(problem, device.describe(x))
+            for t, strides in zip((x, y), lay.strides[:2], strict=True):
                 assert (t, *strides) == launch.planes_view(t, fold)
+            assert lay.strides[2] is None
 
 
 def _wrong_statistics():

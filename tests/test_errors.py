@@ -182,9 +182,9 @@ def test_running_var_expanded_updates_running_mean_then_raises():
     assert means[0].abs().sum() > 0
     torch.testing.assert_close(means[1], means[0])
     # read only: evaluation with expanded statistics works
-    stats = torch.zeros(1, device=DEVICE).expand(3), torch.ones(1, device=DEVICE).expand(3)
-    torch.testing.assert_close(tin.instance_norm(x, *stats, use_input_stats=False),
-                               F.instance_norm(x, *stats, use_input_stats=False))
+    running = torch.zeros(1, device=DEVICE).expand(3), torch.ones(1, device=DEVICE).expand(3)
+    torch.testing.assert_close(tin.instance_norm(x, *running, use_input_stats=False),
+                               F.instance_norm(x, *running, use_input_stats=False))
 
 
 def test_complex_running_stats_as_torch():

@@ -16,7 +16,7 @@ def _rel_err(y, ref):
 @pytest.mark.parametrize("spread", [1.0, 1e-2])
 @pytest.mark.parametrize("tile", [None, 16])
 def test_large_mean_small_spread_float32(spread, tile):
-    """1e4 + spread * randn in float32 matches float64 to 1e-3 relative, single tile and loop."""
+    """1e4 + spread * randn in float32 matches float64 to 1e-3 relative, single tile and looped."""
     g = torch.Generator().manual_seed(0)
     x = (1e4 + spread * torch.randn(2, 3, 50, 7, generator=g)).to(DEVICE)
     ref = reference(x)
@@ -43,9 +43,9 @@ def test_large_mean_small_spread_gradients():
 
 
 def _path(name):
-    """A context that makes (2, 3, 40)-sized planes take the single tile, the loop or the split."""
+    """A context that makes (2, 3, 40)-sized planes take the single tile, looped or split path."""
     import contextlib
-    if name == "loop":
+    if name == "looped":
         return heuristics.tile_limit(16)
     if name == "split":
         stack = contextlib.ExitStack()
@@ -55,7 +55,7 @@ def _path(name):
     return contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("path", ["single_tile", "loop", "split"])
+@pytest.mark.parametrize("path", ["single_tile", "looped", "split"])
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
 def test_nan_propagates_like_torch(path, activation, launches):
     """A NaN makes its plane, its channel's running statistics and (through relu too) its

@@ -185,3 +185,19 @@ def test_onnx_export(dynamo, tmp_path):
     (got,), op_types = test_onnx._export(model, args, dynamo, tmp_path / "residual.onnx")
     assert "Add" in op_types and op_types.index("Add") < op_types.index("LeakyRelu")
     torch.testing.assert_close(got, model(*args).cpu(), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_residual_without_grad_still_enters_dz(activation):
+    """A residual that needs no gradient (a constant added before the activation): the
+    backward still recomputes z with it, so dx and dweight are those of act(x_hat + r)."""
+    x, w, b = make_inputs((2, 3, 6, 5), torch.float32, requires_grad=True)
+    r = randn_like(x, seed=2) * 3
+    dy = randn_like(x, seed=1)
+    y = tin.instance_norm(x, weight=w, bias=b, activation=activation, residual=r)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = _residual_reference(x64, w64, b64, r, activation)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    torch.testing.assert_close(dx.double(), dx64, **TOL[torch.float32])
+    torch.testing.assert_close(dw.double(), dw64, **grad_tol(torch.float32, 2 * 6 * 5))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from utils import DEVICE, TOL, assert_close, grads, randn
 
 import triton_instnorm as tin
-from triton_instnorm import heuristics, launch
+from triton_instnorm import heuristics
 
 ERROR_RATIO = 4
 ULPS = 2
@@ -80,8 +80,8 @@ def test_adversarial_planes_match_torch(dtype, kind, path, layout, launches):
     dy = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     with _path(path):
         if path == "split_one_tile":
-            how = launch.layout(x).how
-            assert how.chunks > 1 and heuristics.cdiv(256, how.chunks) <= how.config.BLOCK_HW
+            plan = tin.explain(x).plans["forward"]
+            assert plan.chunks > 1 and heuristics.cdiv(256, plan.chunks) <= plan.config.BLOCK_HW
         ours = grads(tin.instance_norm, x, w, b, dy)
     assert launches("_fwd_split_stats") == (1 if path.startswith("split") else 0)
     _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),

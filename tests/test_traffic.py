@@ -55,7 +55,7 @@ SINGLE_TILE_SWEEPS = 1  # reads of x (and dy) when a plane stays in registers
 LOOPED_SWEEPS = 2  # statistics (or c1, c2) sweep, then the normalize (or dx) sweep
 STATS_BUDGET = 64  # bytes per plane the statistics and parameters may move, at most
 LOOP_TILE = 32  # tile_limit that forces the looped path on the small planes below
-SPLIT_TILE, SPLIT_CHUNK = 16, 48  # tiles of 16 elements, chunks of 48: planes split in chunks
+SPLIT_TILE, SPLIT_CHUNK_LEN = 16, 48  # tiles of 16 elements, chunks of 48: planes split in chunks
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def _looped():
 
 @contextlib.contextmanager
 def _split():
-    with heuristics.tile_limit(SPLIT_TILE), heuristics.split_planes(SPLIT_CHUNK):
+    with heuristics.tile_limit(SPLIT_TILE), heuristics.split_planes(SPLIT_CHUNK_LEN):
         yield
 
 
@@ -149,7 +149,7 @@ def test_split_path_reads_twice_in_two_launches(dtype):
     shape = (2, 3, 100)
     x, w, b, dy = _inputs(shape, dtype)
     fwd, bwd, y, dx = _count(x, w, b, dy, "split")
-    chunks = math.ceil(shape[-1] / SPLIT_CHUNK)
+    chunks = math.ceil(shape[-1] / SPLIT_CHUNK_LEN)
     assert _chunks(fwd) == _chunks(bwd) == chunks, fwd.table()
     pivots = chunks * PIVOT  # the partial-sums pass; the normalize pass reads the saved pivot
     assert _tensor_traffic(fwd, bwd, x, y, dy, dx) == _expected(x, LOOPED_SWEEPS, pivots)
@@ -196,7 +196,7 @@ def test_looped_second_sweep_runs_backwards():
 EVAL_SPLIT = {  # planes the heuristics split; before each chunk's program normalized its plane
     "small": ((2, 3, 100), _split),  # 3 chunks
     "huge_planes": ((1, 4, 1024, 1024), contextlib.nullcontext),  # 86 chunks
-    "channels_last": ((4, 32, 64, 64), contextlib.nullcontext),  # 16-byte channel groups, split
+    "channels_last": ((4, 32, 64, 64), contextlib.nullcontext),  # 16-byte channel vectors, split
 }
 
 
@@ -332,7 +332,7 @@ SHAPE_TABLE = [
     Entry("tiny_planes", (256, 512, 4, 4), (512, 512), (1.07, 1.18)),
     Entry("huge_planes", (1, 4, 1024, 1024), (344, 344), (1.50, 1.67)),
     Entry("huge_planes", (1, 1, 2048, 2048), (342, 342), (1.50, 1.67)),
-    # channels_last: 16-byte channel groups (8 bf16 channels), spatial positions split across
+    # channels_last: 16-byte channel vectors (8 bf16 channels), spatial positions split across
     # programs; the bytes above the contiguous twin's are the chunks' partial sums.
     Entry("style_transfer_2d_channels_last", (4, 32, 256, 256), (304, 304), (1.50, 1.67)),
     Entry("style_transfer_2d_channels_last", (4, 64, 128, 128), (352, 352), (1.51, 1.67)),
@@ -375,13 +375,14 @@ def _full_size(entry, dtype=torch.bfloat16, zeros=False):
     return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
 
 
-def _largest(counted) -> int:
-    return max(launch.programs for launch in counted.launches)
+def _largest(plan) -> int:
+    return max(step.programs for step in plan.passes)
 
 
-def _grids(entry):
-    fwd, bwd, _, _ = _count(*_full_size(entry), programs="none")
-    return fwd, bwd
+def _plans(entry):
+    """The (forward, backward) plans of a training step at full size: nothing is launched."""
+    e = tin.explain(_full_size(entry)[0])
+    return e.plans["forward"], e.plans["backward"]
 
 
 def test_byte_model_counts_the_statistics_the_kernels_store():
@@ -398,14 +399,23 @@ def test_table_covers_every_shape_class():
 
 @pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
 def test_programs_per_launch(entry):
-    fwd, bwd = _grids(entry)
-    assert (_largest(fwd), _largest(bwd)) == entry.programs, (fwd.grids(), bwd.grids())
+    fwd, bwd = _plans(entry)
+    assert (_largest(fwd), _largest(bwd)) == entry.programs, (str(fwd), str(bwd))
+
+
+@pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
+def test_explained_bytes_over_minimum(entry):
+    """explain's bytes (tests/test_explain.py ties them to the counts) at full size, every entry:
+    the ratios the sampled counts below pin where they fit the budget."""
+    e = tin.explain(_full_size(entry)[0])
+    ratios = tuple(round(sum(r + w for _, r, w in e.bytes[d]) / e.minimum[d], 2)
+                   for d in ("forward", "backward"))
+    assert ratios == entry.ratio
 
 
 @pytest.mark.parametrize("entry", SHAPE_TABLE, ids=_entry_id)
 def test_bytes_over_minimum(entry, request):
-    fwd, _ = _grids(entry)
-    top = max(fwd.launches, key=lambda launch: launch.programs)
+    top = max(_plans(entry)[0].passes, key=lambda step: step.programs)
     sampled = math.prod(min(g, 3) for g in top.grid)
     if sampled * math.prod(entry.shape) / top.programs > SAMPLE_BUDGET:
         if not request.config.getoption("--runslow"):
@@ -428,9 +438,9 @@ def _twin(entry):
                  if e.below_target else []) for e in SHAPE_TABLE])
 def test_occupancy_target(entry):
     """At least TARGET programs, or for a channels_last class as many as its contiguous twin."""
-    programs = _largest(_grids(entry)[0])
+    programs = _largest(_plans(entry)[0])
     twin = _twin(entry)
-    assert programs >= TARGET or (twin is not None and programs >= _largest(_grids(twin)[0]))
+    assert programs >= TARGET or (twin is not None and programs >= _largest(_plans(twin)[0]))
 
 
 # ------------------------------------------------------------- the same classes, clusters on
@@ -467,8 +477,8 @@ def clusters(monkeypatch):
 
 
 def _launch_shapes(entry):
-    fwd, bwd = _grids(entry)
-    return [(lc.kernel, lc.grid, lc.ctas) for lc in fwd.launches + bwd.launches]
+    fwd, bwd = _plans(entry)
+    return [(s.kernel, s.grid, s.options.get("num_ctas", 1)) for s in fwd.passes + bwd.passes]
 
 
 @needs_cluster_lowering

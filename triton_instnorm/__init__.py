@@ -7,6 +7,7 @@
 
 from .adain import AdaIN, AdaptiveInstanceNorm2d, adain, adaptive_instance_norm, instance_stats
 from .convert import convert_instance_norm, revert_instance_norm
+from .explain import explain
 from .fusion import register_block
 from .functional import instance_norm, kernels_available
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -20,6 +21,7 @@ __all__ = [
     "adaptive_instance_norm",
     "adain",
     "instance_stats",
+    "explain",
     "AdaptiveInstanceNorm2d",
     "AdaIN",
     "kernels_available",

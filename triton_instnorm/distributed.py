@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from . import launch, ops
+from . import launch, ops, parts
 from .kernels import constants
 
 # The kernels' threshold for scaling deviations (kernels/moments.py): beyond it a^2 could
@@ -208,8 +208,8 @@ def combine_statistics(stats, count: int, mesh, mesh_dims):
 
 
 def _chan_merge(parts, counts, acc):
-    """Stats rows (float64) of whole planes and their count, from (parts, NUM_STATS, planes)
-    Stats rows and (parts,) counts.
+    """Stats fields (float64) of whole planes and their count, from (parts, NUM_STATS, planes)
+    Stats fields and (parts,) counts.
 
     A part's mean is its PIVOT + MEAN / INV_SCALE, its M2 = VAR * count / INV_SCALE^2. The merge
     runs in units of the smallest INV_SCALE (the widest part's), keeps the mean as the first
@@ -277,8 +277,8 @@ def _forward(cls, func, types, args, kwargs):
     if spatial and a["use_input_stats"]:
         stats, count = _part_statistics(x_local, a["eps"])
         stats = combine_statistics(stats, count, mesh, spatial)
-        y = (launch.normalize(x_local, local["weight"], local["bias"], stats, a["eps"],
-                              a["activation"], a["negative_slope"], local.get("residual"))
+        y = (parts.normalize(x_local, local["weight"], local["bias"], stats, a["eps"],
+                             a["activation"], a["negative_slope"], local.get("residual"))
              if x_local.numel() else torch.empty_like(launch.kernel_layout(x_local)))
     elif x_local.numel() == 0:  # no whole plane here (or no element in them)
         y = torch.empty_like(launch.kernel_layout(x_local))
@@ -308,9 +308,9 @@ def _backward(cls, func, types, args, kwargs):
         names = ("dy", "x", "weight", "bias", "stats", "use_input_stats", "eps", "activation",
                  "negative_slope")
         residual = local.get("residual")
-        sums = launch.backward_sums(*(local[k] for k in names), residual=residual)
+        sums = parts.backward_sums(*(local[k] for k in names), residual=residual)
         sums = combine_sums(sums, mesh, spatial)
-        dx, dw, db, dres = launch.backward_from_sums(
+        dx, dw, db, dres = parts.backward_from_sums(
             *(local[k] for k in names[:5]), sums, math.prod(x.shape[2:]),
             *(local[k] for k in names[5:]), need_dw=a["need_dw"], need_db=a["need_db"],
             residual=residual)

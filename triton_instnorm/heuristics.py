@@ -20,7 +20,7 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   combine) and turns the L2-friendly second sweep of the loop into a second DRAM read, so it
   only pays when SMs would otherwise idle. Each chunk adds ~46 bytes per plane (its partial
   sums written and read back once by the combine pass, the plane's statistics and parameters
-  read by its normalize program): ``MIN_CHUNK = 8192`` elements (two loop tiles, 16 KiB of
+  read by its normalize program): ``MIN_CHUNK_LEN = 8192`` elements (two loop tiles, 16 KiB of
   bf16 per pass) keeps that under 0.2% of the chunk's traffic while letting planes of 2^16
   elements and more reach 2 programs per SM.
 - Occupancy: several small planes share a program only while there are still
@@ -48,7 +48,7 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   and spill nothing (tests/test_aot_devices.py). Not for float64, whose gelu backward spills on
   one CTA already and would in a cluster too. Not for
   channels_last: Triton's CTA planner spreads the tile's channel axis over the CTAs, so each CTA
-  reads one channel with 2-byte loads strided by C instead of 16-byte channel groups.
+  reads one channel with 2-byte loads strided by C instead of 16-byte channel vectors.
 - Warps (``_warps``): at most ``LANE_ELEMENTS = 32`` elements per lane and live tile, between
   ``MIN_LANES = 32`` and ``MAX_LANES = 512`` lanes per CTA, counted in lanes, not warps: a
   64-lane AMD wavefront then gets half the warps of a 32-lane NVIDIA warp. 32 elements per lane
@@ -62,11 +62,18 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   one from the emulated GPU (H100 unless ``TRITON_INSTNORM_EMULATE`` says otherwise).
 """
 
-import contextlib
-import dataclasses
+import math
+import types
 from dataclasses import dataclass
 
+import torch
+
 from .device import DEFAULT_EMULATED, EMULATED, Device
+from .hooks import HOOKS, split_planes, tile_limit  # noqa: F401  (the tests' overrides)
+from .kernels.constants import (
+    ACT_NONE, FROM_PARTIALS, FROM_LOOP, FROM_RUNNING, FROM_TILE, NUM_FWD_PARTIALS, NUM_STATS,
+    NUM_SUMS,
+)
 
 MAX_SINGLE_TILE = 8192  # elements per CTA held in registers
 LOOP_TILE = 4096
@@ -83,44 +90,9 @@ MIN_LANES, MAX_LANES = 32, 512  # lanes per CTA: 1 and 16 warps of 32 lanes
 MAX_CLUSTER_CTAS = 8  # the portable cluster size
 
 PROGRAMS_PER_SM = 2
-MIN_CHUNK = 8192
+MIN_CHUNK_LEN = 8192
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
 COMBINE_TILE = 2048  # partials per combine program
-
-
-@dataclass
-class Overrides:
-    """Overrides for tests, set through ``tile_limit`` / ``split_planes``. A plain object, not a
-    context variable: the backward of a CUDA tensor runs on autograd's device thread, which must
-    see what the test set."""
-
-    tile_limit: int | None = None  # cap on elements per tile, to force the looped paths
-    chunk: int | None = None  # force a split with this many elements per chunk
-
-
-HOOKS = Overrides()
-
-
-@contextlib.contextmanager
-def _override(**values):
-    old = dataclasses.replace(HOOKS)
-    for name, value in values.items():
-        setattr(HOOKS, name, value)
-    try:
-        yield
-    finally:
-        for field in dataclasses.fields(HOOKS):
-            setattr(HOOKS, field.name, getattr(old, field.name))
-
-
-def tile_limit(elements: int):
-    """Caps the tile size (for tests: makes small planes take the multi-tile loops)."""
-    return _override(tile_limit=elements)
-
-
-def split_planes(chunk_elements: int):
-    """Forces planes longer than one tile to be split in chunks of this size (for tests)."""
-    return _override(chunk=chunk_elements)
 
 
 # Host integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions in
@@ -143,7 +115,7 @@ class Config:
     BLOCK_HW: int
     SINGLE_TILE: bool
     num_warps: int
-    min_chunk: int = MIN_CHUNK  # elements of a plane per program when planes are split
+    min_chunk_len: int = MIN_CHUNK_LEN  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
     stats_warps: int | None = None  # warps of a split plane's statistics pass; None: num_warps
 
@@ -192,7 +164,7 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
         vector_rows = min(max(1, VECTOR_BYTES // itemsize), rows_p2, single_cap)
         most_rows = min(rows_p2, CHANNELS_LAST_ROWS, max(1, single_cap // hw_p2))
         if vector_rows * hw_p2 <= single_cap:
-            # The whole plane in one tile, 16-byte channel groups or more, unless the tensor is
+            # The whole plane in one tile, 16-byte channel vectors or more, unless the tensor is
             # too small to fill the GPU with them.
             block_r = min(most_rows, max(occupancy, 1))
             if occupancy >= vector_rows:
@@ -204,7 +176,7 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
         # channels per lane, half the warps take twice the positions per lane and halve those
         # reductions per element (64 elements per lane, no activation to hold; statistics_pass).
         stats_warps = warps(tile // 2) if vector_rows >= 8 else None
-        return Config(vector_rows, block_hw, False, warps(tile), min_chunk=block_hw,
+        return Config(vector_rows, block_hw, False, warps(tile), min_chunk_len=block_hw,
                       stats_warps=stats_warps)
 
     if hw_p2 <= single_cap:
@@ -220,44 +192,223 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
-    split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk``
+    split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk_len``
     elements of its planes; the kernels derive the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
-    if HOOKS.chunk is not None:
-        chunk = max(cfg.BLOCK_HW, HOOKS.chunk // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    if HOOKS.chunk_len is not None:
+        chunk_len = max(cfg.BLOCK_HW, HOOKS.chunk_len // cfg.BLOCK_HW * cfg.BLOCK_HW)
     else:
         target = PROGRAMS_PER_SM * sm_count
         if row_programs >= target:
             return 1
         want = cdiv(target, row_programs)
-        chunk = max(cfg.min_chunk, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
-    chunk = max(chunk, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
-    return cdiv(hw, chunk)
+        chunk_len = max(cfg.min_chunk_len, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
+    chunk_len = max(chunk_len, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
+    return cdiv(hw, chunk_len)
 
 
-def statistics_pass(hw: int, how, itemsize: int):
+def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int):
     """(ONE_TILE, num_warps) of a split plane's statistics pass. ONE_TILE: the chunks, as the
     kernels derive them from the chunk count, fit one tile, which then takes a tile's two
     reductions instead of the stream's three and its merges (not for float64, whose tests pin
     the stream's rounding to the last ulps, and which has instructions to spare). The warps:
     ``Config.stats_warps`` where it is set, except for the stream over channel groups, whose
     per-channel state would spill there."""
-    one_tile = itemsize <= 4 and cdiv(hw, how.chunks) <= how.config.BLOCK_HW
-    cfg = how.config
+    one_tile = itemsize <= 4 and cdiv(hw, chunks) <= cfg.BLOCK_HW
     if cfg.stats_warps is None or (cfg.BLOCK_R > 1 and not one_tile):
         return one_tile, cfg.num_warps
     return one_tile, cfg.stats_warps
 
 
-def combine_config(num_planes: int, chunks: int, warp_size: int = 32):
-    """(BLOCK_R, BLOCK_CHUNKS, num_warps) of a combine pass: the chunks of BLOCK_R planes in one
-    register tile of at most COMBINE_TILE partials (128 lanes x 16 values)."""
+
+
+# ------------------------------------------------------------------------------- the launch plan
+# One pure function (``plan``) turns a problem and a GPU into every pass of a call: its kernel,
+# grid, constexprs and launch options, and the buffers the call allocates. launch.py executes
+# plans; explain.py prints them; the tests and the AOT specs read them.
+
+FORWARD, BACKWARD, STATS_BACKWARD, UPDATE = "forward", "backward", "stats_backward", "update"
+# the passes for planes held in parts (distributed.py)
+NORMALIZE, BACKWARD_SUMS, BACKWARD_FROM_SUMS = "normalize", "backward_sums", "backward_from_sums"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a call's plan depends on: the op, the planes (as launch.layout sees the tensors:
+    ``groups`` x ``rows_per_group`` planes of ``hw`` elements, ``rows_contiguous`` for
+    channels_last), the input dtype and the flags that change the passes."""
+
+    op: str
+    n: int
+    c: int
+    hw: int
+    groups: int = 1
+    rows_per_group: int = 0
+    rows_contiguous: bool = False
+    dtype: object = torch.float32
+    use_input_stats: bool = True
+    store_stats: bool = False  # forward: the caller reads the statistics
+    write_y: bool = True  # forward: False computes the statistics only
+    residual: bool = False
+    activation: int = ACT_NONE
+    reduce_dw: bool = False  # backward: dweight / dbias summed over n (per-channel, needed)
+    reduce_db: bool = False
+
+    @property
+    def acc(self):
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A buffer the call allocates: ``like`` an operand (an output laid out as it is), or of
+    ``shape`` and ``dtype``."""
+
+    name: str
+    shape: tuple | None
+    dtype: object
+    like: str | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One launch: ``args`` name what the host gives (tensors, views, runtime scalars);
+    ``options`` hold what the plan decides (constexprs, sizes, num_warps, num_ctas)."""
+
+    kernel: str
+    grid: tuple
+    args: tuple  # (kernel argument, the host's name for its value)
+    options: types.MappingProxyType
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every pass of one call in launch order, and the buffers it allocates."""
+
+    problem: Problem
+    gpu: Device
+    config: Config | None  # the tile of the passes over planes (None: per-channel passes only)
+    chunks: int  # of each plane, grid axis 1
+    source: int | None  # FROM_*: where the passes over planes take their per-plane reductions
+    path: str  # "single tile", "cluster", "looped", "split", "elementwise", "per channel"
+    buffers: tuple
+    passes: tuple
+
+
+def _pass(kernel, grid, args, **options):
+    """A Pass; ``args``: argument names, or (argument, the host's name for its value)."""
+    args = tuple((a, a) if isinstance(a, str) else a for a in args)
+    return Pass(kernel, tuple(grid), args, types.MappingProxyType(options))
+
+
+_FWD_ARGS = ("x", "y", "r", "w", "b", "running", "Stats", "eps", "slope", "EXACT")
+_BWD_ARGS = ("x", "dy", "r", "w", "b", "Stats", "eps", "slope")
+
+
+def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
+         clusters: bool = False) -> Plan:
+    """The plan of ``problem`` on ``gpu`` (``clusters``: device.cluster_launch); pure, but for
+    the test hooks (``tile_limit``, ``split_planes``), which callers key their caches on."""
+    p, acc = problem, problem.acc
+    if p.op == UPDATE:
+        update = _reduce_pass(p, "_update_running_stats", ("Stats", "running", "momentum"),
+                              HW=p.hw)
+        return Plan(p, gpu, None, 1, None, "per channel", (), (update,))
+    cfg = plane_config(p.hw, p.rows_per_group, groups=p.groups, rows_contiguous=p.rows_contiguous,
+                       itemsize=p.dtype.itemsize, gpu=gpu, clusters=clusters)
+    row_programs = p.groups * cdiv(p.rows_per_group, cfg.BLOCK_R)
+    chunks = split_chunks(p.hw, row_programs, cfg, gpu.sms)
+    source = FROM_PARTIALS if chunks > 1 else FROM_TILE if cfg.SINGLE_TILE else FROM_LOOP
+    grid, planes = (row_programs, chunks), p.n * p.c
+    tiles = dict(geometry=(planes, p.c, p.hw, p.rows_per_group), BLOCK_R=cfg.BLOCK_R,
+                 BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps)
+    if cfg.num_ctas > 1:
+        tiles["num_ctas"] = cfg.num_ctas
+    split = source == FROM_PARTIALS
+    buffers, passes = [], []
+    if p.op in (FORWARD, NORMALIZE):
+        if p.op == NORMALIZE:
+            source = FROM_PARTIALS  # the statistics are given
+        elif not p.use_input_stats:
+            source = FROM_RUNNING
+        split = p.op == FORWARD and source == FROM_PARTIALS
+        buffers += [Buffer("y", None, p.dtype, "x")] if p.write_y else []
+        if p.op == FORWARD and (p.store_stats or split):  # split planes combine through Stats
+            buffers.append(Buffer("Stats", (NUM_STATS, p.n, p.c), acc))
+        if split:
+            buffers.append(Buffer("Partials", (NUM_FWD_PARTIALS, planes, chunks), acc))
+            one_tile, warps = statistics_pass(p.hw, chunks, cfg, p.dtype.itemsize)
+            passes.append(_pass("_fwd_split_stats", grid, ("x", "Partials"),
+                                **dict(tiles, num_warps=warps), ONE_TILE=one_tile))
+            passes.append(_combine_pass("_fwd_combine", planes, chunks, gpu, ("Partials", "Stats"),
+                                        HW=p.hw, BLOCK_HW=cfg.BLOCK_HW))
+        if p.write_y or not split:  # else the statistics are complete
+            passes.append(_pass("_fwd", grid, _FWD_ARGS, **tiles, STATS_FROM=source,
+                                ACTIVATION=p.activation))
+    elif p.op in (BACKWARD, BACKWARD_SUMS, BACKWARD_FROM_SUMS):
+        flags = dict(USE_INPUT_STATS=p.use_input_stats, ACTIVATION=p.activation)
+        if p.op == BACKWARD_FROM_SUMS:
+            source, split = FROM_PARTIALS, False  # the sums are given
+        if p.op != BACKWARD_SUMS:
+            buffers.append(Buffer("dx", None, p.dtype, "x"))
+            buffers += [Buffer("dr", None, p.dtype, "r")] if p.residual else []
+        if p.op == BACKWARD:
+            buffers.append(Buffer("PlaneSums", (NUM_SUMS, planes), acc))
+        if split or p.op == BACKWARD_SUMS:
+            buffers.append(Buffer("Partials", (NUM_SUMS, planes, chunks), acc))
+            passes.append(_pass("_bwd_split_sums", grid, (*_BWD_ARGS, "Partials"), **tiles,
+                                **flags))
+            if chunks > 1:
+                if p.op == BACKWARD_SUMS:
+                    buffers.append(Buffer("PlaneSums", (NUM_SUMS, planes), acc))
+                passes.append(_combine_pass("_bwd_combine", planes, chunks, gpu,
+                                            ("Partials", "PlaneSums")))
+        if p.op != BACKWARD_SUMS:
+            if p.hw and planes:  # else a part with no element of its planes
+                sums = ("PlaneSums", "KernelSums" if p.op == BACKWARD_FROM_SUMS else "PlaneSums")
+                passes.append(_pass("_bwd", grid, (*_BWD_ARGS, "dx", "dr", sums), **tiles,
+                                    **flags, SUMS_FROM=source))
+            if (p.reduce_dw or p.reduce_db) and p.c:
+                buffers += [Buffer(name, None, None, like) for name, like, needed in (
+                    ("DW", "w", p.reduce_dw), ("DB", "b", p.reduce_db)) if needed]
+                passes.append(_reduce_pass(p, "_sum_partials_over_n", ("PlaneSums", "DW", "DB")))
+    elif p.op == STATS_BACKWARD:  # elementwise: chunks are just more programs
+        buffers.append(Buffer("dx", None, p.dtype, "x"))
+        passes.append(_pass("_stats_bwd", grid, ("x", "dx", "dmean", "dstd", "Stats", "eps"),
+                            **tiles, CHUNKED=chunks > 1))
+    else:
+        raise ValueError(f"unknown op {p.op!r}")
+    return Plan(p, gpu, cfg, chunks, source, _path(p, cfg, source, chunks), tuple(buffers),
+                tuple(passes))
+
+
+def _combine_pass(kernel, planes, chunks, gpu, args, **options):
+    """A combine pass: the (fields, N * C, chunks) partials of split planes reduced over the
+    chunks, the chunks of BLOCK_R planes in one register tile of at most COMBINE_TILE partials
+    (128 lanes x 16 values)."""
     block_chunks = next_power_of_2(chunks)
-    block_r = max(1, min(next_power_of_2(num_planes), COMBINE_TILE // block_chunks))
-    return block_r, block_chunks, _warps(COMBINE_TILE, warp_size)
+    block_r = max(1, min(next_power_of_2(planes), COMBINE_TILE // block_chunks))
+    return _pass(kernel, (cdiv(planes, block_r),), args, num_planes=planes, chunks=chunks,
+                 **options, BLOCK_R=block_r, BLOCK_CHUNKS=block_chunks,
+                 num_warps=_warps(COMBINE_TILE, gpu.warp_size))
 
 
-def reduce_block(c: int) -> int:
-    """Channels per program of the tiny (N, C) reductions (running stats, dweight/dbias)."""
-    return min(1024, next_power_of_2(max(c, 1)))
+def _reduce_pass(p, kernel, args, **options):
+    """A pass over (N, C) per-plane values (running stats, dweight / dbias), a block of at most
+    1024 channels per program."""
+    block = min(1024, next_power_of_2(max(p.c, 1)))
+    return _pass(kernel, (cdiv(p.c, block),), args, N=p.n, C=p.c, **options, BLOCK_C=block)
+
+
+def _path(p, cfg, source, chunks) -> str:
+    """How the planes are read (explain.py says which threshold decided it)."""
+    if source == FROM_RUNNING or p.op in (STATS_BACKWARD, NORMALIZE, BACKWARD_FROM_SUMS):
+        return "elementwise"  # the per-plane values are given, or the pass needs none
+    if cfg.num_ctas > 1:
+        return "cluster"
+    return "single tile" if cfg.SINGLE_TILE else "split" if chunks > 1 else "looped"

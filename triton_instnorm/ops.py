@@ -182,7 +182,7 @@ def _backward(ctx, dy, _dstats):
             grads = backward(dy, x, weight, bias, stats, use_input_stats=ctx.use_input_stats,
                              eps=ctx.eps, activation=ctx.activation,
                              negative_slope=ctx.negative_slope, need_dw=needs[1],
-                             need_db=needs[2], residual=residual if needs[3] else None)
+                             need_db=needs[2], residual=residual)  # dz needs it, dr or not
     else:
         grads = (None, None, None, None)
     if needs[3] and residual is None:  # no activation: the sum's gradient passes through
@@ -200,7 +200,7 @@ def _backward(ctx, dy, _dstats):
 
 
 def _mean_std(stats, eps: float):
-    """Per-plane mean and sqrt(var + eps), shape (N, C), from the statistics buffer (the rows'
+    """Per-plane mean and sqrt(var + eps), shape (N, C), from the statistics buffer (the fields'
     meaning is in kernels/constants.py)."""
     inv_scale = stats[constants.INV_SCALE]
     std = torch.sqrt(stats[constants.VAR] + eps * inv_scale * inv_scale)

@@ -1,5 +1,20 @@
 """Triton kernels for instance normalization.
 
+Words, one per concept:
+  plane    the HW elements of one (n, c); ``plane`` also indexes it, n * C + c
+  group    the planes sharing one group stride (the folded batch, or one sample); row: a
+           plane's place in its group, BLOCK_R rows per program
+  tile     the [BLOCK_R, BLOCK_HW] block a program holds in registers; segment (SEG): the
+           elements of a plane its lanes read side by side
+  chunk    the part of a plane one program covers on grid axis 1 (CHUNKED); chunks: their count
+  split    planes cut into chunks whose partial sums a combine pass reduces (FROM_PARTIALS)
+  pivot    the value near the data that deltas are taken from: a = (x - pivot) * inv_scale
+  stats    a plane's four Stats fields (pivot, inv_scale, mean of a, var of a); field: one
+           per-plane value of a (fields, N * C) buffer (Stats, PlaneSums, partials)
+  normalizer  the forward's (pivot, gain, offset): z = (x - pivot) * gain + offset; rnorm:
+           the backward's, from the saved stats: x_hat = (x - pivot) * gain - offset
+  paths    single tile (FROM_TILE), looped (FROM_LOOP), split (FROM_PARTIALS), cluster
+
 Every (n, c) pair owns one *plane* of ``HW`` elements (the flattened spatial dims). Per plane:
 
     mean = E[x],  var = E[(x - mean)^2]  (biased),  rstd = 1 / sqrt(var + eps)
@@ -12,36 +27,37 @@ Statistics are computed in the accumulation dtype ``ACC`` (float32, float64 for 
 by reductions that never take a difference of large sums, so they hold wherever the data sit: a
 mean large against the spread (``1e4 + 1e-2 * randn`` keeps ~1e-7 relative error, where plain
 sum / sum-of-squares loses everything), an outlier anywhere, parts of a plane far apart.
-Values are taken relative to a value ``K`` near the data, ``a = (x - K) * INV_SCALE`` (``x - K``
-exact for data near K):
+Values are taken relative to a *pivot* near the data, ``a = (x - pivot) * INV_SCALE``
+(``x - pivot`` exact for data near it):
 
-- a plane that fits one tile is held in registers and read once: ``K = x[plane, 0]``, then the
-  corrected two-pass algorithm (mean, deviations from it, whose sum corrects the mean and M2).
-  Where x[plane, 0] lies more than 2 standard deviations from the mean (an outlier), K moves to
-  the mean rounded to ACC, its rest exact by TwoSum, so that ``x - K`` rounds like ``x - mean``;
-  elsewhere K stays x[plane, 0] bit for bit (2-element and constant planes stay exact);
-- a longer plane is streamed in tiles: the first tile moves the reference from x[plane, 0] to
+- a plane that fits one tile is held in registers and read once: ``pivot = x[plane, 0]``, then
+  the corrected two-pass algorithm (mean, deviations from it, whose sum corrects the mean and
+  M2). Where x[plane, 0] lies more than 2 standard deviations from the mean (an outlier), the
+  pivot moves to the mean rounded to ACC, its rest exact by TwoSum, so that ``x - pivot`` rounds
+  like ``x - mean``; elsewhere it stays x[plane, 0] bit for bit (2-element and constant planes
+  stay exact);
+- a longer plane is streamed in tiles: the first tile moves the pivot from x[plane, 0] to
   its own mean, each tile's mean is taken exactly in registers and each element's squared
   deviation from it added to its position's running sum (no reduction across threads but the
   tile's mean), the tiles' means merged in tile order with Chan's parallel formula (count,
-  mean, M2; the M2 between them summed compensated); K ends at the mean rounded to ACC;
+  mean, M2; the M2 between them summed compensated); the pivot ends at the mean rounded to ACC;
 - a split plane's chunks do the same and hand the combine pass their mean as hi + lo and their
   RMS deviation; the combine merges the chunks by Chan's formula in its corrected two-pass form,
-  in a fixed order (deterministic), and K is the chunk-weighted mean.
+  in a fixed order (deterministic), and the pivot is the chunk-weighted mean.
 
 When the unscaled sums of a plane overflow (squares of deltas beyond ~1e19), its statistics are
 redone with the deltas scaled (``INV_SCALE`` ~ 1 / spread when the spread exceeds 2^40), so
 that spreads up to ~1e38 stay finite: a branch ordinary data never takes, whose sums come out
-finite; otherwise ``INV_SCALE = 1`` and ``a = x - K``.
+finite; otherwise ``INV_SCALE = 1`` and ``a = x - pivot``.
 
-Per plane the forward keeps, in a (NUM_STATS, N * C) ``Stats`` buffer (ACC dtype; rows named in
-``constants.py``):
+Per plane the forward keeps, in a (NUM_STATS, N * C) ``Stats`` buffer (ACC dtype; fields named
+in ``constants.py``):
 
-    PIVOT K, INV_SCALE, MEAN = E[a], VAR = Var[a]          (std = sqrt(VAR + eps * INV_SCALE^2))
-    x_hat = ((x - K) * INV_SCALE - MEAN) / std        (true mean = K + MEAN / INV_SCALE,
-                                                       true rstd = INV_SCALE / std)
+    PIVOT, INV_SCALE, MEAN = E[a], VAR = Var[a]        (std = sqrt(VAR + eps * INV_SCALE^2))
+    x_hat = ((x - PIVOT) * INV_SCALE - MEAN) / std     (true mean = PIVOT + MEAN / INV_SCALE,
+                                                        true rstd = INV_SCALE / std)
 
-The normalization is one multiply-add per element, ``z = (x - K) * gain + offset`` with
+The normalization is one multiply-add per element, ``z = (x - pivot) * gain + offset`` with
 ``gain = w * inv_scale / std`` (one correctly rounded division per plane) and ``offset = b -
 mean * w / std``; only with ``eps = 0`` (the ``EXACT`` constexpr) does it divide by std per
 element, correctly rounded: that keeps 2-element planes at exactly +-1 (``x * (1/x)`` is not
@@ -59,8 +75,9 @@ Backward, with ``dz = dy * act'(z)`` recomputed from x (the pre-activation is ne
     dr = dz                                                (the residual's, by the dx pass)
 
 One kernel per pass. A pass takes its per-plane reductions from one of four sources, a constexpr
-(``STATS_FROM`` / ``SUMS_FROM``): ``FROM_TILE``, a plane that fits one tile, held in registers
-and read once; ``FROM_PLANE``, a longer plane streamed twice by its program; ``FROM_PARTIALS``,
+(``STATS_FROM`` / ``SUMS_FROM``): ``FROM_TILE``, a plane that fits one tile (of one CTA, or of a
+cluster), held in registers and read once; ``FROM_LOOP``, a longer plane streamed twice by its
+program in a loop; ``FROM_PARTIALS``,
 a plane *split* across programs (grid axis 1 walks its chunks), whose first pass
 (``_fwd_split_stats`` / ``_bwd_split_sums``) wrote per-chunk partial sums that a combine pass
 (``_fwd_combine`` / ``_bwd_combine``) reduced once per plane in a fixed order (deterministic)
@@ -74,7 +91,8 @@ From a module to the kernels:
 
     InstanceNorm2d.forward (modules.py) -> instance_norm (functional.py: PyTorch's checks)
       -> torch.ops.triton_instnorm.forward (ops.py: custom op, autograd)
-      -> launch.forward (launch.py: tensors as views, launch configuration from heuristics.py)
+      -> launch.forward (launch.py: tensors as views; the call's plan from heuristics.plan,
+         cached; the plan executed, triton_instnorm.explain prints it)
       -> [_fwd_split_stats, _fwd_combine], _fwd (forward.py); the backward: launch.backward
          -> [_bwd_split_sums, _bwd_combine], _bwd, _sum_partials_over_n (backward.py);
          running statistics: _update_running_stats;

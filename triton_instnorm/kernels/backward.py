@@ -5,27 +5,28 @@ A backward is one ``_bwd`` launch (preceded by ``_bwd_split_sums`` and ``_bwd_co
 planes are split), then ``_sum_partials_over_n`` for dweight / dbias. The pre-activation is
 recomputed from x and the saved statistics; dweight / dbias never use atomics, so every run gives
 bitwise the same gradients. Views and geometry are described in ``common.py``; inside a program,
-a plane's ``(start pointers, spatial stride)``, its saved statistics and its affine travel as
-tuples.
+a plane's ``(start pointers, spatial stride)``, its normalizer (``rnorm``, from the saved
+statistics) and its affine travel as tuples.
 """
 
 import triton
 import triton.language as tl
 
 from .common import (
-    ACT_NONE, FROM_PARTIALS, FROM_PLANE, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
+    ACT_NONE, FROM_PARTIALS, FROM_LOOP, FROM_TILE, SUM_DZ, SUM_DZ_XHAT, _activation_grad,
     _chunk_partials, _chunk_range, _div, _host_float, _load_param, _load_stats, _narrow, _partial,
-    _load_rows, _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _row,
+    _load_rows, _plane_block, _plane_nc, _plane_start, _program_channels, _program_planes, _field,
     _std, _store_rows, _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 
 
 @triton.jit
-def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
+def _saved_rnorm(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(pivot, gain, offset) of each plane: x_hat = ((x - pivot) * inv_scale - mean) / std =
-    (x - pivot) * gain - offset, std recomputed as the forward did; gain is also 1 / std in
-    units of x."""
+    """The backward's normalizer ``rnorm`` = (pivot, gain, offset) of each plane, from its saved
+    statistics: x_hat = ((x - pivot) * inv_scale - mean) / std = (x - pivot) * gain - offset,
+    std recomputed as the forward did; gain is also rstd in units of x (the forward's
+    ``_normalizer`` divides by std instead)."""
     pivot, inv_scale, mean, var = _load_stats(Stats, num_planes, plane, mask)
     std = _std(var, inv_scale, _host_float(eps, ACC), INPUT_STATS)  # the forward's, bit for bit
     rstd = _div(tl.full([BLOCK_R], 1.0, ACC), std)
@@ -33,9 +34,9 @@ def _saved_stats(Stats, num_planes, plane, mask, eps, INPUT_STATS: tl.constexpr,
 
 
 @triton.jit
-def _load_x_hat(x_planes, tile, stats, ACC: tl.constexpr):
-    """One tile of x, normalized with the saved statistics (0 on masked lanes)."""
-    pivot, gain, offset = stats
+def _load_x_hat(x_planes, tile, rnorm, ACC: tl.constexpr):
+    """One tile of x, normalized with ``rnorm`` (``_saved_rnorm``; 0 on masked lanes)."""
+    pivot, gain, offset = rnorm
     xt = _widen(_load_rows(x_planes, tile), ACC)
     x_hat = (xt - pivot[:, None]) * gain[:, None] - offset[:, None]
     return tl.where(_tile_mask(tile), x_hat, 0.0)
@@ -45,22 +46,22 @@ def _load_x_hat(x_planes, tile, stats, ACC: tl.constexpr):
 def _program_inputs(x, dy, w, b, Stats, geometry, planes, eps, slope, INPUT_STATS: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr):
     """What the gradients of this program's ``planes = (rows, plane, mask)`` read: (x planes,
-    dy planes, saved statistics (``_saved_stats``), affine (scale, shift, negative slope))."""
+    dy planes, the normalizer (``_saved_rnorm``), affine (scale, shift, negative slope))."""
     rows, plane, mask = planes
     nc = _plane_nc(plane, geometry[1])
-    stats = _saved_stats(Stats, geometry[0], plane, mask, eps, INPUT_STATS, ACC, BLOCK_R)
+    rnorm = _saved_rnorm(Stats, geometry[0], plane, mask, eps, INPUT_STATS, ACC, BLOCK_R)
     affine = (_load_param(w, nc, mask, 1.0, ACC, BLOCK_R),
               _load_param(b, nc, mask, 0.0, ACC, BLOCK_R), _host_float(slope, ACC))
-    return _plane_start(x, rows), _plane_start(dy, rows), stats, affine
+    return _plane_start(x, rows), _plane_start(dy, rows), rnorm, affine
 
 
 @triton.jit
 def _tile_grads(inputs, r_planes, tile, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
     """Loads one tile of x and dy; returns (x_hat, dz), dz = dy * act'(z) recomputed from x
     (and from the residual's planes ``r_planes``, when one was added before the activation)."""
-    x_planes, dy_planes, stats, affine = inputs
+    x_planes, dy_planes, rnorm, affine = inputs
     scale_w, shift_b, negative_slope = affine
-    x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+    x_hat = _load_x_hat(x_planes, tile, rnorm, ACC)
     dz = _widen(_load_rows(dy_planes, tile), ACC)
     if ACTIVATION != ACT_NONE:
         z = x_hat * scale_w[:, None] + shift_b[:, None]
@@ -147,9 +148,9 @@ def _bwd_combine(
     sum_dz_xhat = _chunk_partials(Partials, SUM_DZ_XHAT, num_planes, plane, mask, chunks,
                                   BLOCK_CHUNKS)
     sum_dz = _chunk_partials(Partials, SUM_DZ, num_planes, plane, mask, chunks, BLOCK_CHUNKS)
-    tl.store(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), tl.sum(sum_dz_xhat, axis=1),
+    tl.store(_field(PlaneSums, SUM_DZ_XHAT, num_planes, plane), tl.sum(sum_dz_xhat, axis=1),
              mask=mask)
-    tl.store(_row(PlaneSums, SUM_DZ, num_planes, plane), tl.sum(sum_dz, axis=1), mask=mask)
+    tl.store(_field(PlaneSums, SUM_DZ, num_planes, plane), tl.sum(sum_dz, axis=1), mask=mask)
 
 
 @triton.jit
@@ -167,7 +168,7 @@ def _bwd(
     geometry,  # (N * C, C, HW, rows per group)
     eps,  # (hi, lo): the forward's
     slope,  # (hi, lo)
-    SUMS_FROM: tl.constexpr,  # FROM_TILE, FROM_PLANE or FROM_PARTIALS
+    SUMS_FROM: tl.constexpr,  # FROM_TILE, FROM_LOOP or FROM_PARTIALS
     USE_INPUT_STATS: tl.constexpr,  # False: the statistics were given (constants of x)
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -178,12 +179,12 @@ def _bwd(
     ACC: tl.constexpr = Stats.dtype.element_ty
     # The dx sweep after a sums sweep walks the tiles backwards: the ones read last are the
     # likeliest to be in L2 still.
-    REVERSE: tl.constexpr = SUMS_FROM == FROM_PLANE
+    REVERSE: tl.constexpr = SUMS_FROM == FROM_LOOP
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     inputs = _program_inputs(x, dy, w, b, Stats, geometry, (rows, plane, mask), eps, slope,
                              USE_INPUT_STATS, ACC, BLOCK_R)
-    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
+    span, chunk0 = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SUMS_FROM == FROM_PARTIALS)
     r_planes = None  # (a jit function returning None does not compile on Triton 3.6)
     if r is not None:
         r_planes = _plane_start(r, rows)
@@ -194,21 +195,21 @@ def _bwd(
         x_hat, dz = _tile_grads(inputs, r_planes, tile, ACC, ACTIVATION)
         sum_dz_xhat = tl.sum(dz * x_hat, axis=1)
         sum_dz = tl.sum(dz, axis=1)
-    elif SUMS_FROM == FROM_PLANE:
+    elif SUMS_FROM == FROM_LOOP:
         sum_dz_xhat, sum_dz = _streamed_sums(inputs, r_planes, mask, span, ACC, ACTIVATION,
                                              BLOCK_R, BLOCK_HW)
     else:  # FROM_PARTIALS
-        sum_dz_xhat = tl.load(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask,
+        sum_dz_xhat = tl.load(_field(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask,
                               other=0.0)
-        sum_dz = tl.load(_row(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
+        sum_dz = tl.load(_field(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
     if SUMS_FROM != FROM_PARTIALS:
-        tl.store(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=first)
-        tl.store(_row(PlaneSums, SUM_DZ, num_planes, plane), sum_dz, mask=first)
+        tl.store(_field(PlaneSums, SUM_DZ_XHAT, num_planes, plane), sum_dz_xhat, mask=chunk0)
+        tl.store(_field(PlaneSums, SUM_DZ, num_planes, plane), sum_dz, mask=chunk0)
 
     # dx = dx_scale * (dz - mean_dz - x_hat * mean_dz_xhat); with given statistics the mean and
     # variance are constants of x and both correction terms vanish.
-    _, _, stats, affine = inputs
-    dx_scale = stats[1] * affine[0]
+    _, _, rnorm, affine = inputs
+    dx_scale = rnorm[1] * affine[0]
     if USE_INPUT_STATS:
         # Correctly rounded: a constant plane under a uniform dy needs mean_dz == dz exactly for
         # dx == 0 (the approximate division is off by an ulp for some HW).
@@ -248,9 +249,9 @@ def _sum_partials_over_n(
     db = tl.zeros([BLOCK_C], dtype=ACC)
     for n in range(0, N):
         if DW is not None:
-            dw += tl.load(_row(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask, other=0.0)
+            dw += tl.load(_field(PlaneSums, SUM_DZ_XHAT, num_planes, plane), mask=mask, other=0.0)
         if DB is not None:
-            db += tl.load(_row(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
+            db += tl.load(_field(PlaneSums, SUM_DZ, num_planes, plane), mask=mask, other=0.0)
         plane += C
     if DW is not None:
         tl.store(DW + c, _narrow(dw, DW.dtype.element_ty), mask=mask)
@@ -269,7 +270,7 @@ def _stats_bwd(
     eps,  # (hi, lo): the statistics pass's
     BLOCK_R: tl.constexpr,
     BLOCK_HW: tl.constexpr,
-    SPLIT: tl.constexpr,  # grid axis 1 walks chunks of the planes
+    CHUNKED: tl.constexpr,  # grid axis 1 walks chunks of the planes
 ):
     """dx = (dmean + dstd * x_hat) / HW: the gradient through each plane's mean and
     std = sqrt(biased var + eps) (AdaIN's style statistics). Elementwise: x read once."""
@@ -277,9 +278,9 @@ def _stats_bwd(
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     nc = _plane_nc(plane, C)
-    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    span, _ = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, CHUNKED)
     # the gradient of sqrt(var + eps) as autograd takes it: no invstd rule at var + eps == 0
-    stats = _saved_stats(Stats, num_planes, plane, mask, eps, False, ACC, BLOCK_R)
+    rnorm = _saved_rnorm(Stats, num_planes, plane, mask, eps, False, ACC, BLOCK_R)
     hw = tl.full([BLOCK_R], HW, ACC)
     grad_mean = _div(_load_param(dmean, nc, mask, 0.0, ACC, BLOCK_R), hw)
     grad_std = _div(_load_param(dstd, nc, mask, 0.0, ACC, BLOCK_R), hw)
@@ -288,5 +289,5 @@ def _stats_bwd(
     start, end = span
     for t in range(start, end, BLOCK_HW):
         tile = _tile(t, mask, end, BLOCK_HW, BLOCK_HW)
-        x_hat = _load_x_hat(x_planes, tile, stats, ACC)
+        x_hat = _load_x_hat(x_planes, tile, rnorm, ACC)
         _store_rows(dx_planes, tile, grad_mean[:, None] + grad_std[:, None] * x_hat)

@@ -27,7 +27,7 @@ ACT_LEAKY_RELU = tl.constexpr(k.ACT_LEAKY_RELU)
 ACT_SILU = tl.constexpr(k.ACT_SILU)
 ACT_GELU = tl.constexpr(k.ACT_GELU)
 FROM_TILE = tl.constexpr(k.FROM_TILE)
-FROM_PLANE = tl.constexpr(k.FROM_PLANE)
+FROM_LOOP = tl.constexpr(k.FROM_LOOP)
 FROM_PARTIALS = tl.constexpr(k.FROM_PARTIALS)
 FROM_RUNNING = tl.constexpr(k.FROM_RUNNING)
 PIVOT = tl.constexpr(k.PIVOT)
@@ -188,19 +188,20 @@ def _chunk_sizes(HW, chunks, ACC: tl.constexpr, BLOCK_HW: tl.constexpr,
 
 
 @triton.jit
-def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's chunk of its planes, grid axis 1 walking the chunks: ((start, end), first),
-    ``first`` masking the planes for which this is chunk 0, the program that writes per-plane
-    results. Without ``SPLIT`` (one chunk, known at compile time) the range is the whole plane,
-    in 32 bits."""
-    if not SPLIT:
+def _chunk_range(HW, mask, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr,
+                 CHUNKED: tl.constexpr):
+    """This program's chunk of its planes, grid axis 1 walking the chunks: ((start, end),
+    chunk0), ``chunk0`` masking the planes for which this is chunk 0, the program that writes
+    per-plane results. Without ``CHUNKED`` (one chunk, known at compile time) the range is the
+    whole plane, in 32 bits."""
+    if not CHUNKED:
         return (0, HW), mask
     else:
         chunk = tl.program_id(1)
         chunk_len = _chunk_len(HW, tl.num_programs(1), BLOCK_HW)
         start = chunk * chunk_len
-        first = mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)
-        return (start, tl.minimum(start + chunk_len, HW)), first
+        chunk0 = mask & ((tl.zeros([BLOCK_R], dtype=tl.int32) + chunk) == 0)
+        return (start, tl.minimum(start + chunk_len, HW)), chunk0
 
 
 @triton.constexpr_function
@@ -345,43 +346,44 @@ _INTERPRETED = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
-def _row(Buffer, name, num_planes, plane):
-    """Pointers to row ``name`` of a (rows, N * C) buffer at each plane (Stats, PlaneSums)."""
+def _field(Buffer, name, num_planes, plane):
+    """Pointers to field ``name`` of a (fields, N * C) buffer at each plane (Stats,
+    PlaneSums)."""
     return Buffer + name * tl.cast(num_planes, tl.int64) + plane  # 4 * N * C can wrap int32
 
 
 @triton.jit
 def _load_stats(Stats, num_planes, plane, mask):
     """(pivot, inv_scale, mean, var) of each plane from a Stats buffer."""
-    return (tl.load(_row(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0),
-            tl.load(_row(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0),
-            tl.load(_row(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
-            tl.load(_row(Stats, VAR, num_planes, plane), mask=mask, other=1.0))
+    return (tl.load(_field(Stats, PIVOT, num_planes, plane), mask=mask, other=0.0),
+            tl.load(_field(Stats, INV_SCALE, num_planes, plane), mask=mask, other=1.0),
+            tl.load(_field(Stats, MEAN, num_planes, plane), mask=mask, other=0.0),
+            tl.load(_field(Stats, VAR, num_planes, plane), mask=mask, other=1.0))
 
 
 @triton.jit
 def _store_stats(Stats, num_planes, plane, mask, stats):
     """Writes (pivot, inv_scale, mean, var) of each plane into a Stats buffer."""
     pivot, inv_scale, mean, var = stats
-    tl.store(_row(Stats, PIVOT, num_planes, plane), pivot, mask=mask)
-    tl.store(_row(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=mask)
-    tl.store(_row(Stats, MEAN, num_planes, plane), mean, mask=mask)
-    tl.store(_row(Stats, VAR, num_planes, plane), var, mask=mask)
+    tl.store(_field(Stats, PIVOT, num_planes, plane), pivot, mask=mask)
+    tl.store(_field(Stats, INV_SCALE, num_planes, plane), inv_scale, mask=mask)
+    tl.store(_field(Stats, MEAN, num_planes, plane), mean, mask=mask)
+    tl.store(_field(Stats, VAR, num_planes, plane), var, mask=mask)
 
 
 @triton.jit
 def _partial(Partials, name, num_planes, plane):
-    """Pointers to row ``name`` of this program's chunk (grid axis 1) of a split plane's
-    (rows, N * C, chunks) partials."""
+    """Pointers to field ``name`` of this program's chunk (grid axis 1) of a split plane's
+    (fields, N * C, chunks) partials."""
     chunks = tl.num_programs(1)
     return Partials + (name * tl.cast(num_planes, tl.int64) + plane) * chunks + tl.program_id(1)
 
 
 @triton.jit
 def _chunk_partials(Partials, name, num_planes, plane, mask, chunks, BLOCK_CHUNKS: tl.constexpr):
-    """Row ``name`` of every chunk of each plane, a [BLOCK_R, BLOCK_CHUNKS] tile (0 past the last
-    chunk), for a combine pass to reduce in one fixed tree (deterministic)."""
+    """Field ``name`` of every chunk of each plane, a [BLOCK_R, BLOCK_CHUNKS] tile (0 past the
+    last chunk), for a combine pass to reduce in one fixed tree (deterministic)."""
     ks = tl.arange(0, BLOCK_CHUNKS)
     tile_mask = mask[:, None] & (ks[None, :] < chunks)
-    rows = (name * tl.cast(num_planes, tl.int64) + plane) * chunks
-    return tl.load(Partials + rows[:, None] + ks[None, :], mask=tile_mask, other=0.0)
+    starts = (name * tl.cast(num_planes, tl.int64) + plane) * chunks
+    return tl.load(Partials + starts[:, None] + ks[None, :], mask=tile_mask, other=0.0)

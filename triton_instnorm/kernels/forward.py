@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_PLANE, FROM_RUNNING, FROM_TILE,
+    CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_LOOP, FROM_RUNNING, FROM_TILE,
     _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
     _load_rows, _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
     _program_channels, _program_planes, _std, _store_rows, _store_running, _store_stats,
@@ -23,12 +23,13 @@ from .moments import (
 
 @triton.jit
 def _normalizer(stats, std, affine, EXACT: tl.constexpr):
-    """Per plane, what ``_write_y`` needs for y = act(x_hat * w + b), x_hat = ((x - K) *
-    inv_scale - mean) / std: (K, gain, offset) with x_hat * w + b = (x - K) * gain + offset, one
-    division per plane. With ``EXACT`` (eps == 0) the per-element division instead, (K,
-    inv_scale, mean, std, w, b): it keeps 2-element planes at exactly +-1 (x * (1 / x) is not
-    always 1), which only eps == 0 makes exact in the first place. ``gain = w / std`` rounds
-    once (not w * (1 / std)): y keeps the division's accuracy within an ulp or so."""
+    """Per plane, what ``_write_y`` needs for y = act(x_hat * w + b), x_hat = ((x - pivot) *
+    inv_scale - mean) / std: (pivot, gain, offset) with x_hat * w + b = (x - pivot) * gain +
+    offset, one division per plane. With ``EXACT`` (eps == 0) the per-element division
+    instead, (pivot, inv_scale, mean, std, w, b): it keeps 2-element planes at exactly +-1
+    (x * (1 / x) is not always 1), which only eps == 0 makes exact in the first place.
+    ``gain = w / std`` rounds once (not w * (1 / std)): y keeps the division's accuracy within
+    an ulp or so."""
     pivot, inv_scale, mean, _ = stats
     scale_w, shift_b = affine
     if EXACT:
@@ -87,14 +88,14 @@ def _fwd_split_stats(
     count = tl.cast(tl.maximum(span[1] - span[0], 1), ACC)
     if ONE_TILE:
         tile = _tile(span[0], mask, span[1], BLOCK_HW, BLOCK_HW)
-        center, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
-                                                   _tile_mask(tile), pivot, count, mask, x[0],
-                                                   ACC)
+        pivot, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
+                                                  _tile_mask(tile), pivot, count, mask, x[0],
+                                                  ACC)
     else:
-        center, rest, m2, inv_scale = _safe_streamed_moments(
+        pivot, rest, m2, inv_scale = _safe_streamed_moments(
             x_planes, mask, span, pivot, x[0], ACC, BLOCK_R, BLOCK_HW)
         var = m2 * (1.0 / count)
-    hi, lo, rms = _chunk_summary(center, rest, var, inv_scale, mask, x[0])
+    hi, lo, rms = _chunk_summary(pivot, rest, var, inv_scale, mask, x[0])
     tl.store(_partial(Partials, CHUNK_HI, num_planes, plane), hi, mask=mask)
     tl.store(_partial(Partials, CHUNK_LO, num_planes, plane), lo, mask=mask)
     tl.store(_partial(Partials, CHUNK_RMS, num_planes, plane), rms, mask=mask)
@@ -136,7 +137,7 @@ def _fwd(
     geometry,  # (N * C, C, HW, rows per group)
     eps,  # (hi, lo) float32 pair
     slope,  # leaky_relu's negative slope, (hi, lo)
-    STATS_FROM: tl.constexpr,  # FROM_TILE, FROM_PLANE, FROM_PARTIALS or FROM_RUNNING
+    STATS_FROM: tl.constexpr,  # FROM_TILE, FROM_LOOP, FROM_PARTIALS or FROM_RUNNING
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane (the whole plane with FROM_TILE)
@@ -149,14 +150,14 @@ def _fwd(
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     # Chunks need partials only for statistics; the eval pass is elementwise, so a split grid
     # just gives each program its chunk.
-    SPLIT: tl.constexpr = (STATS_FROM == FROM_PARTIALS) | (STATS_FROM == FROM_RUNNING)
+    CHUNKED: tl.constexpr = (STATS_FROM == FROM_PARTIALS) | (STATS_FROM == FROM_RUNNING)
     # The normalize sweep after a statistics sweep walks the tiles backwards: the ones read last
     # are the likeliest to be in L2 still.
-    REVERSE: tl.constexpr = STATS_FROM == FROM_PLANE
+    REVERSE: tl.constexpr = STATS_FROM == FROM_LOOP
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
     nc = _plane_nc(plane, C)
-    span, first = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, SPLIT)
+    span, chunk0 = _chunk_range(HW, mask, BLOCK_HW, BLOCK_R, CHUNKED)
     x_planes = _plane_start(x, rows)
     hw = tl.full([BLOCK_R], HW, ACC)
 
@@ -174,13 +175,13 @@ def _fwd(
         xt = _load_rows(x_planes, tile)
         stats = _tile_stats(_widen(xt, ACC), _tile_mask(tile), pivot, tl.cast(HW, ACC), mask,
                             x[0], ACC)
-    else:  # FROM_PLANE: the statistics sweep
-        center, mean, m2, inv_scale = _safe_streamed_moments(
+    else:  # FROM_LOOP: the statistics sweep
+        pivot, mean, m2, inv_scale = _safe_streamed_moments(
             x_planes, mask, span, _load_pivot(x_planes, mask, ACC), x[0], ACC, BLOCK_R, BLOCK_HW)
-        stats = (center, inv_scale, mean, _div(m2, hw))
+        stats = (pivot, inv_scale, mean, _div(m2, hw))
     if Stats is not None:
         if STATS_FROM != FROM_PARTIALS:
-            _store_stats(Stats, num_planes, plane, first, stats)
+            _store_stats(Stats, num_planes, plane, chunk0, stats)
     _, inv_scale, _, var = stats
     std = _std(var, inv_scale, _host_float(eps, ACC), STATS_FROM != FROM_RUNNING)
 

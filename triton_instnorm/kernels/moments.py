@@ -1,4 +1,4 @@
-"""The per-plane statistics (the math, and how K is chosen: the package docstring): a plane
+"""The per-plane statistics (the math, and how the pivot is chosen: the package docstring): a plane
 held in one tile (``_tile_stats``), streamed in tiles (``_safe_streamed_moments``), or split in
 chunks (``_chunk_summary`` per chunk, ``_combine_chunks`` per plane). Every reduction is a
 corrected two-pass one, Welford's update or Chan's parallel combination, never a difference of
@@ -19,14 +19,15 @@ from .common import (
     _INTERPRETED, _cold_path, _div, _load_rows, _sqrt, _tile, _tile_mask, _widen,
 )
 
-# max |x - reference| above this switches on the overflow-safe scaling of the deltas: below it,
+# max |x - pivot| above this switches on the overflow-safe scaling of the deltas: below it,
 # d^2 summed over 2^31 elements stays far inside float32's range.
 BIG_DELTA = tl.constexpr(1099511627776.0)  # 2**40
 
 
 @triton.jit
 def _load_pivot(x_planes, mask, ACC: tl.constexpr):
-    """K = x[plane, 0]: what the saved mean of a plane is relative to (in every chunk)."""
+    """The first pivot, x[plane, 0]: what the saved mean of a plane is relative to (in every
+    chunk), unless it moves."""
     return tl.load(x_planes[0], mask=mask, other=0.0).to(ACC)
 
 
@@ -53,18 +54,18 @@ def _two_sum_error(a, b, s):
 
 
 @triton.jit
-def _move_center(center, mean, inv_scale):
-    """(center, mean) -> (fl(center + mean / inv_scale), the rest of the mean, in units of a):
-    the same mean, split so that its large part is exact (TwoSum) and its small part small.
-    ``inv_scale`` None: unscaled."""
+def _move_pivot(pivot, mean, inv_scale):
+    """(pivot, mean) -> (fl(pivot + mean / inv_scale), the rest of the mean, in units of a):
+    the pivot moved to the mean, which is split so that its large part is exact (TwoSum) and
+    its small part small. ``inv_scale`` None: unscaled."""
     if inv_scale is None:
-        moved = center + mean
-        return moved, _two_sum_error(center, mean, moved)
+        new_pivot = pivot + mean
+        return new_pivot, _two_sum_error(pivot, mean, new_pivot)
     else:
-        shift = _div(mean, inv_scale)  # exact when inv_scale == 1
-        moved = center + shift
-        rest = mean - shift * inv_scale  # 0 when inv_scale == 1
-        return moved, _two_sum_error(center, shift, moved) * inv_scale + rest
+        step = _div(mean, inv_scale)  # exact when inv_scale == 1
+        new_pivot = pivot + step
+        rest = mean - step * inv_scale  # 0 when inv_scale == 1
+        return new_pivot, _two_sum_error(pivot, step, new_pivot) * inv_scale + rest
 
 
 @triton.jit
@@ -105,27 +106,28 @@ def _tile_moments(xt, tile_mask, pivot, inv_scale, count):
 
 @triton.jit
 def _tile_summary(pivot, moments, inv_scale, count, ACC: tl.constexpr):
-    """(K, inv_scale, mean, var) from a tile's (mean, correction, M2) (``_tile_stats``)."""
+    """(pivot, inv_scale, mean, var) from a tile's (mean, correction, M2) (``_tile_stats``)."""
     mean, correction, m2 = moments
     var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL),
                tl.full(mean.shape, count, ACC))
-    moved, rest = _move_center(pivot, mean, inv_scale)
+    mean_pivot, rest = _move_pivot(pivot, mean, inv_scale)
     far = mean * mean > 4.0 * var  # False for NaN statistics: the plane stays NaN
     if inv_scale is None:
         inv_scale = tl.full(mean.shape, 1.0, ACC)
-    return tl.where(far, moved, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
+    return tl.where(far, mean_pivot, pivot), inv_scale, tl.where(far, rest, mean) + correction, var
 
 
 @triton.jit
 def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
-    """(K, inv_scale, mean, var) of a plane held in one tile ``xt`` (in ACC), ``count``
-    elements in each plane: the statistics the Stats rows hold. ``base``: an element the cold
+    """(pivot, inv_scale, mean, var) of a plane held in one tile ``xt`` (in ACC), ``count``
+    elements in each plane: the statistics the Stats fields hold. ``base``: an element the cold
     path's mark may read.
 
-    ``x - K`` rounds at the scale of |x - K|: where the pivot lies more than 2 standard
-    deviations from the mean (an outlier at x[plane, 0]) K moves to the mean (``_move_center``),
-    so that normalizing keeps the precision a normalization about the mean has. Elsewhere
-    K = pivot, bit for bit: constant planes and 2-element planes stay exact.
+    ``x - pivot`` rounds at the scale of |x - pivot|: where the first pivot (x[plane, 0]) lies
+    more than 2 standard deviations from the mean (an outlier) the pivot moves to the mean
+    (``_move_pivot``), so that normalizing keeps the precision a normalization about the mean
+    has. Elsewhere it stays x[plane, 0], bit for bit: constant planes and 2-element planes stay
+    exact.
 
     Exact with or without FMA contraction (compiled code fuses a * b + c, as the sm_90 PTX shows
     in the sums, the centering, M2 and the affine; the interpreter never does): for those planes
@@ -152,7 +154,7 @@ def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
 def _merge_moments(total, part):
     """Chan's parallel formula: (count, mean, M2 added) of two disjoint sets, ``total`` =
     (count, mean) of the first, ``part`` = (count, mean) of the second, both about the same
-    reference; the M2 of the union is the first's plus the second's plus what is returned. A
+    pivot; the M2 of the union is the first's plus the second's plus what is returned. A
     difference of means and non-negative terms: stable."""
     n_a, mean_a = total
     n_b, mean_b = part
@@ -163,9 +165,9 @@ def _merge_moments(total, part):
 
 
 @triton.jit
-def _deltas(xt, tile_mask, reference, inv_scale, ACC: tl.constexpr):
-    """a = (x - reference) * inv_scale (no scaling for None) of a tile, 0 on masked lanes."""
-    a = _widen(xt, ACC) - reference[:, None]
+def _deltas(xt, tile_mask, pivot, inv_scale, ACC: tl.constexpr):
+    """a = (x - pivot) * inv_scale (no scaling for None) of a tile, 0 on masked lanes."""
+    a = _widen(xt, ACC) - pivot[:, None]
     if inv_scale is not None:
         a = a * inv_scale[:, None]
     return tl.where(tile_mask, a, 0.0)
@@ -174,8 +176,8 @@ def _deltas(xt, tile_mask, reference, inv_scale, ACC: tl.constexpr):
 @triton.jit
 def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Over ``span = (start, end)`` of each plane, in tiles: (reference, mean, M2) of a = (x -
-    reference) * inv_scale (no scaling for None), the reference a float near the data.
+    """Over ``span = (start, end)`` of each plane, in tiles: (pivot, mean, M2) of a = (x -
+    pivot) * inv_scale (no scaling for None), the pivot a float near the data.
 
     Each tile is taken in two passes over its registers: its mean (one reduction across the CTA),
     then each element's deviation from it, whose square is added to its position's running sum
@@ -186,15 +188,16 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     the rest (an outlier) enters M2 through its own tile's two-pass, exactly as a single tile
     would have it.
 
-    The first tile, loaded before the loop, moves the reference from the pivot to its mean
-    first, so that a distant pivot (an outlier at x[plane, 0]) does not make every delta large;
+    The first tile, loaded before the loop, moves the pivot from the first one to its mean
+    first, so that a distant first pivot (an outlier at x[plane, 0]) does not make every delta
+    large;
     each iteration then loads the tile the next one takes."""
     start, end = span
     tile = _tile(start, mask, end, BLOCK_HW, BLOCK_HW)
     xt = _load_rows(x_planes, tile)
     tile_mask = _tile_mask(tile)
     first_count = tl.maximum(tl.minimum(end - start, BLOCK_HW), 1).to(ACC)
-    reference, _ = _move_center(
+    pivot, _ = _move_pivot(
         pivot, tl.sum(_deltas(xt, tile_mask, pivot, inv_scale, ACC), axis=1) / first_count,
         inv_scale)
     count = tl.zeros([], dtype=ACC)  # the same for every plane of the program
@@ -206,7 +209,7 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     # registers, and the running sums take half the registers.
     within = tl.zeros([BLOCK_R, BLOCK_HW // 2], dtype=ACC)
     for t in range(start, end, BLOCK_HW):
-        a = _deltas(xt, tile_mask, reference, inv_scale, ACC)
+        a = _deltas(xt, tile_mask, pivot, inv_scale, ACC)
         tile_count = tl.minimum(end - t, BLOCK_HW).to(ACC)
         tile_mean = tl.sum(a, axis=1) * (1.0 / tile_count)
         deviation = tl.where(tile_mask, a - tile_mean[:, None], 0.0)
@@ -218,19 +221,19 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
         tile = _tile(t + BLOCK_HW, mask, end, BLOCK_HW, BLOCK_HW)  # the next tile
         xt = _load_rows(x_planes, tile)
         tile_mask = _tile_mask(tile)
-    return reference, mean, tl.sum(within, axis=1) + (between + between_error)
+    return pivot, mean, tl.sum(within, axis=1) + (between + between_error)
 
 
 @triton.jit
 def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """_streamed_moments with the overflow guard, each plane's mean moved into its center:
-    (center, mean, M2, inv_scale). Ordinary data takes one sweep; a program with a plane whose
+    """_streamed_moments with the overflow guard, each plane's pivot moved to its mean:
+    (pivot, mean, M2, inv_scale). Ordinary data takes one sweep; a program with a plane whose
     sums leave the finite range sweeps again to find max |x - pivot|, then once more with those
     planes' deltas scaled (a cold branch). ``base``: an element the cold path's mark may read."""
-    reference, mean, m2 = _streamed_moments(x_planes, mask, span, pivot, None, ACC, BLOCK_R,
+    stream_pivot, mean, m2 = _streamed_moments(x_planes, mask, span, pivot, None, ACC, BLOCK_R,
                                             BLOCK_HW)
-    center, rest = _move_center(reference, mean, None)
+    mean_pivot, rest = _move_pivot(stream_pivot, mean, None)
     inv_scale = tl.full([BLOCK_R], 1.0, ACC)
     if _overflowed(mean, m2, mask):
         _cold_path(base)
@@ -243,28 +246,28 @@ def _safe_streamed_moments(x_planes, mask, span, pivot, base, ACC: tl.constexpr,
             max_delta = tl.maximum(max_delta, tl.where(_tile_mask(tile),
                                                        tl.abs(xt.to(ACC) - pivot[:, None]), 0.0))
         scale = _inverse_scale(tl.max(max_delta, axis=1), ACC)
-        scaled_reference, scaled_mean, scaled_m2 = _streamed_moments(
+        scaled_pivot, scaled_mean, scaled_m2 = _streamed_moments(
             x_planes, mask, span, pivot, scale, ACC, BLOCK_R, BLOCK_HW)
-        scaled_center, scaled_rest = _move_center(scaled_reference, scaled_mean, scale)
-        center = tl.where(bad, scaled_center, center)
+        scaled_mean_pivot, scaled_rest = _move_pivot(scaled_pivot, scaled_mean, scale)
+        mean_pivot = tl.where(bad, scaled_mean_pivot, mean_pivot)
         rest = tl.where(bad, scaled_rest, rest)
         m2 = tl.where(bad, scaled_m2, m2)
         inv_scale = tl.where(bad, scale, inv_scale)
-    return center, rest, m2, inv_scale
+    return mean_pivot, rest, m2, inv_scale
 
 
 @triton.jit
-def _chunk_summary(center, rest, var, inv_scale, mask, base):
-    """What a split plane's chunk hands to the combine pass, in units of x: its mean ``center +
+def _chunk_summary(pivot, rest, var, inv_scale, mask, base):
+    """What a split plane's chunk hands to the combine pass, in units of x: its mean ``pivot +
     rest / inv_scale`` as an unevaluated sum hi + lo, hi = fl(mean) and lo the rest (TwoSum),
     and its RMS deviation sqrt(``var``) / inv_scale, each finite wherever x is. Unscaled planes
     divide by nothing (a program with a scaled plane takes a cold branch)."""
-    hi, lo = _move_center(center, rest, None)
+    hi, lo = _move_pivot(pivot, rest, None)
     rms = _sqrt(var)
     if tl.max(tl.where(mask, inv_scale != 1.0, False).to(tl.int32), axis=0) > 0:
         _cold_path(base)
         scaled = inv_scale != 1.0
-        scaled_hi, scaled_lo = _move_center(center, rest, inv_scale)
+        scaled_hi, scaled_lo = _move_pivot(pivot, rest, inv_scale)
         hi = tl.where(scaled, scaled_hi, hi)
         lo = tl.where(scaled, _div(scaled_lo, inv_scale), lo)
         rms = _div(rms, inv_scale)
@@ -273,22 +276,22 @@ def _chunk_summary(center, rest, var, inv_scale, mask, base):
 
 @triton.jit
 def _combine_chunks(summaries, sizes, hw, ACC: tl.constexpr):
-    """(K, inv_scale, mean, var) of split planes from their chunks' ``summaries`` (hi, lo, RMS:
+    """(pivot, inv_scale, mean, var) of split planes from their chunks' ``summaries`` (hi, lo, RMS:
     [planes, chunks] tiles; ``sizes`` = (counts, counts / HW), [1, chunks], 0 past the last
     chunk; ``hw`` per plane): Chan's parallel formula in its two-pass form, in a fixed order.
     The chunks' deviations from chunk 0's mean, (hi - hi_0) + lo, give the mean and, with their
-    RMS, M2 = sum over chunks of count * (RMS^2 + deviation^2) - HW * mean^2; then K moves from
-    hi_0 to the mean rounded to ACC (``_move_center``). A constant plane gets exactly K = its
-    value and mean = var = 0."""
+    RMS, M2 = sum over chunks of count * (RMS^2 + deviation^2) - HW * mean^2; then the pivot
+    moves from hi_0 to the mean rounded to ACC (``_move_pivot``). A constant plane gets exactly
+    pivot = its value and mean = var = 0."""
     his, los, rms = summaries
     counts, weights = sizes
-    first = tl.sum(tl.where(tl.arange(0, his.shape[1])[None, :] == 0, his, 0.0), axis=1)
-    deviations = tl.where(counts > 0, (his - first[:, None]) + los, 0.0)
+    pivot0 = tl.sum(tl.where(tl.arange(0, his.shape[1])[None, :] == 0, his, 0.0), axis=1)
+    deviations = tl.where(counts > 0, (his - pivot0[:, None]) + los, 0.0)
     inv_scale = _inverse_scale(tl.max(tl.maximum(rms, tl.abs(deviations)), axis=1), ACC)
     deviations = deviations * inv_scale[:, None]
     rms = rms * inv_scale[:, None]
     mean = tl.sum(weights * deviations, axis=1)
     m2 = tl.sum(counts * (rms * rms + deviations * deviations), axis=1) - mean * mean * hw
     var = _div(tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL), hw)
-    center, rest = _move_center(first, mean, inv_scale)
-    return center, inv_scale, rest, var
+    pivot, rest = _move_pivot(pivot0, mean, inv_scale)
+    return pivot, inv_scale, rest, var
