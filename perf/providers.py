@@ -184,7 +184,7 @@ def clusters_reason(x: torch.Tensor) -> str | None:
         return "this triton_instnorm has no cluster launches"
     os.environ[CLUSTERS_ENV] = "1"
     try:
-        gpu = device.describe(x)
+        gpu = device.describe(x.device)
         if device.cluster_launch(gpu, real=x.is_cuda):
             return None
     finally:

@@ -24,7 +24,7 @@ from triton_instnorm import device, heuristics, launch
 LOWERS = device.clusters_supported(device.EMULATED["h100"], real=False)
 # Run on DEVICE: whether its GPU (the emulated H100 on the CPU) takes cluster launches.
 needs_lowering = pytest.mark.skipif(
-    not device.clusters_supported(device.describe(torch.empty(0, device=DEVICE)),
+    not device.clusters_supported(device.describe(torch.device(DEVICE)),
                                   real=DEVICE != "cpu"),
     reason=f"no cluster launches on {DEVICE} with Triton {device.triton.__version__} (cross-CTA "
     "reductions need Triton >= 3.8 and sm_90+)")

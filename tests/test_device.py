@@ -32,7 +32,7 @@ def test_emulated_gpus():
 
 
 def test_emulation_follows_the_variable(monkeypatch, no_env):
-    cpu = torch.empty(1)
+    cpu = torch.device("cpu")
     assert device.describe(cpu) is device.EMULATED["h100"]
     monkeypatch.setenv(device.EMULATE_ENV, "MI300X")
     assert device.describe(cpu) is device.EMULATED["mi300x"]

@@ -139,7 +139,7 @@ def test_cached_layout_is_the_computed_one(i):
             problem = heuristics.Problem(heuristics.FORWARD, *x.shape[:2], px.hw, px.groups,
                                          px.rows_per_group, px.row_stride == 1 and px.hw > 1,
                                          x.dtype, *flags)
-            assert lay.plan == heuristics.plan(problem, device.describe(x))
+            assert lay.plan == heuristics.plan(problem, device.describe(x.device))
             for t, strides in zip((x, y), lay.strides[:2], strict=True):
                 assert (t, *strides) == launch.planes_view(t, fold)
             assert lay.strides[2] is None

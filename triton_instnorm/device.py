@@ -1,8 +1,8 @@
 """The GPU a launch is planned for: what the heuristics need to know about it, and whether the
 installed Triton can launch thread-block clusters on it.
 
-``describe(t)`` returns a ``Device``: the CUDA (or ROCm) device ``t`` lives on, read once per
-device from ``torch.cuda.get_device_properties``; for a tensor that is not on a CUDA device (the
+``describe(where)`` returns a ``Device``: the CUDA (or ROCm) device ``where`` (a torch.device),
+read once per device from ``torch.cuda.get_device_properties``; for any other device (the
 interpreter on the CPU) an *emulated* GPU, H100 unless ``TRITON_INSTNORM_EMULATE`` names another
 one of ``EMULATED``, so that the CPU takes the launch decisions that GPU would take.
 
@@ -80,12 +80,11 @@ def emulated() -> Device:
     return EMULATED[name]
 
 
-def describe(t: torch.Tensor) -> Device:
-    """The device ``t`` is on, or the emulated one when it is not on a CUDA device."""
-    if not t.is_cuda:
+def describe(where: torch.device) -> Device:
+    """The CUDA device ``where``, or the emulated one when it is not a CUDA device."""
+    if where.type != "cuda":
         return emulated()
-    return _cuda_device(t.device.index if t.device.index is not None
-                        else torch.cuda.current_device())
+    return _cuda_device(where.index if where.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

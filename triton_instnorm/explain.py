@@ -85,7 +85,7 @@ def explain(input: torch.Tensor | None = None, *, shape=None, dtype=torch.float3
     x = launch.kernel_layout(torch.empty_strided(input.shape, input.stride(), dtype=input.dtype,
                                                  device="meta"))
     if gpu is None:
-        where = device.describe(input)
+        where = device.describe(input.device)
     elif gpu.lower() in device.EMULATED:
         where = device.EMULATED[gpu.lower()]
     else:

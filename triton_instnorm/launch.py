@@ -194,7 +194,7 @@ def layout(op: str, flags: tuple, *tensors) -> Layout:
     t = tensors[0]
     # What else the plan reads is part of the key: the GPU (emulated ones are chosen by an
     # environment variable), whether clusters are on, and the heuristics' test hooks.
-    gpu = device.describe(t)
+    gpu = device.describe(t.device)
     strides = [None if u is None else u.stride() for u in tensors]
     return cached_layout(op, flags, t.shape, t.dtype, gpu,
                          device.cluster_launch(gpu, real=t.is_cuda), heuristics.HOOKS.tile_limit,
