@@ -227,10 +227,7 @@ def execute(lay: Layout, like: torch.Tensor, values: dict) -> dict:
     allocated on ``like``'s device into it."""
     for name, shape, dtype in lay.scratch:
         values[name] = new_buffer(like, shape, dtype)
-    if like.is_cuda:
-        with torch.cuda.device_of(like):
-            _run_steps(lay.steps, values)
-    else:
+    with _device_guard(like):
         _run_steps(lay.steps, values)
     return values
 
@@ -249,7 +246,7 @@ BACKWARD_PLANES = ("x", "dy", "dx", "r", "dr")  # and of the backward's
 
 
 def host_values(lay: Layout, names: tuple, tensors: tuple, weight, bias, eps: float,
-            negative_slope: float) -> dict:
+                negative_slope: float) -> dict:
     """What the passes over planes take from the host: the planes views of ``tensors`` (as
     given to ``layout``, None for an absent one) by ``names``, the parameters and scalars."""
     n = tensors[0].shape[0]
