@@ -90,16 +90,14 @@ def explain(input: torch.Tensor | None = None, *, shape=None, dtype=torch.float3
         where = device.EMULATED[gpu.lower()]
     else:
         raise ValueError(f"gpu={gpu!r}: expected one of {', '.join(device.EMULATED)}")
-    if clusters is None:
+    if clusters is None:  # as a launch of ``input`` would decide on that GPU
         clusters = device.cluster_launch(where, real=input.is_cuda)
     act = activations.code(activation)
     y = torch.empty_like(x)
     r = y if residual else None
 
     def plan(op, flags, *tensors):
-        return launch.cached_layout(op, flags, x.shape, x.dtype, where, clusters,
-                                    heuristics.HOOKS.tile_limit, heuristics.HOOKS.chunk_len,
-                                    *[None if t is None else t.stride() for t in tensors]).plan
+        return launch.layout(op, flags, *tensors, gpu=where, clusters=clusters).plan
 
     plans = {"forward": plan(heuristics.FORWARD, (training, True, True, residual, act), x, y, r)}
     if training:

@@ -186,18 +186,21 @@ class Layout:
     steps: tuple
 
 
-def layout(op: str, flags: tuple, *tensors) -> Layout:
+def layout(op: str, flags: tuple, *tensors, gpu=None, clusters=None) -> Layout:
     """The Layout of a call of ``op`` on same-shaped tensors (each laid out as kernel_layout
     leaves it, or None), ``flags`` the rest of its heuristics.Problem (use_input_stats,
     store_stats, write_y, residual, activation, reduce_dw, reduce_db), cached per shape,
-    strides, dtype, flags and GPU: every call of a training loop sees the same few."""
+    strides, dtype, flags and GPU: every call of a training loop sees the same few. ``gpu`` /
+    ``clusters``: planned for another GPU, clusters on or off (``explain``); by default the
+    tensors' GPU and what a launch there decides."""
     t = tensors[0]
     # What else the plan reads is part of the key: the GPU (emulated ones are chosen by an
     # environment variable), whether clusters are on, and the heuristics' test hooks.
-    gpu = device.describe(t.device)
+    gpu = device.describe(t.device) if gpu is None else gpu
+    if clusters is None:
+        clusters = device.cluster_launch(gpu, real=t.is_cuda)
     strides = [None if u is None else u.stride() for u in tensors]
-    return cached_layout(op, flags, t.shape, t.dtype, gpu,
-                         device.cluster_launch(gpu, real=t.is_cuda), heuristics.HOOKS.tile_limit,
+    return cached_layout(op, flags, t.shape, t.dtype, gpu, clusters, heuristics.HOOKS.tile_limit,
                          heuristics.HOOKS.chunk_len, *strides)
 
 
