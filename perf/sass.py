@@ -152,7 +152,7 @@ def sweeps(report):
                                                              else 0)
         return reads, int(writes_y), loops
     if kernel == "_fwd_split_stats":
-        return 1, 0, 0 if report["constexprs"].get("ONE_TILE") == "True" else 1
+        return 1, 0, 0 if report["constexprs"].get("TILE_HW", "0") != "0" else 1
     if kernel == "_bwd":
         return (4 if source == 1 else 2), 1, {0: 0, 1: 2, 2: 1}[source]
     if kernel == "_bwd_split_sums":

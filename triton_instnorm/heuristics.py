@@ -117,7 +117,9 @@ class Config:
     num_warps: int
     min_chunk_len: int = MIN_CHUNK_LEN  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
-    stats_warps: int | None = None  # warps of a split plane's statistics pass; None: num_warps
+    # elements a split plane's chunk holds at most, so that its statistics pass takes it as one
+    # tile (statistics_pass); 0: no such cap (channels_last chunks, float64)
+    chunk_tile: int = 0
 
 
 def _warps(tile_elements: int, warp_size: int) -> int:
@@ -171,13 +173,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
                 block_r = max(block_r, vector_rows)
             return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
-        tile = vector_rows * block_hw
-        # The statistics pass reduces each channel of a group across the CTA: with 8 (16-bit)
-        # channels per lane, half the warps take twice the positions per lane and halve those
-        # reductions per element (64 elements per lane, no activation to hold; statistics_pass).
-        stats_warps = warps(tile // 2) if vector_rows >= 8 else None
-        return Config(vector_rows, block_hw, False, warps(tile), min_chunk_len=block_hw,
-                      stats_warps=stats_warps)
+        return Config(vector_rows, block_hw, False, warps(vector_rows * block_hw),
+                      min_chunk_len=block_hw)
 
     if hw_p2 <= single_cap:
         # Small planes are packed several per program while the GPU stays filled.
@@ -186,14 +183,18 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
     ctas = cluster_ctas(hw_p2, clusters and itemsize <= 4)
     if ctas:
         return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
-    return Config(1, loop_cap, False, warps(loop_cap),
-                  stats_warps=warps(loop_cap // 2) if itemsize <= 2 else None)
+    # Split, its chunks are one tile of the statistics pass (MAX_SINGLE_TILE elements): a tile's
+    # two reductions instead of a stream's pivot, partial tile and lane combination, which chunks
+    # of a few loop tiles cannot amortize (statistics_pass).
+    chunk_tile = single_cap // loop_cap * loop_cap if itemsize <= 4 else 0
+    return Config(1, loop_cap, False, warps(loop_cap), chunk_tile=chunk_tile)
 
 
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
     split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk_len``
-    elements of its planes; the kernels derive the chunk length from this count (whole tiles)."""
+    elements of its planes and at most ``cfg.chunk_tile`` where that is set; the kernels derive
+    the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
     if HOOKS.chunk_len is not None:
@@ -204,23 +205,27 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
             return 1
         want = cdiv(target, row_programs)
         chunk_len = max(cfg.min_chunk_len, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
+        if cfg.chunk_tile:
+            chunk_len = min(chunk_len, cfg.chunk_tile)
     chunk_len = max(chunk_len, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return cdiv(hw, chunk_len)
 
 
-def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int):
-    """(ONE_TILE, num_warps) of a split plane's statistics pass. ONE_TILE: the chunks, as the
-    kernels derive them from the chunk count, fit one tile, which then takes a tile's two
-    reductions instead of the stream's three and its merges (not for float64, whose tests pin
-    the stream's rounding to the last ulps, and which has instructions to spare). The warps:
-    ``Config.stats_warps`` where it is set, except for the stream over channel groups, whose
-    per-channel state would spill there."""
-    one_tile = itemsize <= 4 and cdiv(hw, chunks) <= cfg.BLOCK_HW
-    if cfg.stats_warps is None or (cfg.BLOCK_R > 1 and not one_tile):
-        return one_tile, cfg.num_warps
-    return one_tile, cfg.stats_warps
-
-
+def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int, warp_size: int):
+    """(TILE_HW, num_warps) of a split plane's statistics pass. TILE_HW: the width of the one
+    tile each chunk, as the kernels derive it from the chunk count, fits in (at most
+    ``cfg.chunk_tile``, else one loop tile), which then takes a tile's two reductions; 0: the
+    chunks are streamed (and always for float64, whose tests pin the stream's rounding to the last
+    ulps, and which has instructions to spare). One tile of 16-bit elements takes 64 per lane,
+    half the warps, halving the reductions per element (no activation to hold); a stream keeps
+    ``num_warps`` (32 elements per lane: its lanes' running statistics, per position a lane
+    holds, would double with the elements, and its loop reduces nothing across lanes)."""
+    chunk_len = cdiv(cdiv(hw, chunks), cfg.BLOCK_HW) * cfg.BLOCK_HW
+    if itemsize > 4 or chunk_len > max(cfg.chunk_tile, cfg.BLOCK_HW):
+        return 0, cfg.num_warps
+    tile_hw = next_power_of_2(chunk_len)
+    per_lane = 2 * LANE_ELEMENTS if itemsize <= 2 else LANE_ELEMENTS
+    return tile_hw, _warps(cfg.BLOCK_R * tile_hw * LANE_ELEMENTS // per_lane, warp_size)
 
 
 # ------------------------------------------------------------------------------- the launch plan
@@ -342,9 +347,10 @@ def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
             buffers.append(Buffer("Stats", (NUM_STATS, p.n, p.c), acc))
         if split:
             buffers.append(Buffer("Partials", (NUM_FWD_PARTIALS, planes, chunks), acc))
-            one_tile, warps = statistics_pass(p.hw, chunks, cfg, p.dtype.itemsize)
+            tile_hw, warps = statistics_pass(p.hw, chunks, cfg, p.dtype.itemsize,
+                                             gpu.warp_size)
             passes.append(_pass("_fwd_split_stats", grid, ("x", "Partials"),
-                                **dict(tiles, num_warps=warps), ONE_TILE=one_tile))
+                                **dict(tiles, num_warps=warps), TILE_HW=tile_hw))
             passes.append(_combine_pass("_fwd_combine", planes, chunks, gpu, ("Partials", "Stats"),
                                         HW=p.hw, BLOCK_HW=cfg.BLOCK_HW))
         if p.write_y or not split:  # else the statistics are complete

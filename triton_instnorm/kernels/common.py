@@ -235,6 +235,15 @@ def _tile(t, mask, end, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
 
 
 @triton.jit
+def _whole_tile(t, mask, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
+    """``_tile`` for a tile known to lie within its planes: masked by ``mask`` (per plane) alone,
+    no comparison per element."""
+    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
+                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
+    return offs, mask[None, :, None] & tl.full([BLOCK_HW // SEG, 1, SEG], True, tl.int1)
+
+
+@triton.jit
 def _tile_mask(tile):
     """The mask of a tile as (planes, elements)."""
     return _rows(tile[1])
@@ -258,11 +267,18 @@ def _segments(rows, SEG: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(planes, tile):
-    """A tile (``_tile``) of a planes view, as (planes, elements); 0 on masked lanes."""
+def _load_block(planes, tile):
+    """A tile (``_tile``) of a planes view, as its (segments, planes, SEG) block; 0 on masked
+    lanes."""
     start, stride = planes
     offs, mask = tile
-    return _rows(tl.load(start[None, :, None] + offs * stride, mask=mask, other=0.0))
+    return tl.load(start[None, :, None] + offs * stride, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(planes, tile):
+    """A tile (``_tile``) of a planes view, as (planes, elements); 0 on masked lanes."""
+    return _rows(_load_block(planes, tile))
 
 
 @triton.jit

@@ -74,10 +74,10 @@ def _fwd_split_stats(
     geometry,  # (N * C, C, HW, rows per group)
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
-    ONE_TILE: tl.constexpr = False,  # every chunk fits one tile
+    TILE_HW: tl.constexpr = 0,  # > 0: every chunk fits one tile of this width
 ):
     """First pass over a split plane (grid: row programs x chunks): the chunk's mean and RMS
-    deviation, for ``_fwd_combine`` to combine. A chunk of one tile takes a single tile's
+    deviation, for ``_fwd_combine`` to combine. A chunk held in one tile takes a single tile's
     statistics (two reductions), a longer one the stream's."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
@@ -86,8 +86,8 @@ def _fwd_split_stats(
     x_planes = _plane_start(x, rows)
     pivot = _load_pivot(x_planes, mask, ACC)
     count = tl.cast(tl.maximum(span[1] - span[0], 1), ACC)
-    if ONE_TILE:
-        tile = _tile(span[0], mask, span[1], BLOCK_HW, BLOCK_HW)
+    if TILE_HW:
+        tile = _tile(span[0], mask, span[1], TILE_HW, TILE_HW)
         pivot, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
                                                   _tile_mask(tile), pivot, count, mask, x[0],
                                                   ACC)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    _INTERPRETED, _cold_path, _div, _load_rows, _sqrt, _tile, _tile_mask, _widen,
+    _INTERPRETED, _cold_path, _div, _load_block, _load_rows, _sqrt, _tile, _tile_mask,
+    _whole_tile, _widen,
 )
 
 # max |x - pivot| above this switches on the overflow-safe scaling of the deltas: below it,
@@ -150,6 +151,12 @@ def _tile_stats(xt, tile_mask, pivot, count, mask, base, ACC: tl.constexpr):
     return stats
 
 
+# The segments a streamed tile is taken in (``_streamed_moments``): each lane holds its positions'
+# 4 values in registers, as long as a tile's quarter spans every lane of the CTA, which the
+# stream's tiles do (heuristics.LANE_ELEMENTS: 32 elements, 4 16-byte vectors, per lane).
+STREAM_SEGMENTS = tl.constexpr(4)
+
+
 @triton.jit
 def _merge_moments(total, part):
     """Chan's parallel formula: (count, mean, M2 added) of two disjoint sets, ``total`` =
@@ -165,12 +172,26 @@ def _merge_moments(total, part):
 
 
 @triton.jit
-def _deltas(xt, tile_mask, pivot, inv_scale, ACC: tl.constexpr):
-    """a = (x - pivot) * inv_scale (no scaling for None) of a tile, 0 on masked lanes."""
-    a = _widen(xt, ACC) - pivot[:, None]
+def _segment_moments(block, valid, pivot, inv_scale, ACC: tl.constexpr):
+    """(count, mean, M2) of a = (x - pivot) * inv_scale (no scaling for None) over the segments
+    of a (segments, planes, SEG) block of x, for each (plane, position): a two-pass within each
+    lane's registers, no reduction across lanes. ``valid``: the block's mask, None for a block
+    with every element in its plane (its count is then the same for all). The mean is the sum
+    times a reciprocal: M2 about a mean off by an ulp grows by the square of that ulp, and the
+    lanes' combination corrects the mean (``_combine_lanes``)."""
+    a = _widen(block, ACC) - pivot[None, :, None]
     if inv_scale is not None:
-        a = a * inv_scale[:, None]
-    return tl.where(tile_mask, a, 0.0)
+        a = a * inv_scale[None, :, None]
+    if valid is None:
+        count = tl.full([], block.shape[0], ACC)
+        mean = tl.sum(a, axis=0) * (1.0 / block.shape[0])
+        centered = a - mean[None, :, :]
+    else:
+        a = tl.where(valid, a, 0.0)
+        count = tl.sum(valid.to(ACC), axis=0)
+        mean = tl.sum(a, axis=0) * (1.0 / tl.maximum(count, 1.0))
+        centered = tl.where(valid, a - mean[None, :, :], 0.0)
+    return count, mean, tl.sum(centered * centered, axis=0)
 
 
 @triton.jit
@@ -179,49 +200,77 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     """Over ``span = (start, end)`` of each plane, in tiles: (pivot, mean, M2) of a = (x -
     pivot) * inv_scale (no scaling for None), the pivot a float near the data.
 
-    Each tile is taken in two passes over its registers: its mean (one reduction across the CTA),
-    then each element's deviation from it, whose square is added to its position's running sum
-    (registers, no reduction inside the loop). The tiles' means are merged in tile order by
-    Chan's formula, the M2 between them summed compensated (Fast2Sum, exact while the running
-    sum is the larger, as it is once a few tiles are in), so that neither error grows with the
-    number of tiles; the positions' sums are reduced once at the end. A value far from
-    the rest (an outlier) enters M2 through its own tile's two-pass, exactly as a single tile
-    would have it.
+    Every lane keeps running statistics (count, mean, M2) of the positions it holds, in
+    registers: a tile is taken as STREAM_SEGMENTS segments, each lane's values of a position
+    reduced by a two-pass in its registers (``_segment_moments``) and merged into its running
+    statistics by Chan's formula, so that the loop reduces nothing across lanes. Whole tiles
+    take no mask per element; the last, partial one is taken after the loop, with its lanes'
+    counts. The
+    lanes' statistics are combined once at the end, by Chan's formula in its corrected two-pass
+    form (``_combine_lanes``). Nothing is a difference of large sums, and no error grows with the
+    number of tiles but the rounding of sums of non-negative terms.
 
     The first tile, loaded before the loop, moves the pivot from the first one to its mean
     first, so that a distant first pivot (an outlier at x[plane, 0]) does not make every delta
-    large;
-    each iteration then loads the tile the next one takes."""
+    large (the partial tile does, when there is no whole one); each iteration then loads the
+    tile the next one takes."""
+    SEG: tl.constexpr = BLOCK_HW // STREAM_SEGMENTS
     start, end = span
-    tile = _tile(start, mask, end, BLOCK_HW, BLOCK_HW)
-    xt = _load_rows(x_planes, tile)
-    tile_mask = _tile_mask(tile)
-    first_count = tl.maximum(tl.minimum(end - start, BLOCK_HW), 1).to(ACC)
-    pivot, _ = _move_pivot(
-        pivot, tl.sum(_deltas(xt, tile_mask, pivot, inv_scale, ACC), axis=1) / first_count,
-        inv_scale)
-    count = tl.zeros([], dtype=ACC)  # the same for every plane of the program
-    mean = tl.zeros([BLOCK_R], dtype=ACC)
-    between = tl.zeros([BLOCK_R], dtype=ACC)  # M2 between the tiles' means: between + error
-    between_error = tl.zeros([BLOCK_R], dtype=ACC)
-    # per position pair: squared deviations from the tiles' means. Positions a half tile apart
-    # share a lane (a lane holds several of its CTA's spans), so the pairs are summed in
-    # registers, and the running sums take half the registers.
-    within = tl.zeros([BLOCK_R, BLOCK_HW // 2], dtype=ACC)
-    for t in range(start, end, BLOCK_HW):
-        a = _deltas(xt, tile_mask, pivot, inv_scale, ACC)
-        tile_count = tl.minimum(end - t, BLOCK_HW).to(ACC)
-        tile_mean = tl.sum(a, axis=1) * (1.0 / tile_count)
-        deviation = tl.where(tile_mask, a - tile_mean[:, None], 0.0)
-        within += tl.sum(tl.reshape(deviation * deviation, (BLOCK_R, 2, BLOCK_HW // 2)), axis=1)
-        count, mean, added = _merge_moments((count, mean), (tile_count, tile_mean))
-        total = between + added
-        between_error += added - (total - between)  # Fast2Sum: exact while between >= added
-        between = total
-        tile = _tile(t + BLOCK_HW, mask, end, BLOCK_HW, BLOCK_HW)  # the next tile
-        xt = _load_rows(x_planes, tile)
-        tile_mask = _tile_mask(tile)
-    return pivot, mean, tl.sum(within, axis=1) + (between + between_error)
+    whole_end = start + (end - start) // BLOCK_HW * BLOCK_HW  # past the last whole tile
+    # Whole tiles are loaded under their planes' mask and one flag for the tile (no comparison
+    # per element); the first one, if there is one, moves the pivot.
+    tile = _whole_tile(start, tl.where(start < whole_end, mask, False), BLOCK_HW, SEG)
+    block = _load_block(x_planes, tile)
+    first = _widen(block, ACC) - pivot[None, :, None]
+    if inv_scale is not None:
+        first = first * inv_scale[None, :, None]
+    first_mean = tl.sum(tl.sum(first, axis=0), axis=1) * (1.0 / BLOCK_HW)
+    pivot, _ = _move_pivot(pivot, tl.where(start < whole_end, first_mean, 0.0), inv_scale)
+    count = tl.zeros([], dtype=ACC)  # per position, the same for all: whole tiles only
+    mean = tl.zeros([BLOCK_R, SEG], dtype=ACC)
+    m2 = tl.zeros([BLOCK_R, SEG], dtype=ACC)
+    for t in range(start, whole_end, BLOCK_HW):
+        part_count, part_mean, part_m2 = _segment_moments(block, None, pivot, inv_scale, ACC)
+        count, mean, added = _merge_moments((count, mean), (part_count, part_mean))
+        m2 += part_m2 + added
+        next_t = t + BLOCK_HW
+        block = _load_block(x_planes, _whole_tile(next_t, tl.where(next_t < whole_end, mask, False),
+                                                  BLOCK_HW, SEG))
+    partial = (tl.zeros([BLOCK_R, SEG], dtype=ACC), tl.zeros([BLOCK_R, SEG], dtype=ACC),
+               tl.zeros([BLOCK_R, SEG], dtype=ACC))
+    if whole_end < end:  # the partial tile: its own lanes' statistics
+        tile = _tile(whole_end, mask, end, BLOCK_HW, SEG)
+        block = _load_block(x_planes, tile)
+        if start == whole_end:  # no whole tile: this one moves the pivot
+            first = tl.where(tile[1], _widen(block, ACC) - pivot[None, :, None], 0.0)
+            if inv_scale is not None:
+                first = first * inv_scale[None, :, None]
+            pivot, _ = _move_pivot(
+                pivot, tl.sum(tl.sum(first, axis=0), axis=1) * (1.0 / (end - start)),
+                inv_scale)
+        partial = _segment_moments(block, tile[1], pivot, inv_scale, ACC)
+    mean, m2 = _combine_lanes((count, mean, m2), partial, tl.maximum(end - start, 1).to(ACC))
+    return pivot, mean, m2
+
+
+@triton.jit
+def _combine_lanes(whole, partial, total):
+    """(mean, M2) of each plane from its lanes' (count, mean, M2) over the whole tiles
+    (``whole``: the count a scalar) and over the partial tile ([planes, positions] tiles),
+    ``total`` elements in each plane: Chan's formula in its corrected two-pass form (the
+    deviations' sum corrects the mean and M2), two reductions across the CTA."""
+    count, means, m2s = whole
+    partial_counts, partial_means, partial_m2s = partial
+    inv_total = 1.0 / total
+    mean = tl.sum(count * means + partial_counts * partial_means, axis=1) * inv_total
+    deviation = means - mean[:, None]
+    partial_deviation = partial_means - mean[:, None]
+    deviations, squares = _row_sums(
+        count * deviation + partial_counts * partial_deviation,
+        (m2s + count * deviation * deviation)
+        + (partial_m2s + partial_counts * partial_deviation * partial_deviation))
+    correction = deviations * inv_total
+    return mean + correction, squares - correction * deviations
 
 
 @triton.jit
