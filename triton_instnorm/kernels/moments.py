@@ -216,7 +216,7 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     tile the next one takes."""
     SEG: tl.constexpr = BLOCK_HW // STREAM_SEGMENTS
     start, end = span
-    whole_end = start + (end - start) // BLOCK_HW * BLOCK_HW  # past the last whole tile
+    whole_end = end - (end - start) % BLOCK_HW  # past the last whole tile
     # Whole tiles are loaded under their planes' mask and one flag for the tile (no comparison
     # per element); the first one, if there is one, moves the pivot.
     tile = _whole_tile(start, tl.where(start < whole_end, mask, False), BLOCK_HW, SEG)
