@@ -134,7 +134,8 @@ def reason(plan: heuristics.Plan) -> str:
     long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}, streamed"
     if plan.path == "split":
         return (f"{long}; {rows} row programs < PROGRAMS_PER_SM x SMs = {target}: "
-                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each)")
+                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each"
+                + (f", at most {cfg.chunk_tile}: one statistics tile)" if cfg.chunk_tile else ")"))
     return f"{long} twice; {rows} row programs, no split (PROGRAMS_PER_SM x SMs = {target})"
 
 

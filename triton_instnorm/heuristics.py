@@ -22,7 +22,11 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   sums written and read back once by the combine pass, the plane's statistics and parameters
   read by its normalize program): ``MIN_CHUNK_LEN = 8192`` elements (two loop tiles, 16 KiB of
   bf16 per pass) keeps that under 0.2% of the chunk's traffic while letting planes of 2^16
-  elements and more reach 2 programs per SM.
+  elements and more reach 2 programs per SM. Contiguous planes are split into chunks of
+  exactly that (``Config.chunk_tile``, one ``MAX_SINGLE_TILE``): the statistics pass then holds
+  its chunk in one tile, two reductions, where a stream of a few tiles pays its pivot, partial
+  tile and lane combination for each (the compiled bf16 pass: 13.3 instructions per element,
+  against 37 for a stream of two tiles; perf/results/sass.md).
 - Occupancy: several small planes share a program only while there are still
   ``PROGRAMS_PER_SM`` x SMs programs (2 per SM: one can stream while the other reduces).
 - channels_last (rows contiguous, spatial stride C): a tile spans ``BLOCK_R`` channels at each

@@ -37,10 +37,11 @@ Values are taken relative to a *pivot* near the data, ``a = (x - pivot) * INV_SC
   like ``x - mean``; elsewhere it stays x[plane, 0] bit for bit (2-element and constant planes
   stay exact);
 - a longer plane is streamed in tiles: the first tile moves the pivot from x[plane, 0] to
-  its own mean, each tile's mean is taken exactly in registers and each element's squared
-  deviation from it added to its position's running sum (no reduction across threads but the
-  tile's mean), the tiles' means merged in tile order with Chan's parallel formula (count,
-  mean, M2; the M2 between them summed compensated); the pivot ends at the mean rounded to ACC;
+  its own mean; each lane keeps running statistics (count, mean, M2) of the positions it holds,
+  each tile's values of a position taken by a two-pass in the lane's registers and merged in
+  tile order with Chan's parallel formula (no reduction across threads inside the loop); the
+  lanes are combined once at the end, by Chan's formula in its corrected two-pass form; the
+  pivot ends at the mean rounded to ACC;
 - a split plane's chunks do the same and hand the combine pass their mean as hi + lo and their
   RMS deviation; the combine merges the chunks by Chan's formula in its corrected two-pass form,
   in a fixed order (deterministic), and the pivot is the chunk-weighted mean.

@@ -6,8 +6,9 @@ large sums, and every merge runs in a fixed order (deterministic).
 
 What a pass pays per element is what keeps it memory-bound (perf/sass.py counts it from the
 compiled code): the statistics of a tile take two reductions across the CTA (the sum of the
-deltas, then the deviations' sum and sum of squares together), a stream one Welford update per
-element in registers and two reductions at its end. The overflow guard costs ordinary data
+deltas, then the deviations' sum and sum of squares together); a stream keeps each lane's
+running statistics in registers, merged per tile without a reduction across lanes, and combines
+the lanes once at its end. The overflow guard costs ordinary data
 nothing: its sums come out finite, and only a program with a plane whose sums do not is redone
 with the deltas scaled (a branch marked ``_cold_path``).
 """
