@@ -197,8 +197,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
     split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk_len``
-    elements of its planes and at most ``cfg.chunk_tile`` where that is set; the kernels derive
-    the chunk length from this count (whole tiles)."""
+    elements of its planes and, above that, at most ``cfg.chunk_tile`` where that is set; the
+    kernels derive the chunk length from this count (whole tiles)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
     if HOOKS.chunk_len is not None:
@@ -208,9 +208,10 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         if row_programs >= target:
             return 1
         want = cdiv(target, row_programs)
-        chunk_len = max(cfg.min_chunk_len, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
+        chunk_len = hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW
         if cfg.chunk_tile:
             chunk_len = min(chunk_len, cfg.chunk_tile)
+        chunk_len = max(cfg.min_chunk_len, chunk_len)  # the minimum wins over the cap
     chunk_len = max(chunk_len, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return cdiv(hw, chunk_len)
 
