@@ -25,8 +25,8 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   elements and more reach 2 programs per SM. Contiguous planes are split into chunks of
   exactly that (``Config.chunk_tile``, one ``MAX_SINGLE_TILE``): the statistics pass then holds
   its chunk in one tile, two reductions, where a stream of a few tiles pays its pivot, partial
-  tile and lane combination for each (the compiled bf16 pass: 13.3 instructions per element,
-  against 37 for a stream of two tiles; perf/results/sass.md).
+  tile and lane combination for each (the compiled bf16 pass, sm_90: 13.3 instructions per
+  element, against ~29 for a stream of two tiles; perf/results/sass.md, perf/NOTES.md).
 - Occupancy: several small planes share a program only while there are still
   ``PROGRAMS_PER_SM`` x SMs programs (2 per SM: one can stream while the other reduces).
 - channels_last (rows contiguous, spatial stride C): a tile spans ``BLOCK_R`` channels at each
@@ -229,8 +229,8 @@ def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int, warp_size:
     if itemsize > 4 or chunk_len > max(cfg.chunk_tile, cfg.BLOCK_HW):
         return 0, cfg.num_warps
     tile_hw = next_power_of_2(chunk_len)
-    per_lane = 2 * LANE_ELEMENTS if itemsize <= 2 else LANE_ELEMENTS
-    return tile_hw, _warps(cfg.BLOCK_R * tile_hw * LANE_ELEMENTS // per_lane, warp_size)
+    halve = 2 if itemsize <= 2 else 1  # 16-bit: half the warps, 2 x LANE_ELEMENTS per lane
+    return tile_hw, _warps(cfg.BLOCK_R * tile_hw // halve, warp_size)
 
 
 # ------------------------------------------------------------------------------- the launch plan

@@ -196,6 +196,19 @@ def _segment_moments(block, valid, pivot, inv_scale, ACC: tl.constexpr):
 
 
 @triton.jit
+def _block_mean(block, valid, count, pivot, inv_scale, ACC: tl.constexpr):
+    """Per plane, the mean of a = (x - pivot) * inv_scale (no scaling for None) over a (segments,
+    planes, SEG) block of x (``valid``: its mask, None for a whole block; ``count`` valid elements
+    per plane): what moves the stream's pivot from its first tile."""
+    a = _widen(block, ACC) - pivot[None, :, None]
+    if valid is not None:
+        a = tl.where(valid, a, 0.0)
+    if inv_scale is not None:
+        a = a * inv_scale[None, :, None]
+    return tl.sum(tl.sum(a, axis=0), axis=1) * (1.0 / count)
+
+
+@triton.jit
 def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Over ``span = (start, end)`` of each plane, in tiles: (pivot, mean, M2) of a = (x -
@@ -206,10 +219,9 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     reduced by a two-pass in its registers (``_segment_moments``) and merged into its running
     statistics by Chan's formula, so that the loop reduces nothing across lanes. Whole tiles
     take no mask per element; the last, partial one is taken after the loop, with its lanes'
-    counts. The
-    lanes' statistics are combined once at the end, by Chan's formula in its corrected two-pass
-    form (``_combine_lanes``). Nothing is a difference of large sums, and no error grows with the
-    number of tiles but the rounding of sums of non-negative terms.
+    counts. The lanes' statistics are combined once at the end, by Chan's formula in its
+    corrected two-pass form (``_combine_lanes``). Nothing is a difference of large sums, and no
+    error grows with the number of tiles but the rounding of sums of non-negative terms.
 
     The first tile, loaded before the loop, moves the pivot from the first one to its mean
     first, so that a distant first pivot (an outlier at x[plane, 0]) does not make every delta
@@ -220,12 +232,9 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
     whole_end = end - (end - start) % BLOCK_HW  # past the last whole tile
     # Whole tiles are loaded under their planes' mask and one flag for the tile (no comparison
     # per element); the first one, if there is one, moves the pivot.
-    tile = _whole_tile(start, tl.where(start < whole_end, mask, False), BLOCK_HW, SEG)
-    block = _load_block(x_planes, tile)
-    first = _widen(block, ACC) - pivot[None, :, None]
-    if inv_scale is not None:
-        first = first * inv_scale[None, :, None]
-    first_mean = tl.sum(tl.sum(first, axis=0), axis=1) * (1.0 / BLOCK_HW)
+    block = _load_block(x_planes, _whole_tile(start, tl.where(start < whole_end, mask, False),
+                                              BLOCK_HW, SEG))
+    first_mean = _block_mean(block, None, BLOCK_HW, pivot, inv_scale, ACC)
     pivot, _ = _move_pivot(pivot, tl.where(start < whole_end, first_mean, 0.0), inv_scale)
     count = tl.zeros([], dtype=ACC)  # per position, the same for all: whole tiles only
     mean = tl.zeros([BLOCK_R, SEG], dtype=ACC)
@@ -243,12 +252,8 @@ def _streamed_moments(x_planes, mask, span, pivot, inv_scale, ACC: tl.constexpr,
         tile = _tile(whole_end, mask, end, BLOCK_HW, SEG)
         block = _load_block(x_planes, tile)
         if start == whole_end:  # no whole tile: this one moves the pivot
-            first = tl.where(tile[1], _widen(block, ACC) - pivot[None, :, None], 0.0)
-            if inv_scale is not None:
-                first = first * inv_scale[None, :, None]
             pivot, _ = _move_pivot(
-                pivot, tl.sum(tl.sum(first, axis=0), axis=1) * (1.0 / (end - start)),
-                inv_scale)
+                pivot, _block_mean(block, tile[1], end - start, pivot, inv_scale, ACC), inv_scale)
         partial = _segment_moments(block, tile[1], pivot, inv_scale, ACC)
     mean, m2 = _combine_lanes((count, mean, m2), partial, tl.maximum(end - start, 1).to(ACC))
     return pivot, mean, m2
