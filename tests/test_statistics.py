@@ -65,16 +65,17 @@ def _assert_near_torch(ours, torchs, refs, dtype):
         assert error <= max(ERROR_RATIO * torch_error, floor), (name, error, torch_error, floor)
 
 
-# (1, 4, 10, 20): 200 elements, a partial tile after 6 whole ones when looped, and a last chunk
-# of 8 elements, no whole tile, when split (its pivot then moves from the partial tile)
+# (1, 4, 10, 20): 200 elements, a partial tile after 6 whole ones when looped, a last chunk of 8
+# elements, no whole tile, when split (its pivot then moves from the partial tile), and a last
+# one-tile chunk that is not full (masked) when split in one-tile chunks
 @pytest.mark.parametrize("shape", [(1, 4, 16, 16), (1, 4, 10, 20)], ids=["256", "200"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("path", ["single_tile", "looped", "split", "split_one_tile"])
 @pytest.mark.parametrize("kind", ["outlier_first", "outlier_last", "halves_1e4_apart"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_adversarial_planes_match_torch(dtype, kind, path, layout, shape, launches):
-    if shape[-1] == 20 and path not in ("looped", "split"):
-        pytest.skip("the partial tiles of a stream")
+    if shape[-1] == 20 and path == "single_tile":
+        pytest.skip("the partial tiles of a stream, or of a split plane")
     g = torch.Generator().manual_seed(12)
     x = _adversarial(kind, shape, dtype).to(DEVICE)
     if layout == "channels_last":
@@ -85,9 +86,16 @@ def test_adversarial_planes_match_torch(dtype, kind, path, layout, shape, launch
     with _path(path):
         if path == "split_one_tile":
             plan = tin.explain(x).plans["forward"]
-            assert plan.chunks > 1 and heuristics.cdiv(256, plan.chunks) <= plan.config.BLOCK_HW
+            hw = shape[2] * shape[3]
+            assert plan.chunks > 1 and heuristics.cdiv(hw, plan.chunks) <= plan.config.BLOCK_HW
             one_tile = 0 if dtype == torch.float64 else plan.config.BLOCK_HW  # float64 streams
-            assert plan.passes[0].options["TILE_HW"] == one_tile
+            options = plan.passes[0].options
+            assert options["TILE_HW"] == one_tile
+            # 256 elements: every chunk a full tile, loaded with no mask (channels_last: two
+            # planes per lane); 200: the last chunk is not
+            assert options.get("FULL", False) == (one_tile > 0 and hw == 256)
+            assert options.get("LANE_PLANES", 0) == (2 if one_tile and layout == "channels_last"
+                                                     else 0)
         ours = grads(tin.instance_norm, x, w, b, dy)
     assert launches("_fwd_split_stats") == (1 if path.startswith("split") else 0)
     _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),

@@ -133,9 +133,12 @@ def reason(plan: heuristics.Plan) -> str:
     target = h.PROGRAMS_PER_SM * plan.gpu.sms
     long = f"{p.hw} elements > one tile of {cfg.BLOCK_R} x {cfg.BLOCK_HW}, streamed"
     if plan.path == "split":
+        stats = [s for s in plan.passes if s.kernel == "_fwd_split_stats"]
+        tile = stats[0].options["TILE_HW"] if stats else 0
         return (f"{long}; {rows} row programs < PROGRAMS_PER_SM x SMs = {target}: "
-                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each"
-                + (f", at most {cfg.chunk_tile}: one statistics tile)" if cfg.chunk_tile else ")"))
+                f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each)"
+                + (f"; the statistics pass: {stats[0].grid[1]} chunks of one {tile}-wide tile"
+                   if tile else ""))
     return f"{long} twice; {rows} row programs, no split (PROGRAMS_PER_SM x SMs = {target})"
 
 

@@ -22,11 +22,15 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   sums written and read back once by the combine pass, the plane's statistics and parameters
   read by its normalize program): ``MIN_CHUNK_LEN = 8192`` elements (two loop tiles, 16 KiB of
   bf16 per pass) keeps that under 0.2% of the chunk's traffic while letting planes of 2^16
-  elements and more reach 2 programs per SM. Contiguous planes are split into chunks of
-  exactly that (``Config.chunk_tile``, one ``MAX_SINGLE_TILE``): the statistics pass then holds
-  its chunk in one tile, two reductions, where a stream of a few tiles pays its pivot, partial
-  tile and lane combination for each (the compiled bf16 pass, sm_90: 13.3 instructions per
-  element, against ~29 for a stream of two tiles; perf/results/sass.md, perf/NOTES.md).
+  elements and more reach 2 programs per SM. The statistics pass (``statistics_pass``) splits
+  the planes further, into chunks of one tile of its own (``Config.chunk_tile``: one
+  ``MAX_SINGLE_TILE`` of a contiguous plane), which it holds in registers, two reductions,
+  where a stream of a few tiles pays its pivot, partial tile and lane combination for each
+  (the compiled bf16 pass, sm_90: 10.9 instructions per element, against ~29 for a stream of
+  two tiles; perf/results/sass.md, perf/NOTES.md). The normalize and backward passes keep the
+  longer chunks: their loops carry no such cost, and their per-program code is amortized over
+  more tiles (the channels_last split forward: 22.8 instructions per element in one-tile
+  chunks, 8.4 in chunks of 7 tiles).
 - Occupancy: several small planes share a program only while there are still
   ``PROGRAMS_PER_SM`` x SMs programs (2 per SM: one can stream while the other reduces).
 - channels_last (rows contiguous, spatial stride C): a tile spans ``BLOCK_R`` channels at each
@@ -38,6 +42,12 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   channel groups and split their spatial positions across programs (partial sums combined in a
   fixed order, as NHWC group norms do), at least one loop tile (``LOOP_TILE`` elements) per
   program. Only a tensor too small to fill the GPU that way gets fewer channels per program.
+  Split, the statistics pass takes chunks of one tile of ``MAX_SINGLE_TILE`` elements (1024
+  positions of 8 bf16 channels), unless the occupancy rule's chunks are ``STREAM_TILES = 12``
+  loop tiles or longer: the compiled bf16 statistics pass (sm_90) takes 13.6 instructions per
+  element for a full one-tile chunk, and (1891 + 266 k) / 32 k for a stream of k loop tiles
+  (its pivot, lane combination and per-plane arithmetic once, 266 per tile; the count takes
+  the partial tile's code as run), the same at k = 11 and fewer beyond.
 - Clusters (``cluster_ctas``; NVIDIA sm_90+ with Triton >= 3.8, and only when
   ``TRITON_INSTNORM_CLUSTERS=1``: see device.py): a contiguous plane longer than one tile is still
   held on chip and read once when its tile is spread over a cluster of ``num_ctas`` CTAs, each
@@ -95,6 +105,8 @@ MAX_CLUSTER_CTAS = 8  # the portable cluster size
 
 PROGRAMS_PER_SM = 2
 MIN_CHUNK_LEN = 8192
+STREAM_TILES = 12  # channels_last: split chunks this many tiles long or longer are streamed
+STATS_LANE_BYTES = 256  # of a one-tile chunk per lane in the statistics pass
 MAX_CHUNKS = 1024  # chunks of one plane are combined in one [BLOCK_R, chunks] register tile
 COMBINE_TILE = 2048  # partials per combine program
 
@@ -121,9 +133,11 @@ class Config:
     num_warps: int
     min_chunk_len: int = MIN_CHUNK_LEN  # elements of a plane per program when planes are split
     num_ctas: int = 1  # CTAs per program: > 1 holds the tile in a cluster
-    # elements a split plane's chunk holds at most, so that its statistics pass takes it as one
-    # tile (statistics_pass); 0: no such cap (channels_last chunks, float64)
+    # the chunks of a split plane's statistics pass, one tile each (statistics_pass); 0: the
+    # pass takes the other passes' chunks (float64). Unless those are ``stream_len`` long or
+    # longer (0: never)
     chunk_tile: int = 0
+    stream_len: int = 0
 
 
 def _warps(tile_elements: int, warp_size: int) -> int:
@@ -177,8 +191,12 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
                 block_r = max(block_r, vector_rows)
             return Config(block_r, hw_p2, True, warps(block_r * hw_p2))
         block_hw = max(1, loop_cap // vector_rows)
+        # Split, the statistics pass takes chunks of one MAX_SINGLE_TILE, unless the occupancy
+        # rule's are long enough for its stream to cost less (STREAM_TILES).
+        chunk_tile = max(block_hw, single_cap // vector_rows // block_hw * block_hw)
         return Config(vector_rows, block_hw, False, warps(vector_rows * block_hw),
-                      min_chunk_len=block_hw)
+                      min_chunk_len=block_hw, chunk_tile=chunk_tile if itemsize <= 4 else 0,
+                      stream_len=STREAM_TILES * block_hw)
 
     if hw_p2 <= single_cap:
         # Small planes are packed several per program while the GPU stays filled.
@@ -187,9 +205,9 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
     ctas = cluster_ctas(hw_p2, clusters and itemsize <= 4)
     if ctas:
         return Config(1, hw_p2, True, warps(MAX_SINGLE_TILE), num_ctas=ctas)
-    # Split, its chunks are one tile of the statistics pass (MAX_SINGLE_TILE elements): a tile's
-    # two reductions instead of a stream's pivot, partial tile and lane combination, which chunks
-    # of a few loop tiles cannot amortize (statistics_pass).
+    # Split, the statistics pass takes chunks of one MAX_SINGLE_TILE: a tile's two reductions
+    # instead of a stream's pivot, partial tile and lane combination, which chunks of a few loop
+    # tiles cannot amortize (statistics_pass).
     chunk_tile = single_cap // loop_cap * loop_cap if itemsize <= 4 else 0
     return Config(1, loop_cap, False, warps(loop_cap), chunk_tile=chunk_tile)
 
@@ -197,8 +215,8 @@ def plane_config(hw: int, rows_per_group: int, *, groups: int = 1, rows_contiguo
 def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
     """Chunks each plane of ``hw`` elements is split into across programs (grid axis 1); 1: no
     split. Enough chunks for PROGRAMS_PER_SM x SMs programs, each at least ``cfg.min_chunk_len``
-    elements of its planes and, above that, at most ``cfg.chunk_tile`` where that is set; the
-    kernels derive the chunk length from this count (whole tiles)."""
+    elements of its planes; the kernels derive the chunk length from this count (whole tiles,
+    ``chunk_length``)."""
     if cfg.SINGLE_TILE:
         return 1  # the plane is read once from registers: splitting would add a read
     if HOOKS.chunk_len is not None:
@@ -208,29 +226,60 @@ def split_chunks(hw: int, row_programs: int, cfg: Config, sm_count: int) -> int:
         if row_programs >= target:
             return 1
         want = cdiv(target, row_programs)
-        chunk_len = hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW
-        if cfg.chunk_tile:
-            chunk_len = min(chunk_len, cfg.chunk_tile)
-        chunk_len = max(cfg.min_chunk_len, chunk_len)  # the minimum wins over the cap
+        chunk_len = max(cfg.min_chunk_len, hw // want // cfg.BLOCK_HW * cfg.BLOCK_HW)
     chunk_len = max(chunk_len, cdiv(hw, MAX_CHUNKS * cfg.BLOCK_HW) * cfg.BLOCK_HW)
     return cdiv(hw, chunk_len)
 
 
-def statistics_pass(hw: int, chunks: int, cfg: Config, itemsize: int, warp_size: int):
-    """(TILE_HW, num_warps) of a split plane's statistics pass. TILE_HW: the width of the one
-    tile each chunk, as the kernels derive it from the chunk count, fits in (at most
-    ``cfg.chunk_tile``, else one loop tile), which then takes a tile's two reductions; 0: the
-    chunks are streamed (and always for float64, whose tests pin the stream's rounding to the last
-    ulps, and which has instructions to spare). One tile of 16-bit elements takes 64 per lane,
-    half the warps, halving the reductions per element (no activation to hold); a stream keeps
-    ``num_warps`` (32 elements per lane: its lanes' running statistics, per position a lane
-    holds, would double with the elements, and its loop reduces nothing across lanes)."""
-    chunk_len = cdiv(cdiv(hw, chunks), cfg.BLOCK_HW) * cfg.BLOCK_HW
-    if itemsize > 4 or chunk_len > max(cfg.chunk_tile, cfg.BLOCK_HW):
-        return 0, cfg.num_warps
+def chunk_length(hw: int, chunks: int, block_hw: int) -> int:
+    """Elements of each chunk of a plane split in ``chunks`` (the last may have fewer), as the
+    kernels derive it (``_chunk_len``): whole tiles of ``block_hw``."""
+    return cdiv(cdiv(hw, chunks), block_hw) * block_hw
+
+
+def statistics_pass(p: "Problem", cfg: Config, chunks: int, warp_size: int):
+    """(chunks, options) of a split plane's statistics pass (``_fwd_split_stats``), the plane
+    split in ``chunks`` for the other passes.
+
+    Its chunks: one tile of ``cfg.chunk_tile`` elements each, unless the others' are already no
+    longer, or ``cfg.stream_len`` or longer (those are streamed), or the test hooks set the
+    chunk length; at most MAX_CHUNKS.
+    TILE_HW: the width of the one tile each chunk fits in (at most ``cfg.chunk_tile``, else
+    one loop tile), which then takes a tile's two reductions; 0: the chunks are streamed (and
+    always for float64, whose tests pin the stream's rounding to the last ulps, and which has
+    instructions to spare).
+    FULL: every chunk is exactly that tile and every program's planes all exist (rows per group
+    a multiple of BLOCK_R): the tile is loaded and reduced with no mask, which the compiled
+    code shows as one select and one predicate fewer per element (contiguous bf16: 10.9
+    instructions per element against 13.3).
+    LANE_PLANES: a channels_last tile is loaded two planes per lane (4 or 8 bytes at a
+    position) instead of a 16-byte vector of 8 or 4, so that each lane reduces 2 planes: the
+    reductions across lanes and the per-plane arithmetic after them, done by every lane for
+    each plane it holds, shrink 4-fold for 4 times the loads (the compiled bf16 pass, sm_90:
+    1001 instructions per lane against 1381, full tiles).
+    num_warps: one tile holds the chunk and nothing else (no output, no activation), 256 bytes
+    of it per lane (``STATS_LANE_BYTES``: 128 bf16 or 64 float32 elements; compiled for sm_90
+    and sm_100, at most 240 registers and no spill), so that the reductions and the per-plane
+    arithmetic are spread over 4 (2) times the elements of a 32-element lane (contiguous bf16:
+    8.8 instructions per element against 10.9 at 64 per lane; channels_last, 8 x 1024: 13.6
+    against 16.6); a stream keeps ``cfg.num_warps`` (32 elements per lane: its lanes' running
+    statistics, per position a lane holds, would grow with the elements, and its loop reduces
+    nothing across lanes)."""
+    chunk_len = chunk_length(p.hw, chunks, cfg.BLOCK_HW)
+    streamed = cfg.stream_len and chunk_len >= cfg.stream_len
+    if cfg.chunk_tile and chunk_len > cfg.chunk_tile and not streamed and HOOKS.chunk_len is None:
+        chunks = min(cdiv(p.hw, cfg.chunk_tile), MAX_CHUNKS)
+        chunk_len = chunk_length(p.hw, chunks, cfg.BLOCK_HW)
+    if p.dtype.itemsize > 4 or chunk_len > max(cfg.chunk_tile, cfg.BLOCK_HW):
+        return chunks, dict(TILE_HW=0, num_warps=cfg.num_warps)
     tile_hw = next_power_of_2(chunk_len)
-    halve = 2 if itemsize <= 2 else 1  # 16-bit: half the warps, 2 x LANE_ELEMENTS per lane
-    return tile_hw, _warps(cfg.BLOCK_R * tile_hw // halve, warp_size)
+    full = (tile_hw == chunk_len and p.hw % chunk_len == 0
+            and p.rows_per_group % cfg.BLOCK_R == 0)
+    lane_planes = 2 if p.rows_contiguous and cfg.BLOCK_R > 2 else 0
+    lanes = cfg.BLOCK_R * tile_hw * p.dtype.itemsize // STATS_LANE_BYTES
+    lanes = min(max(lanes, MIN_LANES), MAX_LANES)
+    return chunks, dict(TILE_HW=tile_hw, FULL=full, LANE_PLANES=lane_planes,
+                        num_warps=max(1, lanes // warp_size))
 
 
 # ------------------------------------------------------------------------------- the launch plan
@@ -351,13 +400,12 @@ def plan(problem: Problem, gpu: Device = EMULATED[DEFAULT_EMULATED],
         if p.op == FORWARD and (p.store_stats or split):  # split planes combine through Stats
             buffers.append(Buffer("Stats", (NUM_STATS, p.n, p.c), acc))
         if split:
-            buffers.append(Buffer("Partials", (NUM_FWD_PARTIALS, planes, chunks), acc))
-            tile_hw, warps = statistics_pass(p.hw, chunks, cfg, p.dtype.itemsize,
-                                             gpu.warp_size)
-            passes.append(_pass("_fwd_split_stats", grid, ("x", "Partials"),
-                                **dict(tiles, num_warps=warps), TILE_HW=tile_hw))
-            passes.append(_combine_pass("_fwd_combine", planes, chunks, gpu, ("Partials", "Stats"),
-                                        HW=p.hw, BLOCK_HW=cfg.BLOCK_HW))
+            stats_chunks, options = statistics_pass(p, cfg, chunks, gpu.warp_size)
+            buffers.append(Buffer("Partials", (NUM_FWD_PARTIALS, planes, stats_chunks), acc))
+            passes.append(_pass("_fwd_split_stats", (row_programs, stats_chunks),
+                                ("x", "Partials"), **dict(tiles, **options)))
+            passes.append(_combine_pass("_fwd_combine", planes, stats_chunks, gpu,
+                                        ("Partials", "Stats"), HW=p.hw, BLOCK_HW=cfg.BLOCK_HW))
         if p.write_y or not split:  # else the statistics are complete
             passes.append(_pass("_fwd", grid, _FWD_ARGS, **tiles, STATS_FROM=source,
                                 ACTIVATION=p.activation))

@@ -244,6 +244,16 @@ def _whole_tile(t, mask, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
 
 
 @triton.jit
+def _full_tile(t, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
+    """``_tile`` for a tile the host knows to be full: every plane of the program exists and the
+    tile lies within them. Its mask is the constant True, which the compiler folds away: loads
+    and stores with no predicate, reductions with no select per element."""
+    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
+                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
+    return offs, tl.full([BLOCK_HW // SEG, 1, SEG], True, tl.int1)
+
+
+@triton.jit
 def _tile_mask(tile):
     """The mask of a tile as (planes, elements)."""
     return _rows(tile[1])
@@ -267,18 +277,23 @@ def _segments(rows, SEG: tl.constexpr):
 
 
 @triton.jit
-def _load_block(planes, tile):
+def _load_block(planes, tile, LANE_PLANES: tl.constexpr = 0):
     """A tile (``_tile``) of a planes view, as its (segments, planes, SEG) block; 0 on masked
-    lanes."""
+    lanes. ``LANE_PLANES`` (planes adjacent in memory only: channels_last): each lane loads
+    that many neighbouring planes at a position, where the compiler would load a 16-byte
+    vector of them; a lane then holds, and reduces, fewer planes."""
     start, stride = planes
     offs, mask = tile
-    return tl.load(start[None, :, None] + offs * stride, mask=mask, other=0.0)
+    pointers = start[None, :, None] + offs * stride
+    if LANE_PLANES:
+        pointers = tl.max_contiguous(pointers, [1, LANE_PLANES, 1])
+    return tl.load(pointers, mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_rows(planes, tile):
+def _load_rows(planes, tile, LANE_PLANES: tl.constexpr = 0):
     """A tile (``_tile``) of a planes view, as (planes, elements); 0 on masked lanes."""
-    return _rows(_load_block(planes, tile))
+    return _rows(_load_block(planes, tile, LANE_PLANES))
 
 
 @triton.jit

@@ -11,10 +11,10 @@ import triton.language as tl
 
 from .common import (
     CHUNK_HI, CHUNK_LO, CHUNK_RMS, FROM_PARTIALS, FROM_LOOP, FROM_RUNNING, FROM_TILE,
-    _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _host_float, _load_param,
-    _load_rows, _load_running, _load_stats, _partial, _plane_block, _plane_nc, _plane_start,
-    _program_channels, _program_planes, _std, _store_rows, _store_running, _store_stats,
-    _swept_tile, _tile, _tile_mask, _widen, segment,
+    _activate, _chunk_partials, _chunk_range, _chunk_sizes, _div, _full_tile, _host_float,
+    _load_param, _load_rows, _load_running, _load_stats, _partial, _plane_block, _plane_nc,
+    _plane_start, _program_channels, _program_planes, _std, _store_rows, _store_running,
+    _store_stats, _swept_tile, _tile, _tile_mask, _widen, segment,
 )
 from .moments import (
     _chunk_summary, _combine_chunks, _load_pivot, _safe_streamed_moments, _tile_stats,
@@ -75,10 +75,13 @@ def _fwd_split_stats(
     BLOCK_R: tl.constexpr,  # planes per program
     BLOCK_HW: tl.constexpr,  # tile width along a plane
     TILE_HW: tl.constexpr = 0,  # > 0: every chunk fits one tile of this width
+    FULL: tl.constexpr = False,  # every chunk is that whole tile, of planes that all exist
+    LANE_PLANES: tl.constexpr = 0,  # > 0: planes adjacent in memory, loaded that many per lane
 ):
     """First pass over a split plane (grid: row programs x chunks): the chunk's mean and RMS
     deviation, for ``_fwd_combine`` to combine. A chunk held in one tile takes a single tile's
-    statistics (two reductions), a longer one the stream's."""
+    statistics (two reductions; a full tile with no mask), a longer one the stream's
+    (heuristics.statistics_pass)."""
     ACC: tl.constexpr = tl.float64 if x[0].dtype.element_ty == tl.float64 else tl.float32
     num_planes, C, HW, _ = geometry
     rows, plane, mask = _program_planes(geometry, BLOCK_R)
@@ -87,9 +90,12 @@ def _fwd_split_stats(
     pivot = _load_pivot(x_planes, mask, ACC)
     count = tl.cast(tl.maximum(span[1] - span[0], 1), ACC)
     if TILE_HW:
-        tile = _tile(span[0], mask, span[1], TILE_HW, TILE_HW)
-        pivot, inv_scale, rest, var = _tile_stats(_widen(_load_rows(x_planes, tile), ACC),
-                                                  _tile_mask(tile), pivot, count, mask, x[0],
+        if FULL:
+            tile = _full_tile(span[0], TILE_HW, TILE_HW)
+        else:
+            tile = _tile(span[0], mask, span[1], TILE_HW, TILE_HW)
+        xt = _widen(_load_rows(x_planes, tile, LANE_PLANES), ACC)
+        pivot, inv_scale, rest, var = _tile_stats(xt, _tile_mask(tile), pivot, count, mask, x[0],
                                                   ACC)
     else:
         pivot, rest, m2, inv_scale = _safe_streamed_moments(
