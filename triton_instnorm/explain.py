@@ -50,7 +50,8 @@ class Explanation:
                          f"{'read':>14}{'written':>14}")
             for step, (_, read, written) in zip(plan.passes, self.bytes[direction]):
                 o = step.options
-                tile = (f"{o['BLOCK_R']} x {o.get('BLOCK_CHUNKS', o.get('BLOCK_HW'))}"
+                tile = (f"{o['BLOCK_R']} x "
+                        f"{o.get('BLOCK_CHUNKS', o.get('TILE_HW') or o.get('BLOCK_HW'))}"
                         if "BLOCK_R" in o else f"{o['BLOCK_C']} ch")
                 ctas = o.get("num_ctas", 1)
                 grid = "x".join(str(g) for g in step.grid if g != 1 or len(step.grid) == 1)
@@ -137,8 +138,8 @@ def reason(plan: heuristics.Plan) -> str:
         tile = stats[0].options["TILE_HW"] if stats else 0
         return (f"{long}; {rows} row programs < PROGRAMS_PER_SM x SMs = {target}: "
                 f"{plan.chunks} chunks per plane (at least {cfg.min_chunk_len} elements each)"
-                + (f"; the statistics pass: {stats[0].grid[1]} chunks of one {tile}-wide tile"
-                   if tile else ""))
+                + (f"; the statistics pass: {stats[0].grid[1]} chunks, one {cfg.BLOCK_R} x "
+                   f"{tile} tile each" if tile else ""))
     return f"{long} twice; {rows} row programs, no split (PROGRAMS_PER_SM x SMs = {target})"
 
 

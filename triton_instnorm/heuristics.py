@@ -12,8 +12,12 @@ yet GPU measurements (perf/NOTES.md lists what is still to measure):
   under the 255-register limit. Beyond that the kernel would spill.
 - ``LOOP_TILE = 4096``: a streaming tile of 16 KiB (float32) per program keeps enough bytes in
   flight per SM to saturate HBM with ~2 resident programs per SM.
-- ``SMALL_PLANE_TILE = 4096`` elements per program when several small planes share a program,
-  so that a program still moves >= 8 KiB of bf16 (tiny planes are otherwise launch-bound).
+- ``SMALL_PLANE_TILE = 1024`` elements per program when several small planes share a program:
+  one warp of 32 elements per lane, 2 KiB of bf16 (16 planes of 7x7). At 4096 (four warps)
+  Triton 3.6 spills on 7x7 planes (the compiled bf16 forward, sm_90: 246 instructions per
+  element and 888 bytes spilled, against 98 and none at 1024) and 3.9 issues more (7x7
+  forward 54.0 against 51.0, backward 58.3 against 49.9; AdaIN's 32x32 planes, one per
+  program: 20.2 against 19.8); the bytes are the same.
 - Split planes (``split_chunks``): a plane that needs the streaming loop is split across
   programs only when there are too few programs to fill the GPU (fewer than
   ``PROGRAMS_PER_SM`` x SMs). Splitting costs two more launches (partial sums, then their
@@ -91,7 +95,7 @@ from .kernels.constants import (
 
 MAX_SINGLE_TILE = 8192  # elements per CTA held in registers
 LOOP_TILE = 4096
-SMALL_PLANE_TILE = 4096
+SMALL_PLANE_TILE = 1024
 # Planes per program when rows are contiguous in memory (channels_last): 32 rows of 2-byte
 # elements make one 64-byte segment per spatial position.
 CHANNELS_LAST_ROWS = 32
