@@ -217,7 +217,8 @@ def measure(report, dtype, layout):
                 arch=report["arch"], elements=elements, per_element=per_element,
                 bytes_per_element=bytes_per_element, budget=budget, ratio=per_element / budget,
                 registers=report["registers"], spills=report["spill_stores"],
-                block=(_const(report, "BLOCK_R"), block_hw), warps=report["num_warps"],
+                block=(_const(report, "BLOCK_R"), _const(report, "TILE_HW", 0) or block_hw),
+                warps=report["num_warps"],
                 ctas=report["num_ctas"], straight=s["straight"],
                 loops=[loop["body"] for loop in s["loops"]], problems=problems,
                 shuffles=threads * (row_programs * chunks * s["kinds"]["shfl"]) / elements
