@@ -229,8 +229,7 @@ def _tile(t, mask, end, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
     plane's arithmetic, where a (planes, elements) tile would spread every plane over all the
     warps. ``_load_rows`` / ``_store_rows`` give and take the tile as (planes, elements);
     SEG = BLOCK_HW keeps the plain (planes, elements) tile."""
-    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
-                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
+    offs, _ = _full_tile(t, BLOCK_HW, SEG)
     return offs, mask[None, :, None] & (offs < end)
 
 
@@ -238,9 +237,8 @@ def _tile(t, mask, end, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
 def _whole_tile(t, mask, BLOCK_HW: tl.constexpr, SEG: tl.constexpr):
     """``_tile`` for a tile known to lie within its planes: masked by ``mask`` (per plane) alone,
     no comparison per element."""
-    offs = t + (tl.arange(0, BLOCK_HW // SEG)[:, None, None] * SEG
-                + tl.arange(0, SEG)[None, None, :]).to(tl.int64)
-    return offs, mask[None, :, None] & tl.full([BLOCK_HW // SEG, 1, SEG], True, tl.int1)
+    offs, everywhere = _full_tile(t, BLOCK_HW, SEG)
+    return offs, mask[None, :, None] & everywhere
 
 
 @triton.jit
