@@ -112,6 +112,30 @@ def test_outlier_first_in_a_256x256_plane():
                        _reference_grads(x, w, b, dy), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_statistics_pass_takes_chunks_of_its_own(dtype, launches):
+    """Tiles of 32 elements (so that chunks of MIN_CHUNK_LEN hold many of them) and the chunk
+    count of the heuristics: the statistics pass splits each plane into 32-element chunks of its
+    own, while the normalize pass keeps the occupancy rule's, and the combine pass reads the
+    statistics pass's partials. An outlier first, halves 1e4 apart."""
+    x = _adversarial("halves_1e4_apart", (1, 2, 128, 128), dtype).to(DEVICE)
+    x.view(1, 2, -1)[..., 0] = 1e4
+    g = torch.Generator().manual_seed(15)
+    w = (torch.rand(2, generator=g) + 0.5).to(dtype).to(DEVICE)
+    b = torch.randn(2, generator=g).to(dtype).to(DEVICE)
+    dy = torch.randn(x.shape, generator=g).to(dtype).to(DEVICE)
+    with heuristics.tile_limit(32):
+        plan = tin.explain(x).plans["forward"]
+        stats, combine, normalize = plan.passes
+        assert stats.grid == (2, 16384 // 32) and normalize.grid == (2, plan.chunks)
+        assert plan.chunks == 2 and combine.options["chunks"] == 16384 // 32
+        assert stats.options["TILE_HW"] == 32 and stats.options["FULL"]
+        ours = grads(tin.instance_norm, x, w, b, dy)
+    assert launches("_fwd_split_stats") == 1
+    _assert_near_torch(ours, grads(F.instance_norm, x, w, b, dy),
+                       _reference_grads(x, w, b, dy), dtype)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("path", ["single_tile", "looped", "split", "split_one_tile"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
